@@ -1,0 +1,44 @@
+"""Command line: `runner <command> …` (also `python -m runner`).
+
+Each command lives in the module of its concern; this file only parses arguments and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from runner.models.gemma4.tiny import make_tiny
+
+    out = make_tiny(Path(args.out_dir), seed=args.seed, num_hidden_layers=args.layers, dtype=args.dtype)
+    print(f"wrote tiny Gemma4 checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random Gemma4 checkpoint (HF format) with its processor")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=6, help="decoder layers (default 6: 5 sliding + 1 full)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.set_defaults(func=_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:  # one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+class UserError(Exception):
+    """Bad input from the user (config, topology, checkpoint, data): printed as one line."""
