@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from runner.errors import UserError
+
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from runner.models.gemma4.tiny import make_tiny
@@ -38,7 +40,3 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-class UserError(Exception):
-    """Bad input from the user (config, topology, checkpoint, data): printed as one line."""
