@@ -1,0 +1,191 @@
+"""Gemma4ForConditionalGeneration as a DeepSpeed `PipelineModule`: the architecture as a list.
+
+    vision tower + embed_vision        (first stage)
+    token embedding + image scatter    (first stage, tied with the head)
+    decoder layer 0 … N-1              (split over the stages by count)
+    final norm                         (last stage)
+    LM head = the embedding, tied      (last stage) → softcapped vocab-parallel logits
+
+`loss_fn` turns the head's logits into the global-batch token-weighted loss (see `TokenWeightedLoss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+from transformers import Gemma4Config
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
+
+from runner.errors import UserError
+from runner.models.gemma4.stages import (
+    Gemma4DecoderLayerPipe,
+    Gemma4FinalNorm,
+    Gemma4LMHead,
+    Gemma4TokenEmbedding,
+    Gemma4VisionStage,
+)
+from runner.parallel.tensor_parallel import vocab_parallel_cross_entropy
+from runner.parallel.topology import ParallelDims, ParallelState, validate_model_split
+
+IGNORE_INDEX = -100
+# What the first stage reads from a micro-batch, in order; the last stage reads `labels`.
+PIPE_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_position_ids")
+
+
+def to_pipe_batch(micro_batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A collated micro-batch as DeepSpeed's pipeline takes it: (first-stage inputs, labels)."""
+    return tuple(micro_batch[k] for k in PIPE_INPUT_KEYS), micro_batch["labels"]
+
+
+def check_supported(config: Gemma4Config) -> None:
+    """Refuse config features the stages do not implement, rather than mis-compute them."""
+    tc = config.text_config
+    unsupported = {
+        "text_config.hidden_size_per_layer_input > 0 (per-layer embeddings)": bool(tc.hidden_size_per_layer_input),
+        "text_config.num_kv_shared_layers > 0 (KV-shared layers)": bool(getattr(tc, "num_kv_shared_layers", 0)),
+        "text_config.enable_moe_block (mixture of experts)": bool(getattr(tc, "enable_moe_block", False)),
+        "audio_config (audio tower)": getattr(config, "audio_config", None) is not None,
+        "text_config.use_bidirectional_attention='all'": tc.use_bidirectional_attention == "all",
+        "vision_config missing (text-only Gemma4)": config.vision_config is None,
+    }
+    for feature, present in unsupported.items():
+        if present:
+            raise UserError(
+                f"model config uses {feature}, which the pipeline stages do not implement yet; "
+                f"use a dense Gemma4 such as google/gemma-4-31B-it"
+            )
+
+
+def attention_shapes(text_config) -> dict[str, tuple[int, int, int]]:
+    """(q heads, kv heads, head dim) per layer type, read off the attention transformers builds
+    (on the meta device), so `per_layer_config` and `global_head_dim` config styles both work."""
+    shapes = {}
+    for i, layer_type in enumerate(text_config.layer_types):
+        if layer_type not in shapes:
+            with torch.device("meta"):
+                attn = Gemma4TextAttention(text_config, i)
+            shapes[layer_type] = (
+                attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim, attn.head_dim
+            )
+    return shapes
+
+
+def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
+    """One clear error if this model cannot run at (tp, pp)."""
+    tc = config.text_config
+    shapes = attention_shapes(tc)
+    validate_model_split(
+        dims,
+        tc.num_hidden_layers,
+        {
+            "text_config.num_attention_heads": tc.num_attention_heads,
+            "text_config.vocab_size": tc.vocab_size,
+            "text_config.intermediate_size": tc.intermediate_size,
+        },
+        {kv for _, kv, _ in shapes.values()},
+    )
+
+
+def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState) -> list[LayerSpec]:
+    """The model as DeepSpeed layer specs, in forward order."""
+    tied = config.tie_word_embeddings or config.text_config.tie_word_embeddings
+    if tied:
+        embed = TiedLayerSpec("embed", Gemma4TokenEmbedding, config, ps)
+        head = TiedLayerSpec("embed", Gemma4TokenEmbedding, config, ps, forward_fn=Gemma4TokenEmbedding.head)
+    else:
+        embed = LayerSpec(Gemma4TokenEmbedding, config, ps)
+        head = LayerSpec(Gemma4LMHead, config, ps)
+    return [
+        LayerSpec(Gemma4VisionStage, config, ps),
+        embed,
+        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps) for i in range(config.text_config.num_hidden_layers)],
+        LayerSpec(Gemma4FinalNorm, config, ps),
+        head,
+    ]
+
+
+class TokenWeightedLoss:
+    """Sum of token losses over the number of label tokens in the whole global batch.
+
+    DeepSpeed's pipeline averages the per-micro-batch losses over micro-batches (÷ gas) and the
+    gradients over DP ranks (÷ dp). Each micro-batch therefore returns
+    `sum(token losses) · gas · dp / N_global`, which makes both the reported loss and the gradient
+    equal transformers' loss on the same global batch even when micro-batches carry different
+    numbers of label tokens. `set_label_count` must be called before every step.
+    """
+
+    def __init__(self, ps: ParallelState, vocab_size: int) -> None:
+        self.ps = ps
+        self.vocab_start = ps.tp_rank * (vocab_size // ps.dims.tp)
+        self.scale: float | None = None
+
+    def set_label_count(self, global_label_tokens: int, micro_batches: int) -> None:
+        if global_label_tokens <= 0:
+            raise UserError("the global batch has no label tokens (all labels are -100); check the data's masking")
+        self.scale = micro_batches * self.ps.dims.dp / global_label_tokens
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            raise RuntimeError("TokenWeightedLoss.set_label_count was not called before the step")
+        token_loss = vocab_parallel_cross_entropy(
+            logits[:, :-1], labels[:, 1:].to(logits.device), self.vocab_start, self.ps.tp_group, IGNORE_INDEX
+        )
+        return token_loss.sum() * self.scale
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Label tokens after the one shift (position t predicts t+1)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def global_label_count(micro_batch_labels: list[torch.Tensor], ps: ParallelState) -> int:
+    """Label tokens over all micro-batches of this step on all DP ranks."""
+    local = torch.tensor(sum(count_label_tokens(x) for x in micro_batch_labels), dtype=torch.float64)
+    if ps.dims.dp > 1:
+        dist.all_reduce(local, group=ps.dp_group)
+    return int(local.item())
+
+
+class Gemma4Pipeline(PipelineModule):
+    """The pipeline module plus what the runner needs around it: HF names and the loss."""
+
+    def __init__(
+        self,
+        config: Gemma4Config,
+        ps: ParallelState,
+        *,
+        activation_checkpoint_interval: int = 0,
+    ) -> None:
+        check_supported(config)
+        validate_layout(config, ps.dims)
+        self.config = config
+        self.ps = ps
+        loss = TokenWeightedLoss(ps, config.text_config.vocab_size)
+        super().__init__(
+            layers=gemma4_layer_specs(config, ps),
+            topology=ps.topology,
+            loss_fn=loss,
+            partition_method=f"type:{Gemma4DecoderLayerPipe.__name__}",
+            activation_checkpoint_interval=activation_checkpoint_interval,
+            checkpointable_layers=[Gemma4DecoderLayerPipe.__name__],
+            dynamic_shape=True,
+        )
+        self.token_loss = loss
+
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor, nn.Module]]:
+        """(HF name, local tensor, owning stage module) for every parameter and persistent buffer
+        on this rank. Tied copies on several stages map to the same HF name."""
+        for module in self.modules():
+            prefix = getattr(module, "hf_prefix", None)
+            if prefix is None:
+                continue
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                yield prefix + name, tensor, module
+
+    def decoder_layers(self) -> list[int]:
+        """Indices of the decoder layers this rank's stage holds."""
+        return [m.layer_idx for m in self.modules() if isinstance(m, Gemma4DecoderLayerPipe)]

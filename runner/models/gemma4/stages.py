@@ -1,0 +1,228 @@
+"""Gemma4ForConditionalGeneration cut into pipeline layers, with tensor-parallel linears inside.
+
+Each class is one entry of the layer-spec list in `pipeline.py`. Between layers travels one tuple of
+tensors only (never None); between stages that tuple is
+`(hidden, attention_mask, position_ids, mm_token_type_ids)`: the small integer tensors ride along
+so every stage rebuilds its own attention masks and RoPE tables locally.
+
+transformers' own modules are reused wherever they fit — the vision tower, the multimodal
+embedder, the decoder layer, RMSNorm, rotary embedding and mask builders — only the decoder
+layer's linears are swapped for column/row-parallel ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+from transformers.models.gemma4.modeling_gemma4 import (
+    Gemma4MultimodalEmbedder,
+    Gemma4RMSNorm,
+    Gemma4TextDecoderLayer,
+    Gemma4TextRotaryEmbedding,
+    Gemma4VisionModel,
+)
+
+from runner.errors import UserError
+from runner.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    mark_sharded,
+)
+from runner.parallel.topology import ParallelState
+
+# transformers' Gemma4 TP plan, as this runner applies it to each decoder layer.
+DECODER_TP_PLAN = {
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",  # replicated over tp / kv_heads ranks when kv_heads < tp
+    "self_attn.v_proj": "colwise",  # absent on full layers with attention_k_eq_v (v = k)
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+}
+
+
+def _mark_replicated(module: nn.Module, ps: ParallelState) -> None:
+    for p in module.parameters():
+        if not hasattr(p, "tp_dim"):
+            mark_sharded(p, None, ps.dims.tp, ps.tp_rank)
+
+
+class Gemma4VisionStage(nn.Module):
+    """Pixels → image soft tokens in the language model's width (vision tower + embed_vision).
+
+    Replicated on every TP rank of the first stage: it is small next to the decoder (the 31B's
+    tower is SigLIP-so400m size) and usually frozen.
+    In:  (input_ids, attention_mask, mm_token_type_ids, pixel_values, image_position_ids)
+    Out: (input_ids, attention_mask, mm_token_type_ids, image_features[n_soft_tokens, hidden])
+    """
+
+    hf_prefix = "model."
+
+    def __init__(self, config: Gemma4Config, ps: ParallelState) -> None:
+        super().__init__()
+        self.vision_tower = Gemma4VisionModel(config.vision_config)
+        self.embed_vision = Gemma4MultimodalEmbedder(config.vision_config, config.text_config)
+        self.hidden_size = config.text_config.hidden_size
+        _mark_replicated(self, ps)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, attention_mask, mm_token_type_ids, pixel_values, image_position_ids = inputs
+        if pixel_values.shape[0] == 0:  # text-only micro-batch
+            dtype = self.embed_vision.embedding_projection.weight.dtype
+            features = torch.zeros(0, self.hidden_size, dtype=dtype, device=input_ids.device)
+        else:
+            soft = self.vision_tower(pixel_values=pixel_values, pixel_position_ids=image_position_ids)
+            features = self.embed_vision(inputs_embeds=soft.last_hidden_state)
+        return input_ids, attention_mask, mm_token_type_ids, features
+
+
+class Gemma4TokenEmbedding(VocabParallelEmbedding):
+    """The vocab-parallel token embedding; tied, the same module is the LM head on the last stage.
+
+    `forward` is the first-stage role: embed the text tokens (image/video/audio placeholders looked
+    up as the pad token, as transformers does) and scatter the image soft tokens into their rows.
+    `head` is the last-stage role: this rank's vocabulary slice of the softcapped logits.
+    """
+
+    hf_prefix = "model.language_model.embed_tokens."
+
+    def __init__(self, config: Gemma4Config, ps: ParallelState) -> None:
+        tc = config.text_config
+        super().__init__(
+            tc.vocab_size, tc.hidden_size, ps.tp_group, padding_idx=tc.pad_token_id, embed_scale=tc.hidden_size**0.5
+        )
+        self.image_token_id = config.image_token_id
+        self.placeholder_ids = [i for i in (config.image_token_id, config.video_token_id, config.audio_token_id) if i is not None]
+        self.pad_token_id = tc.pad_token_id
+        self.softcap = tc.final_logit_softcapping
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, attention_mask, mm_token_type_ids, image_features = inputs
+        placeholders = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device))
+        hidden = self.embed(input_ids.masked_fill(placeholders, self.pad_token_id))
+        image_rows = input_ids == self.image_token_id
+        n_rows = int(image_rows.sum())
+        if n_rows != image_features.shape[0]:
+            raise UserError(
+                f"micro-batch has {n_rows} image tokens but its images give {image_features.shape[0]} soft tokens; "
+                f"build samples with the model's processor so every image gets exactly its soft tokens"
+            )
+        if n_rows:
+            mask = image_rows.unsqueeze(-1).expand_as(hidden)
+            hidden = hidden.masked_scatter(mask, image_features.to(hidden.dtype))
+        batch, seq = input_ids.shape
+        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+        return hidden, attention_mask, position_ids, mm_token_type_ids
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class Gemma4LMHead(Gemma4TokenEmbedding):
+    """An untied LM head (`tie_word_embeddings: false`): its own `lm_head.weight`."""
+
+    hf_prefix = "lm_head."
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+
+def build_masks(config: Gemma4Config, hidden, attention_mask, position_ids, mm_token_type_ids) -> dict:
+    """The full and sliding masks exactly as transformers builds them for training (no cache):
+    causal; on sliding layers also the window, OR bidirectional within each image when
+    `use_bidirectional_attention == "vision"`."""
+    return Gemma4ForConditionalGeneration.create_masks_for_generate(
+        config, hidden, attention_mask, None, position_ids, mm_token_type_ids
+    )
+
+
+class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
+    """transformers' `Gemma4TextDecoderLayer` with column/row-parallel linears, as a pipeline layer.
+
+    Shapes come from the layer transformers builds for `layer_idx` (so both the `per_layer_config`
+    and the `global_head_dim` config styles work): sliding layers use head_dim and
+    num_key_value_heads, full layers the global head dim, global KV heads and k_eq_v. It is built on
+    the meta device first, so the full-size linears are never allocated.
+    """
+
+    def __init__(self, config: Gemma4Config, layer_idx: int, ps: ParallelState) -> None:
+        with torch.device("meta"):
+            super().__init__(config.text_config, layer_idx)
+        _shard_decoder_layer(self, ps)
+        self.full_config = config
+        self.layer_type = config.text_config.layer_types[layer_idx]
+        self.hf_prefix = f"model.language_model.layers.{layer_idx}."
+        self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
+        _mark_replicated(self, ps)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, attention_mask, position_ids, mm_token_type_ids = inputs
+        masks = build_masks(self.full_config, hidden, attention_mask, position_ids, mm_token_type_ids)
+        hidden = super().forward(
+            hidden,
+            None,
+            shared_kv_states={},
+            position_embeddings=self.rotary_emb(hidden, position_ids, self.layer_type),
+            attention_mask=masks[self.layer_type],
+            position_ids=position_ids,
+        )
+        return hidden, attention_mask, position_ids, mm_token_type_ids
+
+
+def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState) -> None:
+    """Swap the (meta) linears of a transformers decoder layer for TP ones; materialize the rest."""
+    tp = ps.dims.tp
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    q_heads = attn.q_proj.out_features // head_dim
+    kv_heads = attn.k_proj.out_features // head_dim
+    if getattr(attn, "is_kv_shared_layer", False):
+        raise UserError("num_kv_shared_layers > 0 (KV-shared layers) is not supported by the pipeline stages")
+    replicas = tp // kv_heads if kv_heads < tp else 1
+    kv_group = ps.replica_groups.get(replicas)
+    for name, style in DECODER_TP_PLAN.items():
+        parent_name, attr = name.split(".")
+        parent = getattr(layer, parent_name)
+        old = getattr(parent, attr)
+        if old is None:
+            continue
+        bias = old.bias is not None
+        if style == "rowwise":
+            new = RowParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
+        elif attr in ("k_proj", "v_proj"):
+            new = ColumnParallelLinear(
+                old.in_features, old.out_features, ps.tp_group, replicas=replicas, replica_group=kv_group, bias=bias
+            )
+        else:
+            new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
+        setattr(parent, attr, new)
+    # Local heads: q heads split tp ways, KV heads split or replicated (rank r holds KV head r // replicas).
+    attn.num_key_value_groups = (q_heads // tp) // max(kv_heads // tp, 1)
+    # What is still on meta is RMSNorm scales and the layer_scalar buffer; transformers initializes
+    # both to 1, and checkpoint loading overwrites them.
+    for module in layer.modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(module, pname, nn.Parameter(torch.ones(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
+        for bname, b in list(module.named_buffers(recurse=False)):
+            if b.is_meta:
+                module.register_buffer(bname, torch.ones(b.shape, dtype=b.dtype))
+
+
+class Gemma4FinalNorm(Gemma4RMSNorm):
+    """The language model's final RMSNorm; drops the side tensors the head does not need."""
+
+    hf_prefix = "model.language_model.norm."
+
+    def __init__(self, config: Gemma4Config, ps: ParallelState) -> None:
+        super().__init__(config.text_config.hidden_size, eps=config.text_config.rms_norm_eps)
+        _mark_replicated(self, ps)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return super().forward(inputs[0])

@@ -1,0 +1,308 @@
+"""Megatron-style tensor parallelism: the autograd ops and the layers built on them.
+
+The conjugate pairs: `copy_to_group` (identity forward, all-reduce backward) enters a parallel
+region, `reduce_from_group` (all-reduce forward, identity backward) leaves it. Column-parallel
+linears shard their outputs, row-parallel linears shard their inputs, so an attention block or an
+MLP costs one all-reduce forward and one backward.
+
+Every sharded parameter records how it was cut (`tp_dim`, `tp_shards`, `tp_index`, `tp_replicas`),
+which is what checkpoint loading slices by and what gathering for export or tests undoes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group=group)
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        size = dist.get_world_size(group=ctx.group)
+        rank = dist.get_rank(group=ctx.group)
+        return grad.chunk(size, dim=-1)[rank].contiguous(), None
+
+
+def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward, gradient all-reduced over `group` backward (enter a parallel region)."""
+    return x if _group_size(group) == 1 else _CopyToGroup.apply(x, group)
+
+
+def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce forward, identity backward (leave a parallel region)."""
+    return x if _group_size(group) == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the shards of the last dimension; backward keeps this rank's slice."""
+    return x if _group_size(group) == 1 else _GatherLastDim.apply(x, group)
+
+
+def mark_sharded(param: nn.Parameter, dim: int | None, tp: int, tp_rank: int, replicas: int = 1) -> None:
+    """Record how `param` was cut from the full tensor (what loading slices and gathering undoes).
+
+    `dim=None`: replicated on every TP rank. Otherwise the full tensor is cut along `dim` into
+    tp/replicas shards and `replicas` consecutive TP ranks hold the same shard (KV heads fewer than
+    tp). DeepSpeed's gradient-norm code counts a parameter on every rank that marks it
+    `tensor_model_parallel` (and replicated ones on one rank only), so each distinct shard is marked
+    on exactly one rank of its replica group.
+    """
+    param.tp_dim = dim
+    param.tp_shards = tp // replicas if dim is not None else 1
+    param.tp_index = tp_rank // replicas if dim is not None else 0
+    param.tp_replicas = replicas if dim is not None else tp
+    param.tensor_model_parallel = dim is not None and tp > 1 and tp_rank % replicas == 0
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ with W's output rows split over the TP group; the output stays sharded.
+
+    `replicas > 1` splits the rows into tp/replicas shards, each held by `replicas` consecutive TP
+    ranks (the rule for KV heads fewer than tp: rank r holds KV head r // (tp / num_kv_heads)); the
+    weight then enters the computation through `copy_to_group(replica_group)` so the replicas'
+    gradients are summed and stay identical.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp_group,
+        *,
+        replicas: int = 1,
+        replica_group=None,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        tp = _group_size(tp_group)
+        tp_rank = 0 if tp == 1 else dist.get_rank(group=tp_group)
+        shards = tp // replicas
+        if out_features % shards:
+            raise ValueError(f"out_features={out_features} not divisible into {shards} shards")
+        self.in_features = in_features
+        self.out_features = out_features // shards
+        self.tp_group = tp_group
+        self.replica_group = replica_group if replicas > 1 else None
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
+        mark_sharded(self.weight, 0, tp, tp_rank, replicas)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
+            mark_sharded(self.bias, 0, tp, tp_rank, replicas)
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_group(x, self.tp_group)
+        weight, bias = self.weight, self.bias
+        if self.replica_group is not None:
+            weight = copy_to_group(weight, self.replica_group)
+            bias = None if bias is None else copy_to_group(bias, self.replica_group)
+        return F.linear(x, weight, bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x Wᵀ with W's input columns split over the TP group; the input arrives sharded (the
+    output of a column-parallel layer) and the partial products are all-reduced."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp_group,
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        tp = _group_size(tp_group)
+        tp_rank = 0 if tp == 1 else dist.get_rank(group=tp_group)
+        if in_features % tp:
+            raise ValueError(f"in_features={in_features} not divisible by tp={tp}")
+        self.in_features = in_features // tp
+        self.out_features = out_features
+        self.tp_group = tp_group
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features, device=device, dtype=dtype))
+        mark_sharded(self.weight, 1, tp, tp_rank)
+        if bias:  # added once, after the reduction: replicated
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+            mark_sharded(self.bias, None, tp, tp_rank)
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = reduce_from_group(F.linear(x, self.weight), self.tp_group)
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows over the TP group.
+
+    Each rank looks up the ids in its row range, zeros the rest, and the all-reduce assembles the
+    full embedding. `padding_idx` keeps nn.Embedding's rule (no gradient into the pad row), which
+    transformers' Gemma4 embedding uses. The same weight serves as the tied LM head (`logits`).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp_group,
+        *,
+        padding_idx: int | None = None,
+        embed_scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        tp = _group_size(tp_group)
+        tp_rank = 0 if tp == 1 else dist.get_rank(group=tp_group)
+        if num_embeddings % tp:
+            raise ValueError(f"vocab size {num_embeddings} not divisible by tp={tp}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.tp_group = tp_group
+        self.rows = num_embeddings // tp
+        self.vocab_start = tp_rank * self.rows
+        self.padding_idx = padding_idx
+        self.embed_scale = embed_scale
+        self.weight = nn.Parameter(torch.empty(self.rows, embedding_dim, device=device, dtype=dtype))
+        mark_sharded(self.weight, 0, tp, tp_rank)
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Scaled token embeddings, full hidden size, identical on every TP rank."""
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows)
+        local = local.masked_fill(outside, 0)
+        pad = None
+        if self.padding_idx is not None and 0 <= self.padding_idx - self.vocab_start < self.rows:
+            pad = self.padding_idx - self.vocab_start
+        out = F.embedding(local, self.weight, padding_idx=pad)
+        if _group_size(self.tp_group) > 1:
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+            out = reduce_from_group(out, self.tp_group)
+        # transformers casts the scale to the weight dtype first (sqrt(5376) in bf16 is 73.5)
+        return out * torch.tensor(self.embed_scale, dtype=self.weight.dtype, device=out.device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice of the LM-head logits: (…, vocab / tp)."""
+        return F.linear(copy_to_group(hidden, self.tp_group), self.weight)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy over vocab-sharded logits without gathering the vocabulary.
+
+    Each rank contributes its max, its sum of exponentials and (for the rank owning the target) the
+    target logit; three small all-reduces of (tokens,) tensors replace a (tokens, vocab) gather.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, group, ignore_index):
+        logits = logits.float()
+        logits_max = logits.max(dim=-1).values
+        if _group_size(group) > 1:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+        rows = logits.shape[-1]
+        local = target - vocab_start
+        ignored = target == ignore_index
+        outside = (local < 0) | (local >= rows) | ignored
+        local = local.masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if _group_size(group) > 1:
+            dist.all_reduce(target_logit, group=group)
+            dist.all_reduce(sum_exp, group=group)
+        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, outside, ignored)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside, ignored = ctx.saved_tensors
+        grad = softmax
+        hit = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad.mul_((grad_loss * (~ignored).to(grad.dtype)).unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, vocab_start: int, group, ignore_index: int = -100
+) -> torch.Tensor:
+    """Per-token loss (0 where `target == ignore_index`) from this rank's logits slice
+    `(…, vocab/tp)` starting at `vocab_start`; computed in fp32."""
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, group, ignore_index)
+
+
+def gather_full(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """Reassemble the full tensor from the TP shards recorded by `mark_sharded` (collective over
+    the TP group; replicated tensors are returned as they are)."""
+    dim = getattr(tensor, "tp_dim", None)
+    if dim is None or _group_size(tp_group) == 1:
+        return tensor.detach()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group=tp_group))]
+    dist.all_gather(parts, tensor.detach().contiguous(), group=tp_group)
+    return torch.cat(parts[:: tensor.tp_replicas], dim=dim)

@@ -1,0 +1,97 @@
+"""One rank of a parity run: build the TP×PP×DP pipeline from an HF checkpoint, run optimizer steps
+on synthetic global batches, and write the loss, the TP-gathered gradients (HF names) and, at the
+end, the tied embedding/head weights. Launched by tests through torchrun on CPU (gloo)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+torch.set_num_threads(1)
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from runner.checkpoint.hf_load import load_hf_weights  # noqa: E402
+from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
+from runner.parallel.tensor_parallel import gather_full  # noqa: E402
+from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
+from synthetic import global_batch  # noqa: E402
+
+
+class CapturingAdamW(torch.optim.AdamW):
+    """AdamW that snapshots the gradients DeepSpeed hands it (after DP and tied all-reduces)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.captured: list[dict[int, torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.captured.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                              if p.grad is not None})
+        return super().step(closure)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--batches", default="text,image", help="one global batch kind per optimizer step")
+    ap.add_argument("--lr", type=float, default=0.0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
+    config = AutoConfig.from_pretrained(args.ckpt)
+    config.text_config._attn_implementation = "eager"
+    model = Gemma4Pipeline(config, ps)
+    load_hf_weights(model, args.ckpt)
+
+    kinds = args.batches.split(",")
+    n_micro = len(global_batch(config, kinds[0]))
+    gas = n_micro // args.dp
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": 2 * gas * args.dp,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 0},
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = CapturingAdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    result: dict = {"losses": [], "grads": [], "rank": dist.get_rank(), "stage": ps.pp_rank,
+                    "tp_rank": ps.tp_rank, "dp_rank": ps.dp_rank}
+    for kind in kinds:
+        micro = global_batch(config, kind)
+        mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+        model.token_loss.set_label_count(global_label_count([m["labels"] for m in mine], ps), gas)
+        loss = engine.train_batch(iter([to_pipe_batch(m) for m in mine]))
+        result["losses"].append(float(loss))
+        grads = optimizer.captured[-1]
+        step_grads = {}
+        for name, tensor, _ in model.hf_tensors():
+            if isinstance(tensor, torch.nn.Parameter) and id(tensor) in grads:
+                g = grads[id(tensor)]
+                for attr in ("tp_dim", "tp_shards", "tp_index", "tp_replicas"):
+                    setattr(g, attr, getattr(tensor, attr))
+                step_grads[name] = gather_full(g, ps.tp_group)
+        result["grads"].append(step_grads)
+    embed = model.tied_modules["embed"] if "embed" in model.tied_modules else None
+    if embed is not None:
+        result["embed_weight"] = gather_full(embed.weight, ps.tp_group)
+    if ps.tp_rank == 0 and ps.dp_rank == 0:
+        torch.save(result, os.path.join(args.out, f"stage{ps.pp_rank}.pt"))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Synthetic global batches for model tests: token ids, images as patches, labels.
+
+Built directly (not through the processor) so a model test controls every case: 0, 1 or several
+images per sample, text-only micro-batches, right padding, unequal label counts.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Gemma4Config
+
+IGNORE = -100
+
+
+def _image(gen: torch.Generator, config: Gemma4Config, w: int, h: int, max_soft: int = 70):
+    """One image of w×h patches (multiples of the pooling kernel), padded to the processor's
+    max_patches; returns (pixel_values[P, 3p²], positions[P, 2], n_soft_tokens)."""
+    vc = config.vision_config
+    k = vc.pooling_kernel_size
+    max_patches = max_soft * k * k
+    pixels = torch.rand(max_patches, 3 * vc.patch_size**2, generator=gen)
+    pos = torch.full((max_patches, 2), -1, dtype=torch.long)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos[: w * h, 0] = xs.flatten()
+    pos[: w * h, 1] = ys.flatten()
+    pixels[w * h:] = 0.0
+    return pixels, pos, (w // k) * (h // k)
+
+
+def _sample(gen, config: Gemma4Config, n_text: int, n_answer: int, images: list[tuple[int, int]]):
+    vocab = config.text_config.vocab_size
+    low = 16  # ids below are special tokens
+
+    def text(n: int) -> list[int]:
+        return torch.randint(low, vocab, (n,), generator=gen).tolist()
+
+    ids, types, pix, pos = [config.text_config.bos_token_id], [0], [], []
+    ids += text(n_text)
+    types += [0] * n_text
+    for w, h in images:
+        p, q, n_soft = _image(gen, config, w, h)
+        pix.append(p)
+        pos.append(q)
+        ids += [config.boi_token_id] + [config.image_token_id] * n_soft + [config.eoi_token_id]
+        types += [0] + [1] * n_soft + [0]
+        ids += text(3)
+        types += [0] * 3
+    prompt_len = len(ids)
+    ids += text(n_answer)
+    types += [0] * n_answer
+    labels = [IGNORE] * prompt_len + ids[prompt_len:]
+    return ids, types, labels, pix, pos
+
+
+def micro_batch(gen, config: Gemma4Config, samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Collate samples (dicts of n_text, n_answer, images) with right padding."""
+    built = [_sample(gen, config, s["n_text"], s["n_answer"], s.get("images", [])) for s in samples]
+    seq = max(len(b[0]) for b in built)
+    pad = config.text_config.pad_token_id
+    out = {
+        "input_ids": torch.full((len(built), seq), pad, dtype=torch.long),
+        "attention_mask": torch.zeros(len(built), seq, dtype=torch.long),
+        "mm_token_type_ids": torch.zeros(len(built), seq, dtype=torch.long),
+        "labels": torch.full((len(built), seq), IGNORE, dtype=torch.long),
+    }
+    pix, pos = [], []
+    for i, (ids, types, labels, p, q) in enumerate(built):
+        n = len(ids)
+        out["input_ids"][i, :n] = torch.tensor(ids)
+        out["attention_mask"][i, :n] = 1
+        out["mm_token_type_ids"][i, :n] = torch.tensor(types)
+        out["labels"][i, :n] = torch.tensor(labels)
+        pix += p
+        pos += q
+    vc = config.vision_config
+    max_patches = 70 * vc.pooling_kernel_size**2
+    out["pixel_values"] = torch.stack(pix) if pix else torch.zeros(0, max_patches, 3 * vc.patch_size**2)
+    out["image_position_ids"] = torch.stack(pos) if pos else torch.zeros(0, max_patches, 2, dtype=torch.long)
+    return out
+
+
+GLOBAL_BATCHES = {
+    # four micro-batches of two samples, unequal lengths, padding and label counts
+    "text": [
+        [dict(n_text=20, n_answer=9), dict(n_text=31, n_answer=4)],
+        [dict(n_text=12, n_answer=15), dict(n_text=12, n_answer=15)],
+        [dict(n_text=40, n_answer=2), dict(n_text=5, n_answer=7)],
+        [dict(n_text=25, n_answer=11), dict(n_text=18, n_answer=3)],
+    ],
+    # one image; several images in one sample; a text-only sample beside an image; a text-only micro-batch
+    "image": [
+        [dict(n_text=6, n_answer=8, images=[(9, 6)]), dict(n_text=10, n_answer=5, images=[(6, 6)])],
+        [dict(n_text=4, n_answer=12, images=[(6, 9), (3, 6)]), dict(n_text=20, n_answer=6)],
+        [dict(n_text=15, n_answer=3), dict(n_text=9, n_answer=10)],
+        [dict(n_text=7, n_answer=4, images=[(12, 9)]), dict(n_text=3, n_answer=9, images=[(3, 3)])],
+    ],
+}
+
+
+def global_batch(config: Gemma4Config, kind: str, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [micro_batch(gen, config, samples) for samples in GLOBAL_BATCHES[kind]]
