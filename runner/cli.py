@@ -20,6 +20,14 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_data(args: argparse.Namespace) -> int:
+    from runner.data.synthetic import make_data
+
+    out = make_data(Path(args.out_dir), n=args.n, seed=args.seed)
+    print(f"wrote synthetic MedPix-VQA-shaped dataset to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=6, help="decoder layers (default 6: 5 sliding + 1 full)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("make-data", help="write a small synthetic dataset in MedPix-VQA's schema (parquet, train/validation)")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=200, help="train rows (validation gets n // 10, at least 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_data)
     return parser
 
 

@@ -1,0 +1,290 @@
+"""Dataset formats → `Sample`s: MedPix-VQA rows and chat conversations, from the hub or local files.
+
+Accepted specs (`load_source(spec, split)`):
+- a hub id (`mmoukouba/MedPix-VQA`) or a local folder of parquet/arrow files → `datasets.load_dataset`
+- a folder written by `save_to_disk` → `datasets.load_from_disk`
+- a `.parquet` / `.arrow` file
+- a `.jsonl` file of `{"messages": [...]}` chats; image parts reference a path relative to the file,
+  a `data:` URI or base64 `bytes`; conversations without images are text-only samples.
+Splits take `datasets`' slicing syntax (`train[:1000]`, `validation[10%:]`) for every spec.
+A table is read as MedPix-VQA if it has `image_id`, `question`, `answer` columns, or as chat if it has
+`messages` (plus an optional `images` column that `{"type": "image"}` parts without payload draw from).
+Structural problems of one row surface as `BadSample` when that row is read, never at load time.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from runner.data.sample import BadSample, Sample, load_image
+from runner.errors import UserError
+
+VQA_COLUMNS = ("image_id", "question", "answer")
+ROLES = ("system", "user", "assistant")
+
+
+class SampleSource(Protocol):
+    """Random access to samples; `__getitem__` may raise `BadSample`."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
+
+    def text_and_images(self, index: int) -> tuple[str, int]:
+        """All text of a sample and its image count, without decoding images (for length grouping)."""
+        ...
+
+
+def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
+    """Any image payload a row may carry → RGB PIL image (BadSample if it cannot be read)."""
+    if isinstance(payload, Image.Image):
+        return payload.convert("RGB")
+    if isinstance(payload, dict):  # datasets' Image(decode=False) value
+        payload = payload.get("bytes") or payload.get("path")
+    if isinstance(payload, str) and payload.startswith("data:"):  # data:image/png;base64,....
+        payload = _b64(payload.partition(",")[2], key)
+    if isinstance(payload, str):
+        path = Path(payload)
+        return load_image(path if path.is_absolute() or root is None else root / path, key)
+    if isinstance(payload, bytes):
+        return load_image(payload, key)
+    raise BadSample("unreadable image", f"{key}: no image payload")
+
+
+def _b64(data: bytes | str, key: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise BadSample("unreadable image", f"{key}: invalid base64") from None
+
+
+def _messages(messages: Any, key: str) -> list[tuple[str, list[dict]]]:
+    """Validate a raw chat's structure → (role, parts) pairs; string contents become one text part."""
+    if not isinstance(messages, list) or not messages:
+        raise BadSample("malformed chat", f"{key}: `messages` must be a non-empty list")
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadSample("malformed chat", f"{key}: every message needs a role among {ROLES}")
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
+            raise BadSample("malformed chat", f"{key}: content must be a string or a list of parts")
+        out.append((message["role"], parts))
+    return out
+
+
+def chat_sample(messages: Any, key: str, root: Path | None = None, images: Sequence[Any] = ()) -> Sample:
+    """Normalize one chat (string or part-list contents, inline or referenced images) into a Sample."""
+    pool = iter(images)
+    out_messages, out_images = [], []
+    for role, parts in _messages(messages, key):
+        out_parts = []
+        for part in parts:
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                out_parts.append({"type": "text", "text": part["text"]})
+            elif part.get("type") == "image":
+                if "bytes" in part:
+                    payload = _b64(part["bytes"], key) if isinstance(part["bytes"], str) else part["bytes"]
+                else:
+                    payload = part.get("image", part.get("path", next(pool, None)))
+                out_images.append(_decode_payload(payload, root, key))
+                out_parts.append({"type": "image"})
+            else:
+                raise BadSample("malformed chat", f"{key}: unsupported content part {str(part)[:60]!r}")
+        out_messages.append({"role": role, "content": out_parts})
+    return Sample(out_messages, out_images, key)
+
+
+def vqa_sample(image: Any, question: str, answer: str, key: str) -> Sample:
+    """A MedPix-VQA row as one user turn (image, question) and one assistant turn (answer)."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question or ""}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer or ""}]},
+    ]
+    Sample(messages, [], key)  # validate the answer before paying for the image decode
+    return Sample(messages, [_decode_payload(image, None, key)], key)
+
+
+def _chat_text(messages: Any) -> tuple[str, int]:
+    """Text and image count of a raw chat without decoding images; a malformed chat counts as empty
+    here (it is skipped when read)."""
+    try:
+        parts = [part for _, message_parts in _messages(messages, "") for part in message_parts]
+    except BadSample:
+        return "", 0
+    text = " ".join(part["text"] for part in parts if isinstance(part.get("text"), str))
+    return text, sum(part.get("type") == "image" for part in parts)
+
+
+class TableSource:
+    """A `datasets.Dataset` in MedPix-VQA or chat layout."""
+
+    def __init__(self, table: Any, name: str) -> None:
+        from datasets import Image as ImageFeature
+
+        columns = set(table.column_names)
+        self.name = name
+        if set(VQA_COLUMNS) <= columns:
+            self.layout = "vqa"
+            if isinstance(table.features["image_id"], ImageFeature):  # decode ourselves: corrupt → BadSample
+                table = table.cast_column("image_id", ImageFeature(decode=False))
+        elif "messages" in columns:
+            self.layout = "chat"
+            if "images" in columns:
+                table = table.cast_column("images", _undecoded(table.features["images"]))
+        else:
+            raise UserError(
+                f"dataset {name} has columns {sorted(columns)}; expected MedPix-VQA {list(VQA_COLUMNS)} or chat ['messages']"
+            )
+        self.table = table
+        self._text_columns: Any = None  # built on first use, for length grouping only
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> Sample:
+        row = self.table[index]
+        key = f"{self.name} row {index}"
+        if self.layout == "vqa":
+            return vqa_sample(row["image_id"], row["question"], row["answer"], key)
+        return chat_sample(row["messages"], key, images=row.get("images") or ())
+
+    def text_and_images(self, index: int) -> tuple[str, int]:
+        if self._text_columns is None:
+            self._text_columns = self.table.select_columns(["question", "answer"] if self.layout == "vqa" else ["messages"])
+        row = self._text_columns[index]
+        if self.layout == "vqa":
+            return f"{row['question']} {row['answer']}", 1
+        return _chat_text(row["messages"])
+
+
+def _undecoded(feature: Any) -> Any:
+    """The same feature with images left as bytes, so decoding errors happen under our control."""
+    from datasets import Image as ImageFeature, List
+
+    if isinstance(feature, ImageFeature):
+        return ImageFeature(decode=False)
+    if isinstance(feature, List):
+        return List(_undecoded(feature.feature))
+    return feature
+
+
+class JsonlSource:
+    """A JSONL file of `{"messages": [...]}` chats; relative image paths resolve against its folder."""
+
+    def __init__(self, path: Path, split: str) -> None:
+        self.path, self.rows = path, []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); one chat object per line") from None
+                if not isinstance(row, dict) or "messages" not in row:
+                    raise UserError(f'{path}:{lineno}: expected an object with a "messages" list')
+                self.rows.append((lineno, row["messages"]))
+        self.rows = self.rows[_slice(split, len(self.rows), str(path))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        lineno, messages = self.rows[index]
+        return chat_sample(messages, f"{self.path.name}:{lineno}", root=self.path.parent)
+
+    def text_and_images(self, index: int) -> tuple[str, int]:
+        return _chat_text(self.rows[index][1])
+
+
+class ConcatSource:
+    """Several sources as one index space, e.g. MedPix-VQA plus a text-only chat file."""
+
+    def __init__(self, sources: Sequence[SampleSource]) -> None:
+        self.sources = list(sources)
+        self.offsets = [0]
+        for source in self.sources:
+            self.offsets.append(self.offsets[-1] + len(source))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _locate(self, index: int) -> tuple[SampleSource, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        k = bisect.bisect_right(self.offsets, index) - 1
+        return self.sources[k], index - self.offsets[k]
+
+    def __getitem__(self, index: int) -> Sample:
+        source, local = self._locate(index)
+        return source[local]
+
+    def text_and_images(self, index: int) -> tuple[str, int]:
+        source, local = self._locate(index)
+        return source.text_and_images(local)
+
+
+_SPLIT = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+
+
+def _slice(split: str, n: int, name: str) -> slice:
+    """`name[a:b]` (ints or percents, as in `datasets`) → a slice over n rows."""
+    match = _SPLIT.match(split.replace(" ", ""))
+    if match is None:
+        raise UserError(f"{name}: bad split {split!r}; use e.g. 'train', 'train[:1000]' or 'train[10%:]'")
+
+    def bound(text: str | None) -> int | None:
+        if text is None:
+            return None
+        return round(n * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+
+    return slice(bound(match.group(2)), bound(match.group(3)))
+
+
+def _load_table(spec: str, split: str) -> Any:
+    """Whatever `datasets` understands (hub id, data folder, save_to_disk folder, single file)."""
+    import datasets
+
+    path = Path(spec)
+    split_name = split.partition("[")[0].strip()
+    builder = {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
+    if path.is_file() and builder is None:
+        raise UserError(f"{spec}: unsupported file type; use .jsonl, .parquet, .arrow or a folder")
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            table = loaded[split_name] if isinstance(loaded, datasets.DatasetDict) else loaded
+            return table.select(range(len(table))[_slice(split, len(table), spec)])
+        if path.is_file():
+            return datasets.load_dataset(builder, data_files={split_name: str(path)}, split=split)
+        return datasets.load_dataset(spec, split=split)
+    except UserError:
+        raise
+    except (KeyError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load dataset {spec!r} split {split!r}: {first}") from None
+
+
+def load_source(spec: str, split: str = "train") -> SampleSource:
+    """One dataset spec (see module doc) → a SampleSource."""
+    path = Path(spec)
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        return JsonlSource(path, split)
+    return TableSource(_load_table(spec, split), f"{spec}[{split}]")
+
+
+def load_sources(entries: Sequence[tuple[str, str]]) -> SampleSource:
+    """Several (spec, split) entries mixed into one stream (concatenated; the sampler shuffles)."""
+    sources = [load_source(spec, split) for spec, split in entries]
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
+

@@ -1,0 +1,218 @@
+"""Data without a model: the synthetic MedPix-shaped set, dataset formats → Samples, the DP sampler."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+from runner.cli import main as cli_main
+from runner.data.sample import BadSample
+from runner.data.sampler import StepSampler
+from runner.data.sources import ConcatSource, load_source
+from runner.data.synthetic import make_data
+from runner.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def medpix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("medpix"), n=40, seed=0)
+
+
+def _png(size: tuple[int, int] = (20, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---- synthetic data -------------------------------------------------------------------------------
+
+
+def test_make_data_splits_schema_and_varied_images(medpix: Path) -> None:
+    train = datasets.load_dataset(str(medpix), split="train")
+    validation = datasets.load_dataset(str(medpix), split="validation")
+    assert (len(train), len(validation)) == (40, 4)
+    assert train.column_names == ["image_id", "question", "answer"]
+    sizes = [img.size for img in train["image_id"]]  # (width, height)
+    assert any(w < 64 and h < 64 for w, h in sizes), "a tiny image (upscaled by the processor)"
+    assert any(h > 2.5 * w for w, h in sizes), "a tall image"
+    assert any(w > 3 * h for w, h in sizes), "a wide image"
+    assert any(w * h > 600_000 for w, h in sizes), "a large image (downscaled)"
+    assert all(a.strip() for a in train["answer"])
+
+
+def test_make_data_is_deterministic_and_answers_follow_the_picture(tmp_path: Path) -> None:
+    a = datasets.load_dataset(str(make_data(tmp_path / "a", n=12, seed=3)), split="train")
+    b = datasets.load_dataset(str(make_data(tmp_path / "b", n=12, seed=3)), split="train")
+    assert a["answer"] == b["answer"] and a["question"] == b["question"]
+    # same question kind → one of a few template answers: learnable, not random text
+    assert len(set(a["answer"])) < len(a)
+
+
+def test_make_data_cli(tmp_path: Path) -> None:
+    assert cli_main(["make-data", str(tmp_path / "d"), "--n", "3", "--seed", "1"]) == 0
+    assert len(load_source(str(tmp_path / "d"), "train")) == 3
+    assert cli_main(["make-data", str(tmp_path / "e"), "--n", "0"]) == 2
+
+
+# ---- sources --------------------------------------------------------------------------------------
+
+
+def test_medpix_folder_with_split_slicing(medpix: Path) -> None:
+    source = load_source(str(medpix), "train[:5]")
+    assert len(source) == 5
+    sample = source[0]
+    assert [m["role"] for m in sample.messages] == ["user", "assistant"]
+    assert sample.messages[0]["content"][0] == {"type": "image"}
+    assert len(sample.images) == 1 and sample.images[0].mode == "RGB"
+    assert len(load_source(str(medpix), "train[10%:20%]")) == 4
+    text, n_images = source.text_and_images(0)
+    assert n_images == 1 and sample.messages[1]["content"][0]["text"] in text
+
+
+def test_parquet_file_and_save_to_disk(medpix: Path, tmp_path: Path) -> None:
+    parquet = medpix / "data" / "validation-00000-of-00001.parquet"
+    assert len(load_source(str(parquet), "validation[1:3]")) == 2
+    datasets.load_dataset(str(medpix)).save_to_disk(str(tmp_path / "disk"))
+    source = load_source(str(tmp_path / "disk"), "validation[:3]")
+    assert len(source) == 3 and source[2].images
+
+
+def test_chat_jsonl_images_by_path_data_uri_bytes_and_text_only(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_png((20, 30)))
+    b64 = base64.b64encode(_png((7, 9))).decode()
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": "Q1"}]},
+                      {"role": "assistant", "content": "A1"}]},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": [{"type": "image", "image": f"data:image/png;base64,{b64}"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "A2"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "bytes": b64}, {"type": "text", "text": "Q3"}]},
+                      {"role": "assistant", "content": "A3"}]},
+        {"messages": [{"role": "user", "content": "text only"}, {"role": "assistant", "content": "A4"}]},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    source = load_source(str(path), "train")
+    assert [len(source[i].images) for i in range(4)] == [1, 1, 1, 0]
+    assert source[0].images[0].size == (20, 30) and source[1].images[0].size == (7, 9)
+    assert source[3].messages == [
+        {"role": "user", "content": [{"type": "text", "text": "text only"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A4"}]},
+    ]
+    assert source.text_and_images(1) == ("Be brief. A2", 1)
+    assert len(load_source(str(path), "train[1:]")) == 3
+
+
+def test_mixed_stream_of_image_and_text_only_sources(medpix: Path, tmp_path: Path) -> None:
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}))
+    mixed = ConcatSource([load_source(str(medpix), "train[:3]"), load_source(str(path))])
+    assert len(mixed) == 4
+    assert [len(mixed[i].images) for i in range(4)] == [1, 1, 1, 0]
+    with pytest.raises(IndexError):
+        mixed[4]
+
+
+def test_bad_rows_raise_bad_sample_when_read(tmp_path: Path) -> None:
+    features = datasets.Features({"image_id": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")})
+    rows = {
+        "image_id": [{"bytes": b"not a png", "path": None}, {"bytes": _png(), "path": None}, {"bytes": _png(), "path": None}],
+        "question": ["q", "q", "q"],
+        "answer": ["fine", "  ", "fine"],
+    }
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "bad.parquet"))
+    source = load_source(str(tmp_path / "bad.parquet"), "train")
+    with pytest.raises(BadSample) as unreadable:
+        source[0]
+    with pytest.raises(BadSample) as empty:
+        source[1]
+    assert (unreadable.value.reason, empty.value.reason) == ("unreadable image", "empty answer")
+    assert source[2].images[0].size == (20, 30)
+
+
+def test_load_errors_are_one_clear_line(medpix: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n{not json\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        load_source(str(bad))
+    bad.write_text('{"messages": []}\n')
+    with pytest.raises(UserError, match="bad split"):
+        load_source(str(bad), "train[x]")
+    datasets.Dataset.from_dict({"text": ["a"]}).to_parquet(str(tmp_path / "other.parquet"))
+    with pytest.raises(UserError, match=r"expected MedPix-VQA \['image_id', 'question', 'answer'\] or chat"):
+        load_source(str(tmp_path / "other.parquet"))
+    with pytest.raises(UserError, match="cannot load dataset"):
+        load_source(str(tmp_path / "missing-folder"))
+    with pytest.raises(UserError, match="split 'test'"):
+        load_source(str(medpix), "test")
+
+
+# ---- sampler --------------------------------------------------------------------------------------
+
+
+def _flat(batches: list[list[int]]) -> list[int]:
+    return [i for batch in batches for i in batch]
+
+
+def test_sampler_same_seed_same_order_new_epoch_new_order() -> None:
+    a = StepSampler(50, micro_batch_size=2, grad_accum_steps=3, dp_size=2, dp_rank=1, seed=7)
+    b = StepSampler(50, micro_batch_size=2, grad_accum_steps=3, dp_size=2, dp_rank=1, seed=7)
+    assert a.epoch(0) == b.epoch(0) and a.epoch(3) == b.epoch(3)
+    assert a.epoch(0) != a.epoch(1)
+    assert a.epoch(0) != StepSampler(50, 2, 3, dp_size=2, dp_rank=1, seed=8).epoch(0)
+
+
+def test_sampler_dp_shards_partition_each_global_batch() -> None:
+    n, mbs, ga, dp = 103, 2, 3, 4
+    ranks = [StepSampler(n, mbs, ga, dp_size=dp, dp_rank=r, seed=1) for r in range(dp)]
+    per_rank = [s.epoch(0) for s in ranks]
+    assert all(len(b) == ranks[0].micro_batches_per_epoch == 4 * ga for b in per_rank)
+    assert all(len(mb) == mbs for b in per_rank for mb in b)
+    for step in range(ranks[0].steps_per_epoch):  # one optimizer step: disjoint across ranks
+        step_ids = [_flat(b[step * ga : (step + 1) * ga]) for b in per_rank]
+        assert len(set(_flat(step_ids))) == mbs * ga * dp
+    everything = _flat([_flat(b) for b in per_rank])
+    assert len(everything) == len(set(everything)) == 4 * mbs * ga * dp  # whole epoch: no repeats
+
+
+def test_sampler_depends_only_on_the_dp_coordinate() -> None:
+    """Every TP rank / pipeline stage of one replica builds its sampler from (seed, dp_rank, dp_size)
+    only, so separately built samplers agree; other replicas differ."""
+    tp_ranks = [StepSampler(64, 2, 2, dp_size=2, dp_rank=1, seed=3) for _ in range(4)]
+    assert all(s.epoch(e) == tp_ranks[0].epoch(e) for s in tp_ranks for e in range(3))
+    other = StepSampler(64, 2, 2, dp_size=2, dp_rank=0, seed=3)
+    assert not set(_flat(other.epoch(0))) & set(_flat(tp_ranks[0].epoch(0)))
+
+
+def test_sampler_length_grouping_keeps_the_samples_and_cuts_padding() -> None:
+    lengths = [(i * 37) % 300 + 10 for i in range(256)]
+
+    def windows(lengths: list[int] | None) -> list[list[int]]:
+        """Samples of each 4-step window, over both DP ranks."""
+        ranks = [StepSampler(256, 4, 2, dp_size=2, dp_rank=r, lengths=lengths, group_window_steps=4).epoch(0) for r in range(2)]
+        per_window = 4 * 2  # steps × grad_accum micro-batches per rank
+        return [sorted(_flat(_flat(e[w : w + per_window]) for e in ranks)) for w in range(0, len(ranks[0]), per_window)]
+
+    def waste(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert windows(lengths) == windows(None)
+    plain = StepSampler(256, 4, 2, dp_size=2).epoch(0)
+    grouped = StepSampler(256, 4, 2, dp_size=2, lengths=lengths, group_window_steps=4).epoch(0)
+    assert waste(grouped) < 0.5 * waste(plain)
+
+
+def test_sampler_rejects_bad_layouts() -> None:
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        StepSampler(7, 2, 2, dp_size=2)
+    with pytest.raises(UserError, match="dp_rank 2"):
+        StepSampler(70, 2, 2, dp_size=2, dp_rank=2)
+    with pytest.raises(UserError, match="3 lengths for 70 samples"):
+        StepSampler(70, 2, 2, lengths=[1, 2, 3])
