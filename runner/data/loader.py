@@ -1,0 +1,157 @@
+"""The trainer's data feed: micro-batches of one DP replica, resumable, bad samples skipped and counted.
+
+Workers (torch DataLoader processes) only encode and collate; a bad sample comes back as a reason,
+never as an exception, so one corrupt image cannot kill a worker. The main process counts, warns, and
+— with `on_bad="raise"` — stops with one UserError line naming the sample. Position and skip counts
+are tracked as micro-batches are handed to the trainer (not as workers prefetch), so `state_dict`
+taken between steps resumes exactly: no sample repeated, none missed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from runner.data.collate import Encoded, Gemma4Collator
+from runner.data.sample import BadSample
+from runner.data.sampler import StepSampler
+from runner.data.sources import SampleSource
+from runner.errors import UserError
+
+logger = logging.getLogger(__name__)
+_WARNINGS_PER_REASON = 5  # per epoch; the epoch summary has the full counts
+
+Skip = tuple[str, str]  # (reason, message)
+
+
+class _EncodedDataset(Dataset):
+    """source[i] → Encoded, or the BadSample's (reason, message) instead of raising."""
+
+    def __init__(self, source: SampleSource, collator: Gemma4Collator) -> None:
+        self.source, self.collator = source, collator
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Encoded | Skip:
+        try:
+            return self.collator.encode(self.source[index])
+        except BadSample as bad:
+            return bad.reason, str(bad)
+
+
+class _Collate:
+    """Picklable collate_fn: the micro-batch plus the skips it contained."""
+
+    def __init__(self, collator: Gemma4Collator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[Encoded | Skip]) -> tuple[dict[str, torch.Tensor], list[Skip]]:
+        good = [item for item in items if isinstance(item, Encoded)]
+        return self.collator.collate(good), [item for item in items if not isinstance(item, Encoded)]
+
+
+class MicroBatchLoader:
+    """Iterates this DP rank's micro-batches forever, epoch after epoch.
+
+    `next_step()` gives the grad_accum_steps micro-batches of one optimizer step; iterating gives
+    them one at a time (what DeepSpeed's `train_batch(data_iter=...)` pulls). Call `load_state_dict`
+    before iterating to resume. `skipped` counts this epoch's bad samples by reason;
+    `skipped_per_epoch` keeps finished epochs' counts for the log.
+    """
+
+    def __init__(
+        self,
+        source: SampleSource,
+        collator: Gemma4Collator,
+        sampler: StepSampler,
+        num_workers: int = 0,
+        on_bad: Literal["skip", "raise"] = "skip",
+    ) -> None:
+        if on_bad not in ("skip", "raise"):
+            raise UserError(f"data.on_bad must be 'skip' or 'raise', got {on_bad!r}")
+        if len(source) != sampler.num_samples:
+            raise UserError(f"sampler is sized for {sampler.num_samples} samples but the dataset has {len(source)}")
+        self.dataset = _EncodedDataset(source, collator)
+        self.collate = _Collate(collator)
+        self.sampler = sampler
+        self.num_workers = num_workers
+        self.on_bad = on_bad
+        self.epoch = 0
+        self.position = 0  # micro-batches of this epoch already handed out
+        self.skipped: Counter[str] = Counter()
+        self.skipped_per_epoch: dict[int, dict[str, int]] = {}
+        self._iter: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._iter = self._generate()
+        return next(self._iter)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of one optimizer step."""
+        return [next(self) for _ in range(self.sampler.grad_accum_steps)]
+
+    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            batches = self.sampler.epoch(self.epoch)[self.position :]
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=batches,
+                collate_fn=self.collate,
+                num_workers=self.num_workers,
+            )
+            for batch, skips in loader:
+                self._count(skips)
+                self.position += 1
+                yield batch
+            self._end_epoch()
+
+    def _count(self, skips: list[Skip]) -> None:
+        for reason, message in skips:
+            if self.on_bad == "raise":
+                raise UserError(f"bad sample {message}; set data.on_bad=skip to skip and count such samples")
+            self.skipped[reason] += 1
+            if self.skipped[reason] <= _WARNINGS_PER_REASON:
+                logger.warning("skipping bad sample %s", message)
+
+    def _end_epoch(self) -> None:
+        total = sum(self.skipped.values())
+        if total:
+            logger.warning("epoch %d: skipped %d bad samples (%s)", self.epoch, total, dict(self.skipped))
+        self.skipped_per_epoch[self.epoch] = dict(self.skipped)
+        self.epoch, self.position, self.skipped = self.epoch + 1, 0, Counter()
+
+    def _layout(self) -> list[int]:
+        s = self.sampler
+        return [s.num_samples, s.seed, s.micro_batch_size, s.grad_accum_steps, s.dp_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and skip counts. The position is the same on every rank, so any rank's state
+        resumes any rank; the skip counts are this rank's."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "skipped": dict(self.skipped),
+            "skipped_per_epoch": dict(self.skipped_per_epoch),
+            "layout": self._layout(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["layout"]) != self._layout():
+            raise UserError(
+                f"data position was saved for [samples, seed, micro_batch, grad_accum, dp] = {state['layout']}, "
+                f"this run has {self._layout()}; resume with the same data and batch layout"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.skipped = Counter(state["skipped"])
+        self.skipped_per_epoch = {int(k): v for k, v in state["skipped_per_epoch"].items()}
+        self._iter = None
