@@ -190,10 +190,11 @@ class Gemma4Collator:
 
     # ---- micro-batch --------------------------------------------------------------------------
     def padded_length(self, longest: int) -> int:
+        """The micro-batch length for its longest sample: a bucket, or rounded up (not past max_length)."""
         if self.buckets is not None:
             return self.buckets[bisect.bisect_left(self.buckets, longest)]
-        multiple = self.pad_to_multiple_of
-        return -(-longest // multiple) * multiple
+        rounded = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return max(longest, min(rounded, self.max_length))
 
     def collate(self, encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """Right-pad to one length and concatenate images in sample order (the order the model
