@@ -63,6 +63,8 @@ def main() -> None:
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
         "zero_optimization": {"stage": 0},
+        # DeepSpeed caches the partition metadata of the first micro-batch: wrong once shapes change
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
     }
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = CapturingAdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)

@@ -26,6 +26,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 from runner.errors import UserError
 from runner.parallel.tensor_parallel import (
     ColumnParallelLinear,
+    copy_to_group,
     RowParallelLinear,
     VocabParallelEmbedding,
     mark_sharded,
@@ -114,7 +115,7 @@ class Gemma4TokenEmbedding(VocabParallelEmbedding):
             mask = image_rows.unsqueeze(-1).expand_as(hidden)
             hidden = hidden.masked_scatter(mask, image_features.to(hidden.dtype))
         batch, seq = input_ids.shape
-        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+        position_ids = torch.arange(seq, device=input_ids.device).repeat(batch, 1)
         return hidden, attention_mask, position_ids, mm_token_type_ids
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -175,6 +176,22 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         return hidden, attention_mask, position_ids, mm_token_type_ids
 
 
+class HeadSharedRMSNorm(Gemma4RMSNorm):
+    """q_norm / k_norm: one scale shared by all heads, while each TP rank sees only its own heads.
+
+    Each rank's gradient covers its heads only, so the scale enters through `copy_to_group` and the
+    gradients are summed over TP (transformers' plan calls this `replicated_with_grad_allreduce`).
+    """
+
+    def __init__(self, dim: int, eps: float, tp_group) -> None:
+        super().__init__(dim, eps=eps)
+        self.tp_group = tp_group
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        scale = copy_to_group(self.weight, self.tp_group)
+        return (self._norm(hidden_states.float()) * scale.float()).type_as(hidden_states)
+
+
 def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState) -> None:
     """Swap the (meta) linears of a transformers decoder layer for TP ones; materialize the rest."""
     tp = ps.dims.tp
@@ -202,6 +219,10 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState) -> No
         else:
             new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
         setattr(parent, attr, new)
+    if tp > 1:
+        for name in ("q_norm", "k_norm"):
+            old = getattr(attn, name)
+            setattr(attn, name, HeadSharedRMSNorm(old.weight.shape[0], old.eps, ps.tp_group))
     # Local heads: q heads split tp ways, KV heads split or replicated (rank r holds KV head r // replicas).
     attn.num_key_value_groups = (q_heads // tp) // max(kv_heads // tp, 1)
     # What is still on meta is RMSNorm scales and the layer_scalar buffer; transformers initializes
