@@ -30,9 +30,9 @@ def _reference(ckpt: str, kinds: str, lr: float) -> dict:
     return reference_run(ckpt, kinds.split(","), lr)
 
 
-def _run(tmp_path, ckpt, tp: int, pp: int, dp: int, kinds: str, lr: float = 0.0) -> list[dict]:
+def _run(tmp_path, ckpt, tp: int, pp: int, dp: int, kinds: str, lr: float = 0.0, freeze: str = "") -> list[dict]:
     torchrun(TESTS / "parity_worker.py", tp * pp * dp, "--ckpt", str(ckpt), "--tp", str(tp), "--pp", str(pp),
-             "--dp", str(dp), "--batches", kinds, "--lr", str(lr), "--out", str(tmp_path))
+             "--dp", str(dp), "--batches", kinds, "--lr", str(lr), "--freeze", freeze, "--out", str(tmp_path))
     return [torch.load(tmp_path / f"stage{s}.pt", weights_only=False) for s in range(pp)]
 
 
@@ -76,3 +76,21 @@ def test_tied_embedding_and_head_stay_identical_after_adamw_steps(tmp_path, tiny
     err = _rel(first["embed_weight"], ref["embed_weight"])
     print(f"embedding after 2 AdamW steps: rel err {err:.2e}")
     assert err <= 1e-5
+
+
+def test_frozen_embeddings_and_vision_tower(tmp_path, tiny_ckpt):
+    """Frozen parts get no gradient and do not move; the rest still equals transformers."""
+    from safetensors.torch import load_file
+
+    first, last = _run(tmp_path, tiny_ckpt, 2, 2, 1, "image", 1e-3, freeze="embeddings,vision_tower")
+    grads = {**first["grads"][0], **last["grads"][0]}
+    assert not any(n.startswith("model.vision_tower.") or "embed_tokens" in n for n in grads)
+    assert "model.embed_vision.embedding_projection.weight" in grads
+    original = {}
+    for f in tiny_ckpt.glob("model-*.safetensors"):
+        original.update(load_file(f))
+    assert torch.equal(first["embed_weight"], original["model.language_model.embed_tokens.weight"])
+    assert torch.equal(last["embed_weight"], first["embed_weight"])
+    ref = _reference(str(tiny_ckpt), "image", 0.0)["grads"][0]
+    worst = max(_rel(g, ref[n]) for n, g in grads.items())
+    assert worst <= GRAD_RTOL

@@ -176,6 +176,33 @@ class Gemma4Pipeline(PipelineModule):
         )
         self.token_loss = loss
 
+    def freeze(self, *, embeddings: bool = False, vision_tower: bool = False, language_model: bool = False) -> None:
+        """Stop training parts of the model (call before building the optimizer).
+
+        embeddings: the token embedding and with it the tied head; vision_tower: the SigLIP tower
+        (`embed_vision`, the projector into the text width, stays trainable); language_model: the
+        decoder layers and the final norm.
+        """
+        for module in self.modules():
+            frozen = (
+                (embeddings and isinstance(module, Gemma4TokenEmbedding))
+                or (vision_tower and isinstance(module, Gemma4VisionStage))
+                or (language_model and isinstance(module, (Gemma4DecoderLayerPipe, Gemma4FinalNorm)))
+            )
+            if frozen:
+                target = module.vision_tower if isinstance(module, Gemma4VisionStage) else module
+                for p in target.parameters():
+                    p.requires_grad_(False)
+
+    def allreduce_tied_weight_gradients(self) -> None:
+        """DeepSpeed's reduction of the tied embedding/head gradients, skipping a frozen embedding
+        (it has no gradient to reduce)."""
+        for key, comm in self.tied_comms.items():
+            for attr in comm["weight_attr"]:
+                weight = self._recursive_getattr(self.tied_modules[key], attr)
+                if weight.grad is not None:
+                    dist.all_reduce(weight.grad, group=comm["group"])
+
     def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor, nn.Module]]:
         """(HF name, local tensor, owning stage module) for every parameter and persistent buffer
         on this rank. Tied copies on several stages map to the same HF name."""
