@@ -28,9 +28,24 @@ def _make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from runner.config import load_config
+
+    cfg = load_config(args.recipe, args.set)  # recipe errors before any process group exists
+    from runner.train import train
+
+    return train(cfg, ds_config_path=args.ds_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune as a recipe says (start it under accelerate, deepspeed or torchrun)")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. optim.lr=2e-5")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the launcher's, else ds_configs/ for the device)")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("make-tiny", help="write a tiny random Gemma4 checkpoint (HF format) with its processor")
     p.add_argument("out_dir")

@@ -1,0 +1,248 @@
+"""The recipe schema: typed sections, YAML loading, `--set a.b=c` overrides, one-line errors.
+
+A recipe is one YAML file (see recipes/). Every key has a default here, so a recipe states only
+what differs. Unknown keys, wrong types and impossible values stop the run before any process
+group or model is built, with one line naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from runner.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    path: str = "google/gemma-4-31B-it"  # hub id or local HF directory
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int | Literal["auto"] = "auto"  # auto: world size / (tp * pp)
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: int = 1
+    seed: int = 42
+    grad_clip: float = 1.0  # 0 disables clipping
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class FreezeConfig:
+    embeddings: bool = False
+    vision_tower: bool = False
+    language_model: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays lr to lr * min_lr_ratio at the last step
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # hub id, local dataset dir/file, or chat JSONL
+    train_split: str = "train"
+    eval: str = ""  # empty: no eval
+    eval_split: str = "validation"
+    max_length: int = 2048
+    thinking_prefix: bool = False
+    on_bad_sample: Literal["skip", "raise"] = "skip"
+    num_workers: int = 0
+    group_by_length: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: never
+    max_batches: int = 0  # global batches per eval; 0: the whole eval split
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end and on SIGTERM
+    keep: int = 2
+    resume: str = "auto"  # auto: newest complete checkpoint in output.dir; none; or a checkpoint path
+    export: bool = False  # HF export to OUTPUT_DIR/export at the end
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """`value` as type `tp`, or a UserError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise UserError(f"{source}: {key} = {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key, source)
+            except UserError:
+                continue
+        raise UserError(f"{source}: {key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key} = {value!r} must be a list of {_type_name(item)}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"{source}: {key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise UserError(f"{source}: unknown key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b=c` pairs into the nested recipe dict; values are parsed as YAML (`lr=2e-5`, `export=true`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=10")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe, apply `--set` overrides, check types and values."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; pass a YAML file such as recipes/tiny_demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    data = apply_overrides(data, overrides or [])
+    cfg = _build(RunConfig, data, "", str(path))
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str) -> None:
+    """Value checks that need no model and no processes."""
+    checks = [
+        (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
+        (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),
+        (cfg.parallel.dp == "auto" or cfg.parallel.dp >= 1, "parallel.dp must be >= 1 or 'auto'"),
+        (cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (cfg.train.global_batch_size >= 1, "train.global_batch_size must be >= 1"),
+        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0 (0: train for train.epochs epochs)"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas must be two numbers in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+        (cfg.data.max_length >= 16, "data.max_length must be >= 16"),
+        (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+        (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
+        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"{source}: {message}")
+    per_step = cfg.train.micro_batch_size * (1 if cfg.parallel.dp == "auto" else cfg.parallel.dp)
+    if cfg.train.global_batch_size % per_step:
+        raise UserError(
+            f"{source}: train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+            f"micro_batch_size * dp = {per_step}"
+        )

@@ -1,0 +1,110 @@
+"""What a step reports: loss, grad norm, lr, memory, throughput, MFU — to the console, a progress
+bar, `OUTPUT_DIR/metrics.jsonl` and TensorBoard. Only the first rank writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peak per GPU, FLOP/s (no sparsity); MFU is reported against it.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops_per_device() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_token(text_config, seq_len: int) -> float:
+    """Model FLOPs of one trained token (forward + backward = 3 × forward), text model only.
+
+    Matmuls: 2 FLOPs per weight per token (decoder linears and the LM head). Attention: QKᵀ and AV
+    cost 2·2·heads·head_dim per attended key; a causal token attends to (seq+1)/2 keys on average,
+    a sliding one to at most the window. The vision tower is not counted (a few % at one image).
+    """
+    from runner.models.gemma4.pipeline import attention_shapes
+
+    hidden = text_config.hidden_size
+    shapes = attention_shapes(text_config)
+    fwd = 2 * text_config.vocab_size * hidden
+    for layer_type in text_config.layer_types:
+        q_heads, kv_heads, head_dim = shapes[layer_type]
+        kv_proj = 1 if (layer_type == "full_attention" and text_config.attention_k_eq_v) else 2
+        weights = hidden * head_dim * (2 * q_heads + kv_proj * kv_heads) + 3 * hidden * text_config.intermediate_size
+        keys = (seq_len + 1) / 2
+        if layer_type == "sliding_attention":
+            keys = min(keys, text_config.sliding_window)
+        fwd += 2 * weights + 4 * q_heads * head_dim * keys
+    return 3 * fwd
+
+
+def mem_gib() -> float:
+    """Peak allocated accelerator memory on this rank (GiB), or the process's max RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Writes one JSON object per step to metrics.jsonl and TensorBoard, prints a log line and
+    keeps a progress bar on the first rank; a no-op elsewhere."""
+
+    def __init__(self, out_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, progress_bar: bool) -> None:
+        self.enabled = enabled
+        self.total = total_steps
+        self.jsonl = None
+        self.tb = None
+        self.bar = progress_bar and sys.stderr.isatty()
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                print("tensorboard not installed: metrics go to metrics.jsonl only", file=sys.stderr)
+        self.start = time.time()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
+        if self.bar:
+            done = step / max(self.total, 1)
+            sys.stderr.write(f"\r[{'#' * int(30 * done):<30}] {step}/{self.total}  ")
+        print(format_line(record), flush=True)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_line(r: dict[str, Any]) -> str:
+    """A one-line summary of a step (or an eval) for the console log."""
+    if r.get("split") == "eval":
+        return f"eval step {r['step']}: loss {r['loss']:.4f} over {r['label_tokens']} label tokens"
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    return (
+        f"step {r['step']}/{r['total_steps']} epoch {r['epoch']} | loss {r['loss']:.4f} | grad_norm "
+        f"{r['grad_norm']:.4f} | lr {r['lr']:.3g} | mem {r['mem_gib']:.2f} GiB | {r['tokens_per_sec']:.0f} tok/s "
+        f"({r['tokens_per_sec_per_gpu']:.0f}/gpu) | MFU {mfu} | label tokens {r['label_tokens']} | {r['step_time']:.2f}s"
+    )

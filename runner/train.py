@@ -1,0 +1,223 @@
+"""`runner train RECIPE`: build everything, then a plain loop of `train_batch` steps.
+
+Order matters for the user: everything that can be checked without processes or weights (recipe,
+layout, dataset) fails first, in one line; the model is built straight on the accelerator; weights
+come from the newest complete checkpoint when resuming, else from the HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from transformers import AutoConfig, AutoProcessor
+
+from runner.checkpoint.hf_load import load_hf_weights
+from runner.config import RunConfig
+from runner.data.collate import Gemma4Collator
+from runner.data.loader import MicroBatchLoader
+from runner.data.sampler import StepSampler
+from runner.data.sources import load_source
+from runner.errors import UserError
+from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
+from runner.models.gemma4.pipeline import Gemma4Pipeline, check_supported, count_label_tokens, to_pipe_batch, validate_layout
+from runner.optim import build_optimizer, lr_lambda
+from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def init_distributed() -> None:
+    """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU."""
+    if not dist.is_initialized():
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend)
+
+
+def resolve_model_dir(path: str) -> Path:
+    if not Path(path).is_dir():
+        raise UserError(f"model.path {path} is not a local directory")
+    return Path(path)
+
+
+def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if cfg.parallel.dp == "auto":
+        if world_size % (tp * pp):
+            raise UserError(f"{world_size} processes cannot be split into tp*pp = {tp}*{pp} groups; "
+                            f"launch a multiple of {tp * pp} processes")
+        dims = ParallelDims(tp, pp, world_size // (tp * pp))
+    else:
+        dims = ParallelDims(tp, pp, cfg.parallel.dp)
+    dims.validate(world_size)
+    return dims
+
+
+def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | None) -> tuple[dict, bool]:
+    """The DeepSpeed JSON (from the launcher, `--ds-config` or the default for the device) with its
+    "auto" batch and clipping fields filled from the recipe. Returns (config, fp32_path)."""
+    default = "cpu_fp32.json" if get_accelerator().device_name() == "cpu" else "gpu_bf16_zero1.json"
+    path = path or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or str(ROOT / "ds_configs" / default)
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"DeepSpeed config {path}: {err}") from None
+    bf16 = cfg.model.dtype == "bfloat16"
+    ds.setdefault("bf16", {})["enabled"] = bf16
+    zero = ds.get("zero_optimization", {}).get("stage", 0)
+    fp32_path = not bf16 and zero == 0
+    fills = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.train.micro_batch_size * gas * dims.dp,
+        # on the fp32 path the optimizer clips by the true TP×PP norm (see runner/optim.py)
+        "gradient_clipping": 0.0 if fp32_path else cfg.train.grad_clip,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise UserError(f"DeepSpeed config {path}: {key}={ds[key]} contradicts the recipe ({value}); set it to \"auto\"")
+        ds[key] = value
+    ds.setdefault("pipeline", {}).update({"pipe_partitioned": False, "grad_partitioned": False})
+    return ds, fp32_path
+
+
+def build_loader(cfg: RunConfig, spec: str, split: str, processor, dims: ParallelDims, ps: ParallelState,
+                 gas: int, seed: int) -> MicroBatchLoader:
+    """This DP replica's micro-batches of one dataset split (the same on all its TP/PP ranks)."""
+    source = load_source(spec, split)
+    collator = Gemma4Collator(processor, max_length=cfg.data.max_length, thinking_prefix=cfg.data.thinking_prefix)
+    lengths = None
+    if cfg.data.group_by_length:
+        lengths = collator.estimate_lengths([source.text_and_images(i) for i in range(len(source))])
+    sampler = StepSampler(len(source), cfg.train.micro_batch_size, gas, dims.dp, ps.dp_rank, seed=seed, lengths=lengths)
+    return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample)
+
+
+def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState) -> tuple[int, int]:
+    """(label tokens, non-pad tokens) of the whole global batch: all micro-batches, all DP ranks."""
+    local = torch.tensor([
+        sum(count_label_tokens(m["labels"]) for m in micro_batches),
+        sum(int(m["attention_mask"].sum()) for m in micro_batches),
+    ], dtype=torch.float64)
+    if ps.dims.dp > 1:
+        dist.all_reduce(local, group=ps.dp_group)
+    return int(local[0]), int(local[1])
+
+
+class StopFlag:
+    """SIGTERM asks for a clean stop: the step in flight finishes, a checkpoint is saved, exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: ParallelState, max_batches: int) -> dict:
+    """Token-weighted loss over `max_batches` global batches (the whole split when 0)."""
+    steps = loader.sampler.steps_per_epoch if max_batches == 0 else min(max_batches, loader.sampler.steps_per_epoch)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "position": 0})
+    total, labels = 0.0, 0
+    for _ in range(steps):
+        micro = loader.next_step()
+        n_labels, _ = step_counts(micro, ps)
+        model.token_loss.set_label_count(n_labels, len(micro))
+        loss = engine.eval_batch(iter([to_pipe_batch(m) for m in micro]), num_micro_batches=len(micro))
+        total += float(loss) * n_labels
+        labels += n_labels
+    return {"loss": total / max(labels, 1), "label_tokens": labels}
+
+
+def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dims = parallel_dims(cfg, world)
+    model_dir = resolve_model_dir(cfg.model.path)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.text_config._attn_implementation = cfg.model.attn_implementation
+    check_supported(config)
+    validate_layout(config, dims)
+    per_step = cfg.train.micro_batch_size * dims.dp
+    if cfg.train.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+                        f"micro_batch_size * dp = {per_step}")
+    gas = cfg.train.global_batch_size // per_step
+    ds_config, fp32_path = deepspeed_config(cfg, dims, gas, ds_config_path)
+
+    torch.manual_seed(cfg.train.seed)
+    ps = build_parallel_state(dims)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    train_data = build_loader(cfg, cfg.data.train, cfg.data.train_split, processor, dims, ps, gas, cfg.train.seed)
+    eval_data = (build_loader(cfg, cfg.data.eval, cfg.data.eval_split, processor, dims, ps, gas, cfg.train.seed)
+                 if cfg.data.eval and cfg.eval.every_steps else None)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * train_data.sampler.steps_per_epoch
+
+    device = get_accelerator().current_device_name()
+    with torch.device(device):
+        model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(cfg.train.activation_checkpointing))
+    model.to(DTYPES[cfg.model.dtype])
+    load_hf_weights(model, model_dir)
+    model.freeze(**vars(cfg.freeze))
+    optimizer = build_optimizer(model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    out_dir = Path(cfg.output.dir)
+    step = 0
+    logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}, {gas} micro-batches of "
+              f"{cfg.train.micro_batch_size} per step, {total_steps} steps", flush=True)
+    stop = StopFlag()
+    flops_per_token = None
+    peak = peak_flops_per_device()
+    while step < total_steps:
+        t0 = time.time()
+        micro = train_data.next_step()
+        n_labels, n_tokens = step_counts(micro, ps)
+        model.token_loss.set_label_count(n_labels, gas)
+        loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
+        step += 1
+        dt = time.time() - t0
+        mem = torch.tensor([mem_gib()])
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        if flops_per_token is None:
+            seq = max(m["input_ids"].shape[1] for m in micro)
+            flops_per_token = train_flops_per_token(config.text_config, seq)
+        tok_s = n_tokens / dt
+        if step % cfg.logging.every_steps == 0 or step == total_steps:
+            logger.log({
+                "step": step, "total_steps": total_steps, "epoch": train_data.epoch,
+                "loss": float(loss), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "lr": scheduler.get_last_lr()[0], "mem_gib": float(mem), "tokens_per_sec": tok_s,
+                "tokens_per_sec_per_gpu": tok_s / world,
+                "mfu": (tok_s / world * flops_per_token / peak) if peak else None,
+                "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt,
+                "skipped_samples": sum(train_data.skipped.values()),
+            })
+        if eval_data is not None and step % cfg.eval.every_steps == 0:
+            logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
+        if stop.any_rank():
+            if rank == 0:
+                print(f"SIGTERM: stopped after step {step}", flush=True)
+            break
+    logger.close()
+    return 0
