@@ -19,7 +19,6 @@ from runner.data.sampler import StepSampler
 from runner.data.sources import ConcatSource, load_source
 from runner.data.synthetic import make_data
 from runner.errors import UserError
-from runner.models.gemma4.tiny import make_tiny
 
 torch.set_num_threads(1)
 
@@ -28,13 +27,8 @@ KEYS = ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "ima
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny: Path):
-    return AutoProcessor.from_pretrained(str(tiny))
+def processor(tiny_ckpt: Path):
+    return AutoProcessor.from_pretrained(str(tiny_ckpt))
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +94,10 @@ def test_labels_without_prefix_multi_turn_and_text_only(processor) -> None:
     assert processor.tokenizer.decode(text_only.labels[text_only.labels != IGNORE_INDEX]) == f"{ANSWER}<turn|>"
 
 
-def test_labels_match_transformers_shift_convention(tiny: Path, processor) -> None:
+def test_labels_match_transformers_shift_convention(tiny_ckpt: Path, processor) -> None:
     """transformers' own loss on our batch equals CE(logits[:, t], labels[:, t + 1]) over labeled
     tokens: labels are handed over unshifted and the model shifts once."""
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_ckpt)).eval()
     batch = Gemma4Collator(processor)([_vqa(Image.new("RGB", (96, 64), "white")), _vqa(None, answer="No.")])
     with torch.no_grad():
         out = model(**hf_model_inputs(batch))
@@ -115,10 +109,10 @@ def test_labels_match_transformers_shift_convention(tiny: Path, processor) -> No
 # ---- images -----------------------------------------------------------------------------------
 
 
-def test_soft_token_counts_match_the_vision_tower(tiny: Path, processor) -> None:
+def test_soft_token_counts_match_the_vision_tower(tiny_ckpt: Path, processor) -> None:
     """For small, tall, wide and large images, the image tokens in input_ids equal the number of
     features the tiny vision tower emits for that image."""
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_ckpt)).eval()
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image|>")
     sizes = [(56, 40), (150, 512), (600, 140), (1024, 768)]  # (width, height)
     collator = Gemma4Collator(processor)
