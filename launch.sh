@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One entry point: ./launch.sh install | test
-#   install  install the runner and its dependencies into the current Python (idempotent)
-#   test     install, then run the test suite on CPU (what CI runs)
+# One entry point for users and CI.
+#   ./launch.sh demo                      tiny Gemma4 + synthetic MedPix data, CPU, TP2 x PP2 under accelerate
+#   ./launch.sh test [pytest args]        the CPU test suite (what CI runs)
+#   ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--set k=v ...]
+#   ./launch.sh install                   install the runner and its dependencies into the current Python
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
 install() {
-    if "$PY" -c "import runner, deepspeed, torchvision, transformers.models.gemma4" 2>/dev/null; then
+    if "$PY" -c "import runner, deepspeed, torchvision, accelerate, datasets, transformers.models.gemma4" 2>/dev/null; then
         return
     fi
-    if [ "$(uname -m)" = "x86_64" ]; then
+    if [ "$(uname -m)" = "x86_64" ] && ! "$PY" -c "import torchvision" 2>/dev/null; then
         # torch and torchvision that import together (PyPI's torchvision does not import beside the
         # machine's CPU torch 2.13); on the dev/CI machines pip takes both from wheels on disk.
         "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
@@ -18,16 +21,68 @@ install() {
     "$PY" -m pip install -q -e ".[test]"
 }
 
-run_tests() {
+cluster_value() {  # cluster_value FILE KEY: a top-level key of an accelerate config
+    "$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get(sys.argv[2], ''))" "$1" "$2"
+}
+
+train() {
+    local recipe=${1:?usage: ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--set k=v ...]}
+    shift
+    local cluster=accelerate_configs/cpu_4proc.yaml launcher=accelerate hostfile="" extra=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --cluster) cluster=$2; shift 2 ;;
+            --launcher) launcher=$2; shift 2 ;;
+            --hostfile) hostfile=$2; shift 2 ;;
+            *) extra+=("$1"); shift ;;
+        esac
+    done
+    [ -f "$cluster" ] || { echo "error: cluster config $cluster not found (see accelerate_configs/)" >&2; exit 2; }
+    if [ "$(cluster_value "$cluster" use_cpu)" = "True" ]; then
+        export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+    fi
+    case "$launcher" in
+        accelerate)
+            exec "$PY" -m accelerate.commands.launch --config_file "$cluster" -m runner train "$recipe" "${extra[@]}" ;;
+        deepspeed)
+            local where=(--num_gpus "$(cluster_value "$cluster" num_processes)")
+            [ -n "$hostfile" ] && where=(--hostfile "$hostfile")
+            exec "$PY" -m deepspeed.launcher.runner "${where[@]}" --module runner train "$recipe" \
+                --ds-config "$(cluster_value "$cluster" deepspeed_config | "$PY" -c "import sys, ast; print(ast.literal_eval(sys.stdin.read())['deepspeed_config_file'])")" \
+                "${extra[@]}" ;;
+        *) echo "error: --launcher must be accelerate or deepspeed, got $launcher" >&2; exit 2 ;;
+    esac
+}
+
+demo() {
     install
-    export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-    "$PY" -m pytest -q tests "$@"
+    local dir=runs/demo
+    [ -f "$dir/gemma4-tiny/config.json" ] || "$PY" -m runner make-tiny "$dir/gemma4-tiny"
+    [ -d "$dir/medpix-synthetic" ] || "$PY" -m runner make-data "$dir/medpix-synthetic" --n 200
+    rm -rf "$dir/output"  # a fresh run each time (resume: auto would otherwise continue the last one)
+    (train recipes/tiny_demo.yaml --cluster accelerate_configs/cpu_4proc.yaml "$@")
+    "$PY" - "$dir/output" <<'PY'
+import json, sys
+from pathlib import Path
+from transformers import AutoModelForImageTextToText
+out = Path(sys.argv[1])
+losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"split"' not in l]
+model = AutoModelForImageTextToText.from_pretrained(out / "export")
+n = sum(p.numel() for p in model.parameters())
+print(f"demo: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; "
+      f"exported model loads in transformers ({n / 1e6:.2f} M parameters) from {out / 'export'}")
+PY
 }
 
 cmd=${1:-}
 shift || true
 case "$cmd" in
     install) install ;;
-    test) run_tests "$@" ;;
-    *) echo "usage: ./launch.sh install | test [pytest args]" >&2; exit 2 ;;
+    test)
+        install
+        export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+        exec "$PY" -m pytest -q tests "$@" ;;
+    train) train "$@" ;;
+    demo) demo "$@" ;;
+    *) sed -n '2,6p' "$0" >&2; exit 2 ;;
 esac

@@ -39,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
+    # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK carries it too
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as a recipe says (start it under accelerate, deepspeed or torchrun)")
