@@ -21,8 +21,13 @@ install() {
     "$PY" -m pip install -q -e ".[test]"
 }
 
-cluster_value() {  # cluster_value FILE KEY: a top-level key of an accelerate config
-    "$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get(sys.argv[2], ''))" "$1" "$2"
+cluster_value() {  # cluster_value FILE a.b: a (dotted) key of an accelerate config, empty if absent
+    "$PY" -c "
+import sys, yaml
+node = yaml.safe_load(open(sys.argv[1]))
+for part in sys.argv[2].split('.'):
+    node = node.get(part, '') if isinstance(node, dict) else ''
+print(node)" "$1" "$2"
 }
 
 train() {
@@ -48,7 +53,7 @@ train() {
             local where=(--num_gpus "$(cluster_value "$cluster" num_processes)")
             [ -n "$hostfile" ] && where=(--hostfile "$hostfile")
             exec "$PY" -m deepspeed.launcher.runner "${where[@]}" --module runner train "$recipe" \
-                --ds-config "$(cluster_value "$cluster" deepspeed_config | "$PY" -c "import sys, ast; print(ast.literal_eval(sys.stdin.read())['deepspeed_config_file'])")" \
+                --ds-config "$(cluster_value "$cluster" deepspeed_config.deepspeed_config_file)" \
                 "${extra[@]}" ;;
         *) echo "error: --launcher must be accelerate or deepspeed, got $launcher" >&2; exit 2 ;;
     esac
