@@ -37,6 +37,15 @@ def _train(args: argparse.Namespace) -> int:
     return train(cfg, ds_config_path=args.ds_config)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from runner.checkpoint.export import export_hf, parse_size
+
+    out = export_hf(Path(args.checkpoint), Path(args.out_dir), max_shard_size=parse_size(args.max_shard_size),
+                    source=args.source)
+    print(f"wrote HF checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
     # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK carries it too
@@ -61,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="train rows (validation gets n // 10, at least 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_data)
+
+    p = sub.add_parser("export", help="write a native checkpoint as an HF directory (sharded safetensors, config, processor)")
+    p.add_argument("checkpoint", help="a checkpoint dir (OUTPUT_DIR/checkpoints/step_N) or the root holding `latest`")
+    p.add_argument("out_dir")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--source", default=None,
+                   help="HF model dir or Hub id to copy config/tokenizer/processor from (default: the one recorded at save)")
+    p.set_defaults(func=_export)
     return parser
 
 

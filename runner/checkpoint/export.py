@@ -1,0 +1,143 @@
+"""Native checkpoint → HF directory that transformers loads unchanged (`runner export`).
+
+One process, no distributed launch: it reads DeepSpeed's per-layer files one layer at a time,
+joins each tensor's TP shards as the manifest (`runner_checkpoint.json`) records the model cut
+them, casts to the source checkpoint's dtype and appends to a safetensors shard, flushed whenever
+the next tensor would push it past the size limit. Memory is one layer plus one shard, never the
+model. The tied head is written once, as the embedding (no `lm_head.weight`), as HF expects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from runner.checkpoint.hf_load import INDEX_NAME, HFCheckpoint
+from runner.checkpoint.native import LATEST_NAME, latest_complete, read_meta
+from runner.errors import UserError
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Top-level source files that are weights (written anew here), not config/tokenizer/processor files.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from an int or a size such as "5GB", "500MB", "2GiB"."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UserError(f"shard size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
+    return int(float(match[1]) * _UNITS[(match[2] or "B").upper()])
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory from itself or from a checkpoint root that holds `latest`."""
+    path = Path(path)
+    if (path / LATEST_NAME).is_file():
+        return latest_complete(path)
+    read_meta(path)
+    return path
+
+
+class ShardWriter:
+    """Safetensors shards of at most `max_bytes` (a bigger tensor gets a shard alone), named
+    model-XXXXX-of-NNNNN.safetensors once their count is known, plus the index."""
+
+    def __init__(self, out_dir: Path, max_bytes: int) -> None:
+        self.out_dir = out_dir
+        self.max_bytes = max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+        self.total_params = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.total_params += tensor.numel()
+
+    def _flush(self) -> None:
+        save_file(self.pending, self.out_dir / f"model-{len(self.shards) + 1:05d}.partial", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        weight_map = {}
+        for i, names in enumerate(self.shards, start=1):
+            final = f"model-{i:05d}-of-{len(self.shards):05d}.safetensors"
+            (self.out_dir / f"model-{i:05d}.partial").rename(self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_parameters": self.total_params, "total_size": self.total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _join_shards(parts: list[dict[str, torch.Tensor]], entry: dict) -> torch.Tensor:
+    """The full tensor from the TP ranks' layer files: one copy per distinct shard (consecutive
+    `tp_replicas` ranks hold the same one), concatenated along `tp_dim`."""
+    if entry["tp_dim"] is None:
+        return parts[0][entry["key"]]
+    return torch.cat([part[entry["key"]] for part in parts[:: entry["tp_replicas"]]], dim=entry["tp_dim"])
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+              source: str | Path | None = None) -> Path:
+    """Write the HF directory of a native checkpoint (a step_* dir, or a root holding `latest`).
+
+    Weights: sharded safetensors + `model.safetensors.index.json`, every tensor in the dtype the
+    source HF checkpoint stores it in. config.json, tokenizer, processor and chat-template files are
+    copied from the source HF model recorded at save time, or from `source` if given (the source
+    moved, or the checkpoint came from elsewhere).
+    """
+    ckpt = checkpoint_dir(checkpoint)
+    meta = read_meta(ckpt)
+    src = HFCheckpoint(source or meta["source"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("*.safetensors")) or (out_dir / INDEX_NAME).exists():
+        raise UserError(f"{out_dir} already holds a checkpoint; export into an empty directory")
+    by_layer: dict[int, list[tuple[str, dict]]] = defaultdict(list)
+    for name, entry in meta["tensors"].items():
+        by_layer[entry["layer"]].append((name, entry))
+    tp = meta["layout"]["tp"]
+    writer = ShardWriter(out_dir, max_shard_size)
+    for layer in sorted(by_layer):
+        files = sorted(ckpt.glob(f"layer_{layer:02d}-*model_states.pt"))
+        if len(files) != tp:
+            raise UserError(f"{ckpt}: layer {layer} has {len(files)} files, the checkpoint was saved at tp={tp}; "
+                            f"it is damaged — export an older checkpoint")
+        parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        for name, entry in by_layer[layer]:
+            tensor = _join_shards(parts, entry)
+            writer.add(name, tensor.to(src.dtype(name) if name in src else tensor.dtype))
+    writer.close()
+    for f in src.path.iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def export_after_training(checkpoint: str | Path, out_dir: str | Path, *,
+                          max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path | None:
+    """`checkpoint.export: true`: every rank calls it after the last `native.save`; rank 0 writes
+    the export (one streaming reader needs no collectives), the other ranks return at once rather
+    than wait in a barrier that a long export would time out."""
+    if dist.get_rank() != 0:
+        return None
+    return export_hf(checkpoint, out_dir, max_shard_size=max_shard_size)

@@ -1,0 +1,201 @@
+"""Native checkpoints: DeepSpeed's per-rank files, made complete-or-invisible, plus exact resume.
+
+The trainer's API (every rank calls each, after `deepspeed.initialize`):
+
+    save(engine, root, step, client_state, source=model_path, keep=K) -> Path
+    resume(engine, root) -> client_state | None
+    latest_complete(root) -> Path | None
+
+Under a checkpoint root (e.g. OUTPUT_DIR/checkpoints):
+
+    latest                        tag of the newest complete checkpoint (DeepSpeed's format, written
+                                  atomically by rank 0 after every rank finished writing)
+    step_00000100/                one complete checkpoint
+        layer_LL-model_TT-model_states.pt    layer LL, TP shard TT (DeepSpeed, DP rank 0 writes)
+        mp_rank_MM_model_states.pt           DeepSpeed engine state: optimizer, LR scheduler, step,
+                                             and the trainer's client_state (data position)
+        rng/rank_RRRRR.pt                    python / numpy / torch (/ cuda) RNG of global rank R
+        runner_checkpoint.json               layout, source HF model, HF tensor → layer file map
+    step_00000200.partial/        a save in progress, or one that died: never read, pruned later
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from runner.checkpoint.engine import install, stage_layers
+from runner.errors import UserError
+
+META_NAME = "runner_checkpoint.json"
+LATEST_NAME = "latest"
+PARTIAL_SUFFIX = ".partial"
+TAG_RE = re.compile(r"^step_(\d+)$")
+CLIENT_KEY = "runner"  # the trainer's client_state, one key among DeepSpeed's own in mp_rank_* files
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def tensor_manifest(model) -> dict[str, dict]:
+    """HF name → {layer, key, tp_dim, tp_replicas} for the tensors this rank's layer files hold:
+    which `layer_LL-*` files, which key inside them, and how TP cut them (what export undoes)."""
+    layer_of = {id(module): index for index, module in stage_layers(model).items()}
+    manifest = {}
+    for name, tensor, module in model.hf_tensors():
+        if id(module) in layer_of:  # the tied head on the last stage has no file of its own
+            manifest[name] = {
+                "layer": layer_of[id(module)],
+                "key": name[len(module.hf_prefix):],
+                "tp_dim": getattr(tensor, "tp_dim", None),
+                "tp_replicas": getattr(tensor, "tp_replicas", 1),
+            }
+    return manifest
+
+
+def _gather_manifest(model) -> dict[str, dict]:
+    """The whole model's manifest on rank 0 (one TP/DP rank per stage contributes); {} elsewhere."""
+    ps = model.ps
+    local = tensor_manifest(model) if ps.tp_rank == 0 and ps.dp_rank == 0 else {}
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    return {k: v for part in parts or [] for k, v in part.items()}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_meta(ckpt: Path) -> dict:
+    meta = Path(ckpt) / META_NAME
+    if not meta.is_file():
+        raise UserError(f"{ckpt}: no {META_NAME}; not a complete runner checkpoint (pass a checkpoint root with "
+                        f"`{LATEST_NAME}` or one of its step_* directories)")
+    return json.loads(meta.read_text())
+
+
+def latest_complete(root: str | Path) -> Path | None:
+    """The checkpoint `latest` names under `root`, or None when nothing was saved there yet."""
+    latest = Path(root) / LATEST_NAME
+    if not latest.is_file():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    read_meta(path)
+    return path
+
+
+def _prune(root: Path, keep: int, latest: Path) -> None:
+    """Keep the newest `keep` complete checkpoints (and always `latest`); drop the leftovers of
+    saves that died (`*.partial`) and of replaced checkpoints (`*.old`)."""
+    complete = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
+                      key=lambda p: int(TAG_RE.match(p.name)[1]))
+    doomed = [p for p in complete[:-keep] if p != latest]
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.endswith((PARTIAL_SUFFIX, ".old"))]
+    for path in doomed:
+        shutil.rmtree(path)
+
+
+def _publish(root: Path, partial: Path, final: Path, keep: int) -> None:
+    """Rank 0, after every rank finished writing: make the checkpoint visible, then prune."""
+    replaced = final.with_name(final.name + ".old")
+    if final.exists():  # the same step saved again (e.g. the end-of-training save after a periodic one)
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    _write_atomic(root / LATEST_NAME, final.name)
+    _prune(root, keep, final)
+
+
+def save(engine, root: str | Path, step: int, client_state: dict, *, source: str | Path, keep: int = 2) -> Path:
+    """Save a native checkpoint of `step` under `root`; every rank calls it. Returns its directory.
+
+    DeepSpeed writes model (per layer and TP shard), optimizer, LR scheduler and step under a
+    temporary `step_N.partial` tag; each rank adds its RNG states; rank 0 adds the manifest (layout,
+    `source` — the HF model dir or Hub id the run started from, whose config, tokenizer and
+    processor export copies — and every HF tensor's layer file and TP cut). Only after a barrier
+    does rank 0 rename it to `step_N`, point `latest` at it (atomic replace) and delete all but the
+    newest `keep`: a save that dies on any rank leaves `latest` on the previous complete checkpoint.
+    `client_state` (e.g. {"step": …, "sampler": {…}}) comes back from `resume`.
+    """
+    if keep < 1:
+        raise UserError(f"checkpoint.keep must be >= 1, got {keep}")
+    install(engine)
+    root = Path(root)
+    final = root / tag_for(step)
+    partial = root / (final.name + PARTIAL_SUFFIX)
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # an earlier save of this step that died
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=partial.name, client_state={CLIENT_KEY: client_state}, save_latest=False)
+    rng_dir = partial / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
+    manifest = _gather_manifest(engine.module)
+    if rank == 0:
+        source_path = Path(source).expanduser()
+        meta = {
+            "format": 1,
+            "step": step,
+            "layout": asdict(engine.module.ps.dims),
+            "source": str(source_path.resolve()) if source_path.is_dir() else str(source),
+            "tensors": manifest,
+        }
+        (partial / META_NAME).write_text(json.dumps(meta, indent=1))
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        _publish(root, partial, final, keep)
+    dist.barrier()
+    return final
+
+
+def resume(engine, root: str | Path) -> dict | None:
+    """Load the latest complete checkpoint under `root` into `engine` — model, optimizer, LR
+    scheduler, DeepSpeed's step counters — restore this rank's RNG states and return the trainer's
+    client_state; None (nothing loaded) when `root` holds no checkpoint yet. Every rank calls it.
+
+    The checkpoint must have been saved at the same tp and pp (another layout goes through
+    `runner export` and a fresh start from the export). RNG states are restored only when dp is the
+    same too; with another dp the data order is the sampler's business.
+    """
+    path = latest_complete(root)
+    if path is None:
+        return None
+    install(engine)
+    meta = read_meta(path)
+    saved, dims = meta["layout"], engine.module.ps.dims
+    if (saved["tp"], saved["pp"]) != (dims.tp, dims.pp):
+        raise UserError(
+            f"{path} was saved at tp={saved['tp']}, pp={saved['pp']} but this run uses tp={dims.tp}, pp={dims.pp}; "
+            f"export it (`runner export {path} OUT_DIR`) and start from OUT_DIR (optimizer state is not carried over)"
+        )
+    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if saved == asdict(dims):
+        _set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
+    return client[CLIENT_KEY]

@@ -1,0 +1,135 @@
+"""One rank of a checkpoint test run: load an HF checkpoint into the TP×PP×DP pipeline, optionally
+resume from a native checkpoint root, train on synthetic batches whose kind and seed come from the
+python/numpy/torch RNGs (so a resume that loses RNG state changes the data), save native
+checkpoints at chosen steps, export right after a save. Writes, from TP/DP rank 0 of each stage,
+every tensor of the stage (TP-gathered, HF names) after load and at the end; rank 0 writes the
+losses after every step. Launched by tests through torchrun on CPU (gloo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from runner.checkpoint.engine import Gemma4CheckpointEngine, install  # noqa: E402
+from runner.checkpoint.export import export_after_training  # noqa: E402
+from runner.checkpoint.hf_load import load_hf_weights  # noqa: E402
+from runner.checkpoint.native import resume, save  # noqa: E402
+from runner.errors import UserError  # noqa: E402
+from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
+from runner.parallel.tensor_parallel import gather_full  # noqa: E402
+from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
+from synthetic import global_batch  # noqa: E402
+
+
+class FailAfterWrite(Gemma4CheckpointEngine):
+    """A rank whose storage dies mid-save: its first file is written, then the save raises."""
+
+    def save(self, state_dict: dict, path: str) -> None:
+        super().save(state_dict, path)
+        raise RuntimeError(f"injected save failure after writing {path}")
+
+
+def stage_tensors(model, ps) -> dict[str, torch.Tensor]:
+    """Every tensor of this stage under its HF name, TP shards gathered (collective over TP)."""
+    return {name: gather_full(t, ps.tp_group).clone() for name, t, _ in model.hf_tensors()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--root", required=True, help="native checkpoint root")
+    ap.add_argument("--out", required=True, help="where this run writes its results")
+    ap.add_argument("--steps", type=int, default=0, help="train until this step")
+    ap.add_argument("--save-at", default="", help="comma list of steps to save at (0: right after load)")
+    ap.add_argument("--keep", type=int, default=2)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--export", default="", help="export the step-0 checkpoint here")
+    ap.add_argument("--fail-save", default="", help="STEP:RANK — that rank's save at that step dies")
+    args = ap.parse_args()
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
+    writer = ps.tp_rank == 0 and ps.dp_rank == 0
+    random.seed(1234)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    config = AutoConfig.from_pretrained(args.ckpt)
+    config.text_config._attn_implementation = "eager"
+    model = Gemma4Pipeline(config, ps)
+    load_hf_weights(model, args.ckpt)
+    loaded = stage_tensors(model, ps)
+    if writer:
+        torch.save(loaded, os.path.join(args.out, f"load_stage{ps.pp_rank}.pt"))
+
+    micro_per_step = len(global_batch(config, "text"))
+    gas = micro_per_step // args.dp
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": 2 * gas * args.dp,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 0},
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
+                                                     "warmup_num_steps": 10, "warmup_type": "linear"}},
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    install(engine)
+
+    start = 0
+    if args.resume:
+        try:
+            start = resume(engine, args.root)["step"]
+        except UserError as err:  # the test reads the one-line message
+            if dist.get_rank() == 0:
+                with open(os.path.join(args.out, "resume_error.txt"), "w") as f:
+                    f.write(str(err))
+            return
+    save_at = {int(s) for s in args.save_at.split(",") if s}
+    fail_step, fail_rank = (int(x) for x in args.fail_save.split(":")) if args.fail_save else (-1, -1)
+
+    def checkpoint(step: int) -> None:
+        if step == fail_step and dist.get_rank() == fail_rank:
+            engine.checkpoint_engine = FailAfterWrite(model, engine.checkpoint_engine.inner)
+        path = save(engine, args.root, step, {"step": step}, source=args.ckpt, keep=args.keep)
+        if step == 0 and args.export:
+            export_after_training(path, args.export)
+
+    if 0 in save_at and not args.resume:
+        checkpoint(0)
+    losses: dict[int, float] = {}
+    for step in range(start + 1, args.steps + 1):
+        seed = random.randrange(10**6) ^ int(np.random.randint(10**6)) ^ int(torch.randint(10**6, (1,)))
+        micro = global_batch(config, ("text", "image")[step % 2], seed=seed)
+        mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+        model.token_loss.set_label_count(global_label_count([m["labels"] for m in mine], ps), gas)
+        losses[step] = float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))
+        if dist.get_rank() == 0:
+            with open(os.path.join(args.out, "losses.json"), "w") as f:
+                json.dump(losses, f)
+        if step in save_at:
+            checkpoint(step)
+    final = stage_tensors(model, ps)
+    if writer:
+        torch.save(final, os.path.join(args.out, f"final_stage{ps.pp_rank}.pt"))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
