@@ -2,7 +2,7 @@
 # One entry point for users and CI.
 #   ./launch.sh demo                      tiny Gemma4 + synthetic MedPix data, CPU, TP2 x PP2 under accelerate
 #   ./launch.sh test [pytest args]        the CPU test suite (what CI runs)
-#   ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--set k=v ...]
+#   ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--port P] [--set k=v ...]
 #   ./launch.sh install                   install the runner and its dependencies into the current Python
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,12 +33,13 @@ print(node)" "$1" "$2"
 train() {
     local recipe=${1:?usage: ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--set k=v ...]}
     shift
-    local cluster=accelerate_configs/cpu_4proc.yaml launcher=accelerate hostfile="" extra=()
+    local cluster=accelerate_configs/cpu_4proc.yaml launcher=accelerate hostfile="" port=29500 extra=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --cluster) cluster=$2; shift 2 ;;
             --launcher) launcher=$2; shift 2 ;;
             --hostfile) hostfile=$2; shift 2 ;;
+            --port) port=$2; shift 2 ;;
             *) extra+=("$1"); shift ;;
         esac
     done
@@ -48,11 +49,11 @@ train() {
     fi
     case "$launcher" in
         accelerate)
-            exec "$PY" -m accelerate.commands.launch --config_file "$cluster" -m runner train "$recipe" "${extra[@]}" ;;
+            exec "$PY" -m accelerate.commands.launch --config_file "$cluster" --main_process_port "$port" -m runner train "$recipe" "${extra[@]}" ;;
         deepspeed)
             local where=(--num_gpus "$(cluster_value "$cluster" num_processes)")
             [ -n "$hostfile" ] && where=(--hostfile "$hostfile")
-            exec "$PY" -m deepspeed.launcher.runner "${where[@]}" --module runner train "$recipe" \
+            exec "$PY" -m deepspeed.launcher.runner "${where[@]}" --master_port "$port" --module runner train "$recipe" \
                 --ds-config "$(cluster_value "$cluster" deepspeed_config.deepspeed_config_file)" \
                 "${extra[@]}" ;;
         *) echo "error: --launcher must be accelerate or deepspeed, got $launcher" >&2; exit 2 ;;

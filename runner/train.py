@@ -145,14 +145,14 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
 
 
 def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
-    init_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
-    dims = parallel_dims(cfg, world)
     model_dir = resolve_model_dir(cfg.model.path)
     config = AutoConfig.from_pretrained(model_dir)
     config.text_config._attn_implementation = cfg.model.attn_implementation
     check_supported(config)
-    validate_layout(config, dims)
+    validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dims = parallel_dims(cfg, world)
     per_step = cfg.train.micro_batch_size * dims.dp
     if cfg.train.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "

@@ -1,0 +1,64 @@
+"""Recipes: defaults, `--set` overrides, and one clear line for every bad key or value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner.config import load_config
+from runner.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(tmp_path: Path, **sections) -> Path:
+    data = {"model": {"path": "m"}, "data": {"train": "d"}, **sections}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_bundled_recipes_load():
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        load_config(recipe)
+
+
+def test_set_overrides_parse_values_as_yaml(tmp_path):
+    cfg = load_config(_recipe(tmp_path), ["optim.lr=2e-5", "checkpoint.export=true", "parallel.dp=2",
+                                          "optim.betas=[0.8, 0.9]", "train.max_steps=7"])
+    assert cfg.optim.lr == 2e-5 and cfg.checkpoint.export is True and cfg.parallel.dp == 2
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.train.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["train.bogus=1"], ["unknown key 'train.bogus'", "max_steps"]),
+        (["nosuchsection.x=1"], ["unknown key 'nosuchsection'"]),
+        (["parallel.tp=two"], ["parallel.tp", "expected int"]),
+        (["model.dtype=fp8"], ["model.dtype", "'bfloat16'"]),
+        (["optim.lr=0"], ["optim.lr must be > 0"]),
+        (["optim.betas=[0.9]"], ["optim.betas"]),
+        (["train.global_batch_size=7", "train.micro_batch_size=2"], ["global_batch_size=7", "multiple"]),
+        (["data.train="], ["data.train is empty"]),
+        (["train.max_steps"], ["expected key=value"]),
+    ],
+)
+def test_bad_values_give_one_line(tmp_path, overrides, words):
+    with pytest.raises(UserError) as err:
+        load_config(_recipe(tmp_path), overrides)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,90 @@
+"""`runner train` end to end on CPU: the same step under three layouts and both launchers, and one
+clear line for configs that cannot run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+
+DEMO = ROOT / "recipes" / "tiny_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def medpix(tmp_path_factory) -> Path:
+    from runner.data.synthetic import make_data
+
+    return make_data(tmp_path_factory.mktemp("data") / "medpix", n=64, seed=0)
+
+
+def _sets(tiny_ckpt: Path, medpix: Path, out: Path, *extra: str) -> list[str]:
+    pairs = [f"model.path={tiny_ckpt}", f"data.train={medpix}", f"data.eval={medpix}", f"output.dir={out}",
+             "train.max_steps=1", "eval.every_steps=0", "checkpoint.every_steps=0", "checkpoint.export=false",
+             "logging.tensorboard=false", *extra]
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def _run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    if ok and proc.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _first_step(out: Path) -> dict:
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medpix):
+    """(1,1,1) under torchrun, (2,2,1) under accelerate launch, (1,2,2) under the deepspeed launcher:
+    one global batch, so loss and grad norm must agree."""
+    runs = {
+        (1, 1, 1): [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                    f"--master_port={free_port()}", "-m", "runner", "train", str(DEMO)],
+        (2, 2, 1): [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    "accelerate_configs/cpu_4proc.yaml", "--main_process_port", str(free_port()),
+                    "-m", "runner", "train", str(DEMO)],
+        (1, 2, 2): ["./launch.sh", "train", str(DEMO), "--launcher", "deepspeed", "--port", str(free_port())],
+    }
+    firsts = {}
+    for (tp, pp, dp), cmd in runs.items():
+        out = tmp_path / f"run_{tp}{pp}{dp}"
+        _run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"))
+        firsts[(tp, pp, dp)] = _first_step(out)
+    base = firsts[(1, 1, 1)]
+    for layout, rec in firsts.items():
+        for key in ("loss", "grad_norm"):
+            assert abs(rec[key] - base[key]) <= 1e-5 * abs(base[key]), (layout, key, rec[key], base[key])
+        assert rec["label_tokens"] == base["label_tokens"]
+        for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec_per_gpu", "mem_gib"):
+            assert key in rec
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["parallel.tp=2", "parallel.dp=1"], ["parallel.tp*pp*dp = 2*2*1 = 4", "1 processes"]),
+        (["parallel.pp=7"], ["parallel.pp=7", "6 decoder layers"]),
+        (["parallel.tp=3"], ["num_attention_heads=4", "parallel.tp=3"]),
+        (["data.train=/nonexistent/medpix"], ["/nonexistent/medpix"]),
+    ],
+)
+def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, words):
+    env_single = ["env", "RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={free_port()}"]
+    proc = _run(env_single + [sys.executable, "-m", "runner", "train", str(DEMO)]
+                + _sets(tiny_ckpt, medpix, tmp_path / "out", *extra), ok=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for w in words:
+        assert w in errors[0], (w, errors[0])
