@@ -25,7 +25,7 @@ from runner.config import RunConfig
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
-from runner.data.sources import load_source
+from runner.data.sources import SampleSource, load_source
 from runner.errors import UserError
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import Gemma4Pipeline, check_supported, count_label_tokens, to_pipe_batch, validate_layout
@@ -90,10 +90,9 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
     return ds, fp32_path
 
 
-def build_loader(cfg: RunConfig, spec: str, split: str, processor, dims: ParallelDims, ps: ParallelState,
+def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: ParallelDims, ps: ParallelState,
                  gas: int, seed: int) -> MicroBatchLoader:
     """This DP replica's micro-batches of one dataset split (the same on all its TP/PP ranks)."""
-    source = load_source(spec, split)
     collator = Gemma4Collator(processor, max_length=cfg.data.max_length, thinking_prefix=cfg.data.thinking_prefix)
     lengths = None
     if cfg.data.group_by_length:
@@ -150,6 +149,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     config.text_config._attn_implementation = cfg.model.attn_implementation
     check_supported(config)
     validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
+    train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data
+    eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     dims = parallel_dims(cfg, world)
@@ -163,9 +164,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     ps = build_parallel_state(dims)
     processor = AutoProcessor.from_pretrained(model_dir)
-    train_data = build_loader(cfg, cfg.data.train, cfg.data.train_split, processor, dims, ps, gas, cfg.train.seed)
-    eval_data = (build_loader(cfg, cfg.data.eval, cfg.data.eval_split, processor, dims, ps, gas, cfg.train.seed)
-                 if cfg.data.eval and cfg.eval.every_steps else None)
+    train_data = build_loader(cfg, train_source, processor, dims, ps, gas, cfg.train.seed)
+    eval_data = None if eval_source is None else build_loader(cfg, eval_source, processor, dims, ps, gas, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * train_data.sampler.steps_per_epoch
 
     device = get_accelerator().current_device_name()
