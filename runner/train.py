@@ -20,7 +20,9 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from transformers import AutoConfig, AutoProcessor
 
-from runner.checkpoint.hf_load import load_hf_weights
+from runner.checkpoint import native
+from runner.checkpoint.export import export_after_training
+from runner.checkpoint.hf_load import load_hf_weights, resolve_model_dir
 from runner.config import RunConfig
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
@@ -41,12 +43,6 @@ def init_distributed() -> None:
     if not dist.is_initialized():
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
         deepspeed.init_distributed(dist_backend=backend)
-
-
-def resolve_model_dir(path: str) -> Path:
-    if not Path(path).is_dir():
-        raise UserError(f"model.path {path} is not a local directory")
-    return Path(path)
 
 
 def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
@@ -168,27 +164,37 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     eval_data = None if eval_source is None else build_loader(cfg, eval_source, processor, dims, ps, gas, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * train_data.sampler.steps_per_epoch
 
+    out_dir = Path(cfg.output.dir)
+    ckpt_root = out_dir / "checkpoints"
+    resume_root = {"auto": ckpt_root, "none": None}.get(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
+    resuming = resume_root is not None and native.latest_complete(resume_root) is not None
+
     device = get_accelerator().current_device_name()
     with torch.device(device):
         model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(cfg.train.activation_checkpointing))
     model.to(DTYPES[cfg.model.dtype])
-    load_hf_weights(model, model_dir)
+    if not resuming:  # a resumed run takes every weight from its checkpoint
+        load_hf_weights(model, model_dir)
     model.freeze(**vars(cfg.freeze))
     optimizer = build_optimizer(model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    out_dir = Path(cfg.output.dir)
     step = 0
+    if resuming:
+        client = native.resume(engine, resume_root)
+        step = client["step"]
+        train_data.load_state_dict(client["data"])
     logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}, {gas} micro-batches of "
-              f"{cfg.train.micro_batch_size} per step, {total_steps} steps", flush=True)
+              f"{cfg.train.micro_batch_size} per step, steps {step + 1}..{total_steps}"
+              + (f" (resumed from {native.latest_complete(resume_root)})" if resuming else ""), flush=True)
     stop = StopFlag()
     flops_per_token = None
     peak = peak_flops_per_device()
+    last_ckpt = native.latest_complete(ckpt_root)
     while step < total_steps:
         t0 = time.time()
         micro = train_data.next_step()
@@ -215,9 +221,18 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
             })
         if eval_data is not None and step % cfg.eval.every_steps == 0:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
-        if stop.any_rank():
+        stopping = stop.any_rank()
+        every = cfg.checkpoint.every_steps
+        if stopping or step == total_steps or (every and step % every == 0):
+            last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": train_data.state_dict()},
+                                    source=model_dir, keep=cfg.checkpoint.keep)
+        if stopping:
             if rank == 0:
-                print(f"SIGTERM: stopped after step {step}", flush=True)
+                print(f"SIGTERM: saved {last_ckpt} after step {step}; resume with checkpoint.resume=auto", flush=True)
             break
     logger.close()
+    if cfg.checkpoint.export and step == total_steps and last_ckpt is not None:
+        exported = export_after_training(last_ckpt, out_dir / "export")
+        if exported is not None:
+            print(f"exported HF model to {exported}", flush=True)
     return 0
