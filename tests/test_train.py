@@ -88,3 +88,35 @@ def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, 
     assert len(errors) == 1, proc.stderr[-3000:]
     for w in words:
         assert w in errors[0], (w, errors[0])
+
+
+def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, medpix):
+    """SIGTERM (as a scheduler sends it to every process) finishes the step, saves, exits 0; the next
+    run resumes from that step."""
+    import signal
+    import time
+
+    import psutil
+
+    from runner.checkpoint.native import latest_complete
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
+           "-m", "runner", "train", str(DEMO)] + _sets(tiny_ckpt, medpix, out, "train.max_steps=100")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "training did not reach step 2"
+        time.sleep(0.5)
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-4000:]
+    ckpt = latest_complete(out / "checkpoints")
+    assert ckpt is not None and "SIGTERM: saved" in log
+    stopped = int(ckpt.name.split("_")[-1])
+    assert stopped >= 2 and not list((out / "checkpoints").glob("*.partial"))
+    _run(cmd[:-2] + ["--set", f"train.max_steps={stopped + 1}"])
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] == stopped + 1 and steps.count(stopped + 1) == 1
