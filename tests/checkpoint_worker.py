@@ -2,7 +2,7 @@
 resume from a native checkpoint root, train on synthetic batches whose kind and seed come from the
 python/numpy/torch RNGs (so a resume that loses RNG state changes the data), save native
 checkpoints at chosen steps, export right after a save. Writes, from TP/DP rank 0 of each stage,
-every tensor of the stage (TP-gathered, HF names) after load and at the end; rank 0 writes the
+every tensor of the stage (TP-gathered, HF names) after load, after resume and at the end; rank 0 writes the
 losses after every step. Launched by tests through torchrun on CPU (gloo)."""
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from runner.checkpoint.engine import Gemma4CheckpointEngine, install  # noqa: E4
 from runner.checkpoint.export import export_after_training  # noqa: E402
 from runner.checkpoint.hf_load import load_hf_weights  # noqa: E402
 from runner.checkpoint.native import resume, save  # noqa: E402
-from runner.errors import UserError  # noqa: E402
 from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
@@ -33,10 +32,15 @@ from synthetic import global_batch  # noqa: E402
 
 
 class FailAfterWrite(Gemma4CheckpointEngine):
-    """A rank whose storage dies mid-save: its first file is written, then the save raises."""
+    """A rank whose storage dies mid-save: its first file is written, then the save raises (and
+    leaves `marker`, so the test tells this failure from any other)."""
+
+    marker = ""
 
     def save(self, state_dict: dict, path: str) -> None:
         super().save(state_dict, path)
+        with open(self.marker, "w") as f:
+            f.write(path)
         raise RuntimeError(f"injected save failure after writing {path}")
 
 
@@ -94,19 +98,17 @@ def main() -> None:
 
     start = 0
     if args.resume:
-        try:
-            start = resume(engine, args.root)["step"]
-        except UserError as err:  # the test reads the one-line message
-            if dist.get_rank() == 0:
-                with open(os.path.join(args.out, "resume_error.txt"), "w") as f:
-                    f.write(str(err))
-            return
+        start = resume(engine, args.root)["step"]
+        resumed = stage_tensors(model, ps)
+        if writer:
+            torch.save(resumed, os.path.join(args.out, f"resume_stage{ps.pp_rank}.pt"))
     save_at = {int(s) for s in args.save_at.split(",") if s}
     fail_step, fail_rank = (int(x) for x in args.fail_save.split(":")) if args.fail_save else (-1, -1)
 
     def checkpoint(step: int) -> None:
         if step == fail_step and dist.get_rank() == fail_rank:
             engine.checkpoint_engine = FailAfterWrite(model, engine.checkpoint_engine.inner)
+            engine.checkpoint_engine.marker = os.path.join(args.out, "injected_failure.txt")
         path = save(engine, args.root, step, {"step": step}, source=args.ckpt, keep=args.keep)
         if step == 0 and args.export:
             export_after_training(path, args.export)

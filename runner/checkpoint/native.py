@@ -126,6 +126,7 @@ def _publish(root: Path, partial: Path, final: Path, keep: int) -> None:
     """Rank 0, after every rank finished writing: make the checkpoint visible, then prune."""
     replaced = final.with_name(final.name + ".old")
     if final.exists():  # the same step saved again (e.g. the end-of-training save after a periodic one)
+        shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(partial, final)
     _write_atomic(root / LATEST_NAME, final.name)
@@ -187,14 +188,13 @@ def resume(engine, root: str | Path) -> dict | None:
     path = latest_complete(root)
     if path is None:
         return None
-    install(engine)
-    meta = read_meta(path)
-    saved, dims = meta["layout"], engine.module.ps.dims
+    saved, dims = read_meta(path)["layout"], engine.module.ps.dims
     if (saved["tp"], saved["pp"]) != (dims.tp, dims.pp):
         raise UserError(
             f"{path} was saved at tp={saved['tp']}, pp={saved['pp']} but this run uses tp={dims.tp}, pp={dims.pp}; "
             f"export it (`runner export {path} OUT_DIR`) and start from OUT_DIR (optimizer state is not carried over)"
         )
+    install(engine)
     _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     if saved == asdict(dims):
         _set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
