@@ -20,7 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from runner.checkpoint.hf_load import INDEX_NAME, HFCheckpoint
-from runner.checkpoint.native import LATEST_NAME, latest_complete, read_meta
+from runner.checkpoint.native import LATEST_NAME, META_NAME, latest_complete, read_meta
 from runner.errors import UserError
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
@@ -41,11 +41,11 @@ def parse_size(text: str | int) -> int:
 
 def checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint directory from itself or from a checkpoint root that holds `latest`."""
-    path = Path(path)
-    if (path / LATEST_NAME).is_file():
-        return latest_complete(path)
-    read_meta(path)
-    return path
+    found = latest_complete(path)
+    if found is None:
+        raise UserError(f"{path}: not a runner checkpoint (no `{LATEST_NAME}`, no {META_NAME}); pass a checkpoint "
+                        f"root such as OUTPUT_DIR/checkpoints or one of its step_* directories")
+    return found
 
 
 class ShardWriter:

@@ -102,11 +102,15 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def latest_complete(root: str | Path) -> Path | None:
-    """The checkpoint `latest` names under `root`, or None when nothing was saved there yet."""
-    latest = Path(root) / LATEST_NAME
+    """The checkpoint to continue from at `root`: the one its `latest` names, `root` itself when it
+    is a checkpoint directory itself, None when nothing was saved there yet."""
+    root = Path(root)
+    if (root / META_NAME).is_file() and not root.name.endswith(PARTIAL_SUFFIX):
+        return root
+    latest = root / LATEST_NAME
     if not latest.is_file():
         return None
-    path = latest.parent / latest.read_text().strip()
+    path = root / latest.read_text().strip()
     read_meta(path)
     return path
 
