@@ -6,6 +6,7 @@ Each command lives in the module of its concern; this file only parses arguments
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -46,6 +47,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from runner.config import load_config
+
+    cfg = load_config(args.recipe, args.set)
+    from runner.plan import cluster_world_size, make_plan
+
+    world_size, ds_config = args.world_size, None
+    if args.cluster:
+        world_size, ds_config = cluster_world_size(args.cluster)
+    plan = make_plan(cfg, world_size=world_size, ds_config=ds_config, gpu_mem_gib=args.gpu_mem_gib,
+                     fused_attn_max_head_dim=args.fused_attn_max_head_dim)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    for line in plan.warnings:
+        print(line, file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
     # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK carries it too
@@ -57,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. optim.lr=2e-5")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the launcher's, else ds_configs/ for the device)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="stage -> layers, parameters and memory per GPU for a recipe, without a GPU")
+    p.add_argument("recipe")
+    p.add_argument("--cluster", default=None, metavar="ACCELERATE_CONFIG_YAML", help="resolve dp 'auto' from its num_processes")
+    p.add_argument("--world-size", type=int, default=None, help="resolve dp 'auto' from this many GPUs")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="warn when a GPU needs more (default 80)")
+    p.add_argument("--fused-attn-max-head-dim", type=int, default=512,
+                   help="largest head dim assumed to run fused SDPA; larger ones count materialized scores (default 512)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("make-tiny", help="write a tiny random Gemma4 checkpoint (HF format) with its processor")
     p.add_argument("out_dir")

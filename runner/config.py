@@ -92,6 +92,7 @@ class CheckpointConfig:
     keep: int = 2
     resume: str = "auto"  # auto: newest complete checkpoint in output.dir; none; or a checkpoint path
     export: bool = False  # HF export to OUTPUT_DIR/export at the end
+    at_end: bool = True  # save when training ends (benchmarks turn it off; SIGTERM always saves)
 
 
 @dataclass
@@ -236,6 +237,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
+        (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
     ]
     for ok, message in checks:
         if not ok:

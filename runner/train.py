@@ -223,7 +223,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
         stopping = stop.any_rank()
         every = cfg.checkpoint.every_steps
-        if stopping or step == total_steps or (every and step % every == 0):
+        if stopping or (step == total_steps and cfg.checkpoint.at_end) or (every and step % every == 0):
             last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": train_data.state_dict()},
                                     source=model_dir, keep=cfg.checkpoint.keep)
         if stopping:

@@ -186,8 +186,8 @@ def resume(engine, root: str | Path) -> dict | None:
     client_state; None (nothing loaded) when `root` holds no checkpoint yet. Every rank calls it.
 
     The checkpoint must have been saved at the same tp and pp (another layout goes through
-    `runner export` and a fresh start from the export). RNG states are restored only when dp is the
-    same too; with another dp the data order is the sampler's business.
+    `runner export` and a fresh start from the export), and at the same dp under ZeRO. RNG states
+    are restored only when dp is the same too; with another dp the data order changes anyway.
     """
     path = latest_complete(root)
     if path is None:
@@ -198,6 +198,9 @@ def resume(engine, root: str | Path) -> dict | None:
             f"{path} was saved at tp={saved['tp']}, pp={saved['pp']} but this run uses tp={dims.tp}, pp={dims.pp}; "
             f"export it (`runner export {path} OUT_DIR`) and start from OUT_DIR (optimizer state is not carried over)"
         )
+    if saved["dp"] != dims.dp and engine.zero_optimization():
+        raise UserError(f"{path} was saved at dp={saved['dp']} but this run uses dp={dims.dp}; ZeRO's partitioned "
+                        f"optimizer state cannot be re-split: resume at dp={saved['dp']}, or export and start fresh")
     install(engine)
     _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     if saved == asdict(dims):

@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import Gemma4Config
@@ -171,6 +173,9 @@ class Gemma4Pipeline(PipelineModule):
             loss_fn=loss,
             partition_method=f"type:{Gemma4DecoderLayerPipe.__name__}",
             activation_checkpoint_interval=activation_checkpoint_interval,
+            # non-reentrant: a frozen embedding or vision tower feeds checkpointed layers inputs that
+            # need no grad, which the reentrant function would cut off from autograd
+            activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
             checkpointable_layers=[Gemma4DecoderLayerPipe.__name__],
             dynamic_shape=True,
         )

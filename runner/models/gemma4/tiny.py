@@ -277,13 +277,16 @@ def tiny_tokenizer() -> GemmaTokenizer:
     )
 
 
-def tiny_processor(config: Gemma4Config, tokenizer: GemmaTokenizer) -> Gemma4Processor:
-    """Gemma4Processor with all four parts, its image budget matching the vision config."""
+def tiny_processor(
+    config: Gemma4Config, tokenizer: GemmaTokenizer, soft_tokens: int = TINY_IMAGE_SOFT_TOKENS
+) -> Gemma4Processor:
+    """Gemma4Processor with all four parts, its image budget (`soft_tokens` per image) matching the
+    vision config; the GPU benchmark reuses it with the 31B's 280."""
     vision = config.vision_config
     patching = dict(
         patch_size=vision.patch_size,
         pooling_kernel_size=vision.pooling_kernel_size,
-        max_soft_tokens=TINY_IMAGE_SOFT_TOKENS,
+        max_soft_tokens=soft_tokens,
     )
     return Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
@@ -291,7 +294,7 @@ def tiny_processor(config: Gemma4Config, tokenizer: GemmaTokenizer) -> Gemma4Pro
         tokenizer=tokenizer,
         video_processor=Gemma4VideoProcessor(**patching),
         chat_template=CHAT_TEMPLATE,
-        image_seq_length=TINY_IMAGE_SOFT_TOKENS,
+        image_seq_length=soft_tokens,
     )
 
 

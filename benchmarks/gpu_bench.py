@@ -1,0 +1,230 @@
+"""GPU benchmark: `runner train` on the 31B's width under TP×PP, beside transformers + ZeRO-3.
+
+One command builds everything on the GPU machine itself (no hub there) and runs it:
+
+    python -m benchmarks.gpu_bench --out $OUT --depth 12 --layouts 2x2,4x1,1x4 --steps 6
+
+1. a random-weight Gemma4 of the real 31B shape (`gemma4_31b_config(depth)`: same width, vision
+   tower and 5:1 sliding/full pattern, `depth` decoder layers), bf16, saved as an HF checkpoint with
+   the tiny tokenizer and a processor at the 31B's 280 soft tokens per image;
+2. two chat-JSONL workloads: `text` (one ~4096-token answer per sample) and `medpix` (one image, a
+   short question and answer: a few hundred tokens, MedPix-VQA's shape);
+3. `runner train` per layout and workload (torchrun, bf16, ZeRO-1, activation checkpointing,
+   embeddings and vision tower frozen), steady state = median of the steps after the warm-up;
+4. the baseline a user would otherwise pick: transformers' model under DeepSpeed ZeRO-3 through
+   Accelerate, data parallel over the same GPUs, same data, same frozen parts (zero3_baseline.py);
+5. `results.json` with tok/s per GPU, model TFLOP/s, MFU, peak GiB, bubble share, `runner plan`'s
+   estimate and `ratio_vs_zero3` per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the patient scan shows a small lesion in the left lung with no sign of fluid near the heart "
+         "and the bone looks normal while the liver has a bright spot that may need a follow up").split()
+
+
+def build_checkpoint(out: Path, depth: int) -> Path:
+    """Random bf16 31B-shaped slice, built on the GPU, saved as an HF checkpoint with processor."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    from runner.models.gemma4.presets import GEMMA4_31B_IMAGE_SOFT_TOKENS, gemma4_31b_config
+    from runner.models.gemma4.tiny import TINY_TOKEN_IDS, tiny_processor, tiny_tokenizer
+
+    ckpt = out / f"gemma4-31b-d{depth}"
+    if (ckpt / "config.json").exists():
+        return ckpt
+    config = gemma4_31b_config(depth)
+    ids = TINY_TOKEN_IDS  # the tiny tokenizer's special tokens stand in for the 31B's
+    config.image_token_id, config.boi_token_id, config.eoi_token_id = ids["image"], ids["boi"], ids["eoi"]
+    config.audio_token_id, config.boa_token_id, config.eoa_token_index = ids["audio"], ids["boa"], ids["eoa"]
+    config.video_token_id = ids["video"]
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(ckpt, max_shard_size="5GB")
+    del model
+    tiny_processor(config, tiny_tokenizer(), soft_tokens=GEMMA4_31B_IMAGE_SOFT_TOKENS).save_pretrained(ckpt)
+    return ckpt
+
+
+def build_data(out: Path, n: int, text_tokens: int) -> dict[str, Path]:
+    """Chat JSONL workloads; images are PNGs beside the file. The text answers are sized in tokens
+    of the tokenizer the checkpoint carries."""
+    from PIL import Image
+
+    from runner.models.gemma4.tiny import tiny_tokenizer
+
+    per_word = len(tiny_tokenizer()(" ".join(WORDS * 10)).input_ids) / (10 * len(WORDS))
+    n_words = int(text_tokens / per_word)
+    rng = random.Random(0)
+    data = out / "data"
+    (data / "img").mkdir(parents=True, exist_ok=True)
+    text, medpix = data / "text.jsonl", data / "medpix.jsonl"
+    with text.open("w") as f:
+        for i in range(n):
+            answer = " ".join(rng.choice(WORDS) for _ in range(n_words))
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": [{"type": "text", "text": f"Write report {i}."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}) + "\n")
+    with medpix.open("w") as f:
+        for i in range(n):
+            name = f"img/{i}.png"
+            pixels = torch.randint(0, 255, (3, 64, 64), generator=torch.Generator().manual_seed(i)).to(torch.uint8)
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((768, 768)).save(data / name)
+            question = " ".join(rng.choice(WORDS) for _ in range(20))
+            answer = " ".join(rng.choice(WORDS) for _ in range(40))
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}) + "\n")
+    return {"text": text, "medpix": medpix}
+
+
+WORKLOADS = {  # micro-batch, max_length
+    "text": (1, 4096 + 128),
+    "medpix": (4, 1024),
+}
+
+
+def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, dp: int, steps: int, gas: int) -> Path:
+    micro, max_length = WORKLOADS[workload]
+    cfg = {
+        "model": {"path": str(ckpt), "dtype": "bfloat16", "attn_implementation": "sdpa"},
+        "parallel": {"tp": tp, "pp": pp, "dp": dp},
+        "train": {"micro_batch_size": micro, "global_batch_size": micro * gas * dp, "max_steps": steps,
+                  "activation_checkpointing": True, "grad_clip": 1.0},
+        "freeze": {"embeddings": True, "vision_tower": True},
+        "optim": {"lr": 1e-5, "warmup_steps": 1},
+        "data": {"train": str(data), "max_length": max_length, "group_by_length": False},
+        "output": {"dir": str(out)},
+        "checkpoint": {"every_steps": 0, "resume": "none", "export": False, "at_end": False},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(cmd: list[str], log: Path, timeout: int) -> int:
+    t0 = time.time()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    print(f"  {'ok' if proc.returncode == 0 else 'FAILED rc=' + str(proc.returncode)} in {time.time() - t0:.0f}s: {log}",
+          flush=True)
+    return proc.returncode
+
+
+def steady(records: list[dict], warmup: int) -> dict:
+    """Median over the steps after the warm-up (first steps compile kernels and fill caches)."""
+    rest = records[warmup:] or records[-1:]
+    med = {k: statistics.median(r[k] for r in rest) for k in ("tokens_per_sec_per_gpu", "step_time")}
+    mfu = [r["mfu"] for r in rest if r.get("mfu") is not None]
+    return {**med, "mfu": statistics.median(mfu) if mfu else None,
+            "mem_gib": max(r["mem_gib"] for r in records), "steps_timed": len(rest)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--layouts", default="2x2,4x1,1x4", help="tp x pp per run; dp = GPUs / (tp*pp)")
+    ap.add_argument("--workloads", default="text,medpix")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--gas", type=int, default=8, help="micro-batches per step per pipeline")
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--text-tokens", type=int, default=4000)
+    ap.add_argument("--baseline", default="zero3", choices=["zero3", "none"])
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/gpu_bench"))
+    work.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count() or int(os.environ.get("BENCH_CPU_PROCS", "4"))
+    t0 = time.time()
+    if args.tiny:  # CPU smoke test of this script: the tiny model, short texts
+        from runner.models.gemma4.tiny import make_tiny
+
+        ckpt = work / "tiny"
+        if not (ckpt / "config.json").exists():
+            make_tiny(ckpt)
+        WORKLOADS.update(text=(1, args.text_tokens + 64), medpix=(2, 512))
+    else:
+        ckpt = build_checkpoint(work, args.depth)
+    data = build_data(work, args.samples, args.text_tokens)
+    print(f"checkpoint + data ready in {time.time() - t0:.0f}s on {gpus} devices", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": gpus, "depth": args.depth,
+                     "model": f"gemma4_31b_config(depth={args.depth}) random bf16", "runs": [], "baseline": {}}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port=29555"]
+    for workload in args.workloads.split(","):
+        for layout in args.layouts.split(","):
+            tp, pp = map(int, layout.split("x"))
+            dp = gpus // (tp * pp)
+            run_dir = work / f"run_{workload}_tp{tp}pp{pp}dp{dp}"
+            rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas)
+            plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
+                                   "--json"], cwd=ROOT, capture_output=True, text=True)
+            print(f"{workload} tp={tp} pp={pp} dp={dp}", flush=True)
+            rc = run(torchrun + ["-m", "runner", "train", str(rec_path)], out / f"log_{run_dir.name}.txt", args.timeout)
+            entry = {"workload": workload, "tp": tp, "pp": pp, "dp": dp, "rc": rc,
+                     "micro_batch": WORKLOADS[workload][0], "micro_batches_per_step": args.gas,
+                     "bubble_share": (pp - 1) / (args.gas + pp - 1)}
+            if plan.returncode == 0:
+                entry["plan"] = json.loads(plan.stdout)
+            metrics = run_dir / "metrics.jsonl"
+            if rc == 0 and metrics.exists():
+                recs = [json.loads(line) for line in metrics.read_text().splitlines() if '"split"' not in line]
+                entry.update(steady(recs, args.warmup))
+                entry["tokens_per_step"] = recs[-1]["tokens"]
+            results["runs"].append(entry)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+        if args.baseline == "zero3":
+            micro, max_length = WORKLOADS[workload]
+            print(f"{workload} ZeRO-3 baseline dp={gpus}", flush=True)
+            base_out = work / f"zero3_{workload}.json"
+            rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
+                                 "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
+                                 "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                 "--out", str(base_out)], out / f"log_zero3_{workload}.txt", args.timeout)
+            if rc == 0:
+                results["baseline"][workload] = json.loads(base_out.read_text())
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    for workload, base in results["baseline"].items():
+        for entry in results["runs"]:
+            if entry["workload"] == workload and entry.get("tokens_per_sec_per_gpu"):
+                entry["ratio_vs_zero3"] = entry["tokens_per_sec_per_gpu"] / base["tokens_per_sec_per_gpu"]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['device']} x{results['gpus']}, {results['model']}")
+    print(f"{'workload':8} {'layout':12} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'vs ZeRO-3':>9}")
+    for e in results["runs"]:
+        plan = e.get("plan", {}).get("max_gib_per_gpu")
+        mfu = f"{100 * e['mfu']:.1f}%" if e.get("mfu") else "-"
+        print(f"{e['workload']:8} tp{e['tp']}pp{e['pp']}dp{e['dp']:<4} {e.get('tokens_per_sec_per_gpu', 0):>10.0f} "
+              f"{mfu:>6} {e.get('mem_gib', 0):>9.1f} {plan or 0:>9.1f} {e.get('ratio_vs_zero3', 0):>9.2f}")
+    for workload, b in results["baseline"].items():
+        print(f"{workload:8} {'ZeRO-3':12} {b['tokens_per_sec_per_gpu']:>10.0f} {'':>6} {b['mem_gib']:>9.1f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The baseline a user would pick instead: transformers' Gemma4 under DeepSpeed ZeRO-3 through
+Accelerate's DeepSpeed plugin, data parallel over every GPU. Same checkpoint, data, collator,
+frozen parts (embeddings, vision tower) and activation checkpointing as the runner's runs.
+
+Launched by gpu_bench.py under torchrun; writes one JSON with the steady-state tok/s per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--micro", type=int, default=1)
+    ap.add_argument("--max-length", type=int, default=4096)
+    ap.add_argument("--gas", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from runner.data.collate import Gemma4Collator, hf_model_inputs
+    from runner.data.loader import MicroBatchLoader
+    from runner.data.sampler import StepSampler
+    from runner.data.sources import load_source
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    # Built on the GPU in bf16 before the plugin exists: transformers 5 under deepspeed.zero.Init
+    # fails in _init_weights (shared/device/README.md); ZeRO-3 partitions it in prepare().
+    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16, device_map={"": local},
+                                                        attn_implementation="sdpa")
+    model.model.language_model.embed_tokens.weight.requires_grad_(False)
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    ds_config = {
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto"},
+        "gradient_clipping": 1.0,
+        "train_micro_batch_size_per_gpu": args.micro,
+        "gradient_accumulation_steps": args.gas,
+    }
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+                              gradient_accumulation_steps=args.gas)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  betas=(0.9, 0.95), weight_decay=0.01)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    processor = AutoProcessor.from_pretrained(args.ckpt)
+    source = load_source(args.data)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sampler = StepSampler(len(source), args.micro, args.gas, world, rank, seed=0)
+    loader = MicroBatchLoader(source, Gemma4Collator(processor, max_length=args.max_length), sampler, num_workers=2)
+
+    times, tokens = [], []
+    model.train()
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t0 = time.time()
+        n = 0
+        for batch in loader.next_step():
+            n += int(batch["attention_mask"].sum())
+            with accelerator.accumulate(model):
+                inputs = {k: v.to(accelerator.device) for k, v in hf_model_inputs(batch).items()}
+                loss = model(**inputs).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+        torch.cuda.synchronize()
+        count = torch.tensor([n], device=accelerator.device)
+        dist.all_reduce(count)
+        times.append(time.time() - t0)
+        tokens.append(int(count))
+        if rank == 0:
+            print(f"zero3 step {len(times)}: {times[-1]:.2f}s {tokens[-1] / times[-1] / world:.0f} tok/s/gpu "
+                  f"loss {float(loss):.3f}", flush=True)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    rest = list(zip(times, tokens))[args.warmup:]
+    if rank == 0:
+        result = {
+            "tokens_per_sec_per_gpu": statistics.median(t / s / world for s, t in rest),
+            "step_time": statistics.median(s for s, _ in rest),
+            "mem_gib": float(peak),
+            "dp": world, "micro_batch": args.micro, "micro_batches_per_step": args.gas,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

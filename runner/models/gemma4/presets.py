@@ -1,0 +1,89 @@
+"""Real Gemma4 shapes, built locally: no machine here reaches the Hub, yet `runner plan` and the GPU
+benchmark need the 31B's exact geometry (and depth-reduced slices of it with the same width)."""
+
+from __future__ import annotations
+
+from transformers import Gemma4Config
+
+from runner.errors import UserError
+
+GEMMA4_31B_ID = "google/gemma-4-31B-it"
+GEMMA4_31B_LAYERS = 60
+_PATTERN = 6  # 5 sliding + 1 full attention layer per 6
+# Soft tokens per image in the published config (vision `default_output_length`, top-level
+# `vision_soft_tokens_per_image`), one of the image processor's budgets.
+GEMMA4_31B_IMAGE_SOFT_TOKENS = 280
+
+
+def gemma4_31b_config(depth: int = GEMMA4_31B_LAYERS) -> Gemma4Config:
+    """google/gemma-4-31B-it's config.json as a Gemma4Config, with `depth` decoder layers.
+
+    `depth` < 60 keeps the width, the vision tower and the 5:1 sliding/full pattern (so it must be
+    a multiple of 6): a slice whose per-layer cost, memory and kernels are the 31B's own.
+    The full layers' shape is given the way the published config.json gives it
+    (`global_head_dim`, `num_global_key_value_heads`, `attention_k_eq_v`).
+    """
+    if depth < _PATTERN or depth > GEMMA4_31B_LAYERS or depth % _PATTERN:
+        raise UserError(
+            f"gemma4_31b_config: depth={depth} must be a multiple of {_PATTERN} in [{_PATTERN}, "
+            f"{GEMMA4_31B_LAYERS}] to keep the 5 sliding + 1 full layer pattern"
+        )
+    layer_types = (["sliding_attention"] * (_PATTERN - 1) + ["full_attention"]) * (depth // _PATTERN)
+    text = dict(
+        vocab_size=262144,
+        hidden_size=5376,
+        intermediate_size=21504,
+        num_hidden_layers=depth,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=256,
+        global_head_dim=512,
+        num_global_key_value_heads=4,
+        attention_k_eq_v=True,
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=1024,
+        layer_types=layer_types,
+        final_logit_softcapping=30.0,
+        use_bidirectional_attention="vision",
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=262144,
+        num_kv_shared_layers=0,
+        enable_moe_block=False,
+        use_double_wide_mlp=False,
+        max_position_embeddings=262144,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+        },
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    vision = dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=72,
+        hidden_activation="gelu_pytorch_tanh",
+        patch_size=16,
+        pooling_kernel_size=3,
+        position_embedding_size=10240,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+        standardize=True,
+        use_clipped_linears=False,
+        rms_norm_eps=1e-6,
+        default_output_length=GEMMA4_31B_IMAGE_SOFT_TOKENS,
+    )
+    return Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=None,
+        vision_soft_tokens_per_image=GEMMA4_31B_IMAGE_SOFT_TOKENS,
+        eos_token_id=[1, 106],  # <eos> and end of turn, as the instruction-tuned 31B stops
+        tie_word_embeddings=True,
+    )

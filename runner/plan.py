@@ -1,0 +1,570 @@
+"""`runner plan RECIPE`: where every layer goes and what every GPU must hold, before a GPU is touched.
+
+No weights and no processes. The model config comes from a local `config.json`, or for a hub id
+from the built-in google/gemma-4-31B-it shape; stage → decoder layers comes from the layer-spec list
+`Gemma4Pipeline` builds, cut by DeepSpeed's own `partition_balanced` exactly as its
+`type:Gemma4DecoderLayerPipe` method does; parameters per GPU come from transformers' modules built
+on the meta device, sharded by the runner's TP plan; memory is arithmetic (`MemoryModel`).
+
+Every TP rank and DP replica of a stage holds the same amounts, so there is one row per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from deepspeed.pipe import TiedLayerSpec
+from deepspeed.runtime.utils import partition_balanced
+from torch import nn
+from transformers import AutoConfig, Gemma4Config, Gemma4TextConfig
+from transformers.models.gemma4.modeling_gemma4 import (
+    Gemma4MultimodalEmbedder,
+    Gemma4TextDecoderLayer,
+    Gemma4VisionModel,
+)
+
+from runner.config import FreezeConfig, RunConfig
+from runner.errors import UserError
+from runner.models.gemma4.pipeline import attention_shapes, check_supported, gemma4_layer_specs, validate_layout
+from runner.models.gemma4.presets import GEMMA4_31B_ID, GEMMA4_31B_IMAGE_SOFT_TOKENS, gemma4_31b_config
+from runner.models.gemma4.stages import (
+    DECODER_TP_PLAN,
+    Gemma4DecoderLayerPipe,
+    Gemma4FinalNorm,
+    Gemma4LMHead,
+    Gemma4TokenEmbedding,
+    Gemma4VisionStage,
+)
+from runner.parallel.topology import ParallelDims
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+# CUDA context, cuBLAS workspaces and the NCCL communicators' buffers (TP, PP, DP and KV-replica
+# groups): on the card but outside torch's allocator, so absent from torch.cuda.max_memory_allocated.
+OVERHEAD_GIB = 2.5
+IMAGES_PER_SAMPLE = 1  # MedPix-VQA: one image per question
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
+MASTER_BYTES = 4  # fp32 master weights
+# Largest head dim PyTorch's fused SDPA (memory-efficient kernel: it takes the arbitrary masks the
+# stages pass) is assumed to run without materializing scores; `--fused-attn-max-head-dim 256`
+# models a fallback to the math kernel on the 31B's 512-dim full layers.
+FUSED_ATTN_MAX_HEAD_DIM = 512
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_config(path: str) -> tuple[Gemma4Config, str]:
+    """The model's config and where it came from: a local HF directory, or the built-in 31B shape for
+    a hub id (nothing here reaches the Hub)."""
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.path {path} has no config.json; point it at a Hugging Face model directory")
+        return AutoConfig.from_pretrained(local), "its config.json"
+    if _HUB_ID.match(path) and not local.exists():
+        return gemma4_31b_config(), "built-in shape" if path == GEMMA4_31B_ID else f"assumed {GEMMA4_31B_ID} shape"
+    raise UserError(f"model.path {path} is neither a local model directory nor a hub id like {GEMMA4_31B_ID}")
+
+
+def cluster_world_size(path: str) -> tuple[int, str | None]:
+    """(processes, DeepSpeed config file) of an accelerate config YAML."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"--cluster {path}: cannot read it as YAML ({err})") from None
+    procs, machines = data.get("num_processes"), data.get("num_machines", 1)
+    if not isinstance(procs, int) or not isinstance(machines, int) or procs < 1 or machines < 1 or procs % machines:
+        raise UserError(f"--cluster {path}: num_processes={procs} must be a positive multiple of num_machines={machines}")
+    return procs, (data.get("deepspeed_config") or {}).get("deepspeed_config_file")
+
+
+def zero_settings(ds_config: str | None) -> tuple[int, int]:
+    """(ZeRO stage, reduce bucket elements) of the DeepSpeed config the run will use: the cluster's,
+    else the one `runner train` takes on GPUs."""
+    path = Path(ds_config) if ds_config else ROOT / "ds_configs" / "gpu_bf16_zero1.json"
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    try:
+        zero = json.loads(path.read_text()).get("zero_optimization", {})
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"DeepSpeed config {path}: {err}") from None
+    return int(zero.get("stage", 0)), int(float(zero.get("reduce_bucket_size", 5e8)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """One decoder layer's parameters: full, on one TP rank, and how many of those every TP rank holds whole."""
+
+    full: int
+    local: int
+    replicated: int
+
+
+def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int) -> LayerParams:
+    """The runner's TP plan applied to the layer transformers builds (meta device): column/row-parallel
+    linears split tp ways, K/V split or — with fewer KV heads than tp — replicated over tp/kv ranks,
+    norms whole on every rank."""
+    with torch.device("meta"):
+        layer = Gemma4TextDecoderLayer(text_config, layer_idx)
+    attn = layer.self_attn
+    kv_heads = attn.k_proj.out_features // attn.head_dim
+    replicas = tp // kv_heads if kv_heads < tp else 1
+    full = local = replicated = 0
+    for name, p in layer.named_parameters():
+        module, _, _ = name.rpartition(".")
+        full += p.numel()
+        if module not in DECODER_TP_PLAN:
+            local += p.numel()
+            replicated += p.numel()
+        elif module.endswith(("k_proj", "v_proj")):
+            local += p.numel() * replicas // tp
+        else:
+            local += p.numel() // tp
+    return LayerParams(full, local, replicated)
+
+
+@dataclass(frozen=True)
+class SpecParams:
+    """What one layer spec puts on one GPU of its stage."""
+
+    label: str  # for the "holds" column; "" for decoder layers
+    local: int
+    replicated: int
+    trainable: int
+    layer: int | None = None  # decoder layer index
+    vision: str | None = None  # "trainable" / "frozen" for the vision stage
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Parameter counts of the model's parts at one tp."""
+
+    per_type: dict[str, LayerParams]  # decoder layer type -> counts
+    vision_tower: int
+    embed_vision: int
+    embed_local: int  # vocab / tp rows of the (tied) embedding
+    total: int  # the HF model's, each tensor once
+
+
+def model_params(config: Gemma4Config, tp: int) -> ModelParams:
+    tc, vc = config.text_config, config.vision_config
+    per_type = {t: decoder_layer_params(tc, tc.layer_types.index(t), tp) for t in set(tc.layer_types)}
+    with torch.device("meta"):
+        vision_tower = _numel(Gemma4VisionModel(vc))
+        embed_vision = _numel(Gemma4MultimodalEmbedder(vc, tc))
+    embed = tc.vocab_size * tc.hidden_size
+    heads = 1 if config.tie_word_embeddings or tc.tie_word_embeddings else 2
+    layers = sum(per_type[t].full for t in tc.layer_types)
+    total = vision_tower + embed_vision + embed * heads + layers + tc.hidden_size
+    return ModelParams(per_type, vision_tower, embed_vision, tc.vocab_size // tp * tc.hidden_size, total)
+
+
+@dataclass(frozen=True)
+class ParamCounter:
+    """Parameters per GPU of each kind of layer spec `gemma4_layer_specs` lists, under the freeze flags."""
+
+    text_config: Gemma4TextConfig
+    counts: ModelParams
+    freeze: FreezeConfig
+
+    def count(self, specs: list) -> list[SpecParams]:
+        """One stage's specs; a tied module listed twice on one stage (pp = 1) is built, and counted, once."""
+        out, tied_built = [], set()
+        for spec in specs:
+            duplicate = isinstance(spec, TiedLayerSpec) and spec.key in tied_built
+            if isinstance(spec, TiedLayerSpec):
+                tied_built.add(spec.key)
+            out.append(self._one(spec, duplicate))
+        return out
+
+    def _one(self, spec, duplicate: bool) -> SpecParams:
+        kind, tc, c, frozen = spec.typename, self.text_config, self.counts, self.freeze
+        if kind is Gemma4DecoderLayerPipe:
+            idx = spec.module_args[1]
+            lp = c.per_type[tc.layer_types[idx]]
+            return SpecParams("", lp.local, lp.replicated, 0 if frozen.language_model else lp.local, layer=idx)
+        if kind is Gemma4VisionStage:
+            n = c.vision_tower + c.embed_vision
+            trainable = c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
+            return SpecParams("vision", n, n, trainable, vision="frozen" if frozen.vision_tower else "trainable")
+        if kind is Gemma4FinalNorm:
+            n = tc.hidden_size
+            return SpecParams("final norm", n, n, 0 if frozen.language_model else n)
+        tied = isinstance(spec, TiedLayerSpec)
+        is_head = kind is Gemma4LMHead or (tied and spec.forward_fn is Gemma4TokenEmbedding.head)
+        label = ("head" if is_head else "embedding") + (" (tied)" if tied else "")
+        n = 0 if duplicate else c.embed_local
+        return SpecParams(label, n, 0, 0 if frozen.embeddings else n)
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage, as one of its GPUs sees it."""
+
+    stage: int
+    decoder_layers: list[int]
+    holds: list[str]
+    params: int  # on one GPU
+    replicated_params: int  # of `params`, held whole by every TP rank (norms, vision)
+    trainable_params: int
+    in_flight: int  # micro-batches whose activations the stage keeps at once
+    memory_gib: dict[str, float]
+    activations_gib: dict[str, float]  # the parts of memory_gib["activations"]
+
+    @property
+    def layer_range(self) -> str:
+        if not self.decoder_layers:
+            return "-"
+        return f"{self.decoder_layers[0]}-{self.decoder_layers[-1]} ({len(self.decoder_layers)})"
+
+
+@dataclass
+class Plan:
+    model: str
+    source: str
+    dims: ParallelDims
+    micro_batch_size: int
+    max_length: int
+    micro_batches: int  # per step and DP replica
+    activation_checkpointing: bool
+    attn_implementation: str
+    dtype: str
+    zero_stage: int
+    total_params: int  # the HF model's, each tensor once
+    vision_params: int
+    gpu_mem_gib: float
+    stages: list[StagePlan]
+    assumptions: dict[str, Any]
+
+    @property
+    def warnings(self) -> list[str]:
+        fixes = "" if self.activation_checkpointing else "turn on train.activation_checkpointing, "
+        fixes += "lower data.max_length or train.micro_batch_size, or raise parallel.pp, parallel.tp or parallel.dp"
+        return [
+            f"WARNING: stage {s.stage} needs {s.memory_gib['total']:.1f} GiB per GPU, more than --gpu-mem-gib "
+            f"{self.gpu_mem_gib:g}; {fixes}"
+            for s in self.stages
+            if s.memory_gib["total"] > self.gpu_mem_gib
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dims"] = {**asdict(self.dims), "world_size": self.dims.world_size}
+        out["params_all_gpus"] = sum(s.params for s in self.stages) * self.dims.tp * self.dims.dp
+        out["fits"] = not self.warnings
+        out["warnings"] = self.warnings
+        return out
+
+    def table(self) -> str:
+        d = self.dims
+        lines = [
+            f"model   {self.model} ({self.source}): {self.total_params / 1e9:.2f}B parameters "
+            f"({(self.total_params - self.vision_params) / 1e9:.2f}B text + {self.vision_params / 1e9:.2f}B vision)",
+            f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs; {self.micro_batches} micro-batches of "
+            f"{self.micro_batch_size} x {self.max_length} tokens per step and DP replica; {self.dtype}, "
+            f"ZeRO-{self.zero_stage}, {self.attn_implementation}, "
+            f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}",
+            "",
+            f"{'stage':>5}  {'decoder layers':<15} {'holds':<28} {'params/GPU':>11} {'trainable':>10} {'in-flight':>9}"
+            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'overhd':>6} {'total':>6}",
+        ]
+        for s in self.stages:
+            m = s.memory_gib
+            lines.append(
+                f"{s.stage:>5}  {s.layer_range:<15} {', '.join(s.holds) or '-':<28} {s.params / 1e9:>10.3f}B "
+                f"{s.trainable_params / 1e9:>9.3f}B {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
+                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['overhead']:>6.2f} "
+                f"{m['total']:>6.2f}"
+            )
+        lines += [
+            "",
+            f"GiB per GPU. weights {self.dtype}; grads {self.dtype} of trainable params; optim = "
+            f"{'fp32 master + ' if self.zero_stage >= 1 or self.dtype == 'bfloat16' else ''}Adam m, v of trainable params"
+            f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = ZeRO reduce bucket; overhd = CUDA "
+            f"context + NCCL ({OVERHEAD_GIB} GiB, not in torch.cuda.max_memory_allocated, which is total - overhd).",
+        ]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One attention+MLP layer's widths on one TP rank."""
+
+    hidden: int
+    q_heads: int
+    kv_heads: int  # after replication
+    head_dim: int
+    mlp: int
+
+
+def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: bool) -> int:
+    """Bytes a decoder layer keeps for backward, one micro-batch on one TP rank.
+
+    What autograd saves in transformers' Gemma4TextDecoderLayer with the runner's TP linears (the
+    test checks it against saved-tensor hooks), per token; h hidden, q = local query heads x head_dim,
+    k = local KV heads x head_dim, m = intermediate / tp; bf16 activations, RMSNorm in fp32:
+      hidden     4 RMSNorms x (fp32 input copy + fp32 normalized) = 32h, plus the bf16 outputs of the
+                 input and pre-FFN norms that the column-parallel linears read = 4h
+      q, k, v    q_norm 8q, k_norm 8k (the same two fp32 tensors), v_norm's fp32 input copy 4k; each
+                 norm row's mean square and rsqrt, 8 bytes x (4 + q heads + 2 x KV heads) rows; RoPE
+                 keeps cos and sin (4 x head_dim), not its input
+      attention  Q 2q and o_proj's input 2q, plus
+                 fused SDPA (flash / memory-efficient): K and V as the kernel sees them, 2 x 2k, or
+                   2 x 2q where transformers' repeat_kv copies them up to the query heads (it does
+                   whenever a mask is passed, i.e. with an image or padding in the batch, and has
+                   more than one local KV head; with one it is a view); the fp32 logsumexp, 4 per
+                   local head; the mask as a bf16 bias, 2 x seq^2 per sequence
+                 materialized scores (eager, SDPA math): K and V copied to the query heads, 2 x 2q;
+                   the fp32 softmax and its bf16 copy, 6 bytes x local heads x seq^2 per sequence
+                   (the full seq^2 even on sliding layers, whose window is only a mask)
+      MLP        gate, gelu(gate), up, gelu(gate) * up = 8m
+    """
+    h, q, k, m = s.hidden, s.q_heads * s.head_dim, s.kv_heads * s.head_dim, s.mlp
+    norm_rows = 4 + s.q_heads + 2 * s.kv_heads
+    common = 36 * h + 8 * q + 12 * k + 2 * q + 2 * q + 8 * m + 4 * s.head_dim + 8 * norm_rows
+    if materialized_scores:
+        return batch * seq * (common + 4 * q) + 6 * s.q_heads * batch * seq * seq
+    seen_kv = q if s.q_heads > s.kv_heads > 1 else k
+    return batch * seq * (common + 4 * seen_kv + 4 * s.q_heads) + 2 * batch * seq * seq
+
+
+def layer_grad_bytes(s: LayerShape, tokens: int) -> int:
+    """Gradient temporaries while one layer runs backward (bf16): the hidden gradient in and out,
+    the MLP's two intermediate gradients, and the q/k/v gradients (at query width)."""
+    return tokens * 2 * (2 * s.hidden + 2 * s.mlp + 3 * s.q_heads * s.head_dim)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak activation bytes per GPU of one stage. T = micro_batch x max_length tokens; A = T x hidden
+    x 2 bytes, one bf16 hidden state; in_flight = min(pp - stage, micro-batches per step), the
+    micro-batches DeepSpeed's 1F1B TrainSchedule keeps forward-done-backward-pending on a stage.
+
+      activation checkpointing on:
+        in_flight x (L x A  [each checkpointed layer's input]  + A [stage output, not on the last stage]
+                     + trainable vision tower's saved tensors)
+        + max(one layer's saved tensors + its gradient temporaries  [recompute during backward],
+              head peak, frozen vision tower working set)
+      off:
+        in_flight x (sum of the L layers' saved tensors + A [stage input, not on the first stage]
+                     + A [stage output, not on the last] + trainable vision tower's saved tensors)
+        + max(gradient temporaries of one layer, head peak, frozen vision tower working set)
+      + DeepSpeed's p2p receive buffers where pp > 1: one A for activations, one A for gradients.
+
+    head peak (last stage, which has one micro-batch in flight): the final norm's fp32 copies and
+    bf16 output (10 x hidden per token) + the vocab-parallel logits working set per token x vocab/tp:
+    bf16 logits kept by tanh, bf16 softcapped logits, and inside the cross entropy the fp32 upcast,
+    the max-shifted copy and exp/softmax (fp32, kept for backward) = 2 + 2 + 4 + 4 + 4 = 16 bytes
+    (14 without softcapping). No rank ever holds full-vocab logits.
+    vision tower: images x layers x `layer_saved_bytes` at its widths, patches = soft tokens x
+    pooling^2 per image (an approximation: its layers differ in detail; replicated, no TP). Frozen,
+    it keeps nothing and costs one layer's working set.
+    Not counted: the int tensors riding with the hidden state (mask, positions, token types:
+    24 bytes per token), pixel values, and allocator fragmentation (reserved > allocated).
+    """
+
+    tokens: int
+    batch: int
+    seq: int
+    hidden: int
+    vocab_local: int
+    softcap: bool
+    materialized: dict[str, bool]  # layer type -> attention scores materialized
+    shapes: dict[str, LayerShape]  # layer type -> local shape
+    vision_shape: LayerShape
+    vision_layers: int
+    patches: int
+    images: int
+
+    def layer_saved(self, layer_type: str) -> int:
+        return layer_saved_bytes(self.shapes[layer_type], self.batch, self.seq, self.materialized[layer_type])
+
+    def vision_saved(self) -> int:
+        return self.images * self.vision_layers * layer_saved_bytes(self.vision_shape, 1, self.patches, False)
+
+    def head_peak(self) -> int:
+        return self.tokens * (10 * self.hidden + (16 if self.softcap else 14) * self.vocab_local)
+
+    def activations(self, layer_types: list[str], first: bool, last: bool, in_flight: int,
+                    checkpointing: bool, vision: str | None, pp: int) -> dict[str, int]:
+        """The parts of a stage's peak, in bytes. `vision`: None (not on this stage), 'trainable' or 'frozen'."""
+        a = self.tokens * self.hidden * 2
+        kinds = set(layer_types)
+        grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in kinds), default=0)
+        if checkpointing:
+            stored = len(layer_types) * a
+            transient = max((self.layer_saved(t) for t in kinds), default=0) + grads
+        else:
+            stored = sum(self.layer_saved(t) for t in layer_types) + (0 if first else a)
+            transient = grads
+        stored += (0 if last else a) + (self.vision_saved() if vision == "trainable" else 0)
+        candidates = [transient]
+        if vision == "frozen":
+            candidates.append(self.vision_saved() // self.vision_layers)
+        if last:
+            candidates.append(self.head_peak())
+        return {
+            "stored_per_micro_batch": stored,
+            "stored": in_flight * stored,
+            "working_set": max(candidates),
+            "p2p_buffers": 2 * a if pp > 1 else 0,
+        }
+
+
+def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_head_dim: int) -> MemoryModel:
+    """The recipe's micro-batch on this model at this tp."""
+    tc, vc = config.text_config, config.vision_config
+    shapes = {
+        layer_type: LayerShape(tc.hidden_size, q // tp, max(kv // tp, 1), d, tc.intermediate_size // tp)
+        for layer_type, (q, kv, d) in attention_shapes(tc).items()
+    }
+    eager = cfg.model.attn_implementation == "eager"
+    return MemoryModel(
+        tokens=cfg.train.micro_batch_size * cfg.data.max_length,
+        batch=cfg.train.micro_batch_size,
+        seq=cfg.data.max_length,
+        hidden=tc.hidden_size,
+        vocab_local=tc.vocab_size // tp,
+        softcap=tc.final_logit_softcapping is not None,
+        materialized={t: eager or s.head_dim > fused_attn_max_head_dim for t, s in shapes.items()},
+        shapes=shapes,
+        vision_shape=LayerShape(
+            vc.hidden_size, vc.num_attention_heads, vc.num_key_value_heads, vc.head_dim, vc.intermediate_size
+        ),
+        vision_layers=vc.num_hidden_layers,
+        patches=_soft_tokens(config) * vc.pooling_kernel_size**2,
+        images=cfg.train.micro_batch_size * IMAGES_PER_SAMPLE,
+    )
+
+
+def _soft_tokens(config: Gemma4Config) -> int:
+    """Soft tokens per image: the vision config's budget as the 31B's config.json states it."""
+    return int(
+        getattr(config.vision_config, "default_output_length", None)
+        or getattr(config, "vision_soft_tokens_per_image", None)
+        or GEMMA4_31B_IMAGE_SOFT_TOKENS
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+def resolve_dims(cfg: RunConfig, world_size: int | None) -> ParallelDims:
+    if world_size is None:
+        if cfg.parallel.dp == "auto":
+            raise UserError("parallel.dp is 'auto': pass --cluster ACCELERATE_CONFIG.yaml or --world-size N to resolve it")
+        return ParallelDims(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+    from runner.train import parallel_dims  # the same rule `runner train` applies
+
+    return parallel_dims(cfg, world_size)
+
+
+def stage_specs(config: Gemma4Config, pp: int) -> list[list]:
+    """The layer specs each stage builds: `Gemma4Pipeline`'s list, cut as DeepSpeed's
+    `partition_method="type:Gemma4DecoderLayerPipe"` cuts it (binary weights, partition_balanced).
+    LayerSpec only stores its arguments, so no ParallelState is needed to list them."""
+    specs = gemma4_layer_specs(config, None)
+    weights = [int(spec.typename is Gemma4DecoderLayerPipe) for spec in specs]
+    parts = partition_balanced(weights=weights, num_parts=pp)
+    return [specs[parts[s]:parts[s + 1]] for s in range(pp)]
+
+
+def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str | None = None,
+              gpu_mem_gib: float = 80.0, fused_attn_max_head_dim: int = FUSED_ATTN_MAX_HEAD_DIM) -> Plan:
+    """Layers, parameters and memory per GPU for a recipe, without a GPU."""
+    config, source = model_config(cfg.model.path)
+    check_supported(config)
+    dims = resolve_dims(cfg, world_size)
+    validate_layout(config, dims)
+    per_step = cfg.train.micro_batch_size * dims.dp
+    if cfg.train.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+                        f"micro_batch_size * dp = {per_step}")
+    gas = cfg.train.global_batch_size // per_step
+    zero_stage, bucket = zero_settings(ds_config)
+    tc = config.text_config
+    counts = model_params(config, dims.tp)
+    memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim)
+    counter = ParamCounter(tc, counts, cfg.freeze)
+    dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
+    # ZeRO keeps an fp32 copy of its partition even of fp32 weights; without ZeRO only bf16 needs one
+    master = MASTER_BYTES if zero_stage >= 1 or cfg.model.dtype == "bfloat16" else 0
+    optim_bytes = master + ADAM_STATE_BYTES
+    optim_shards = dims.dp if zero_stage >= 1 else 1
+
+    stages = []
+    for stage, specs in enumerate(stage_specs(config, dims.pp)):
+        parts = counter.count(specs)
+        params = sum(p.local for p in parts)
+        trainable = sum(p.trainable for p in parts)
+        layers = [p.layer for p in parts if p.layer is not None]
+        in_flight = min(dims.pp - stage, gas)
+        activations = memory.activations(
+            [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
+            cfg.train.activation_checkpointing, next((p.vision for p in parts if p.vision), None), dims.pp,
+        )
+        gib = {
+            "weights": params * dtype_bytes / GIB,
+            "grads": trainable * dtype_bytes / GIB,
+            "optimizer": trainable * optim_bytes / optim_shards / GIB,
+            "zero_bucket": bucket * dtype_bytes / GIB if zero_stage >= 1 else 0.0,
+            "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
+        }
+        gib["allocated"] = sum(gib.values())
+        gib["overhead"] = OVERHEAD_GIB
+        gib["total"] = gib["allocated"] + OVERHEAD_GIB
+        stages.append(StagePlan(
+            stage=stage,
+            decoder_layers=layers,
+            holds=[p.label for p in parts if p.label],
+            params=params,
+            replicated_params=sum(p.replicated for p in parts),
+            trainable_params=trainable,
+            in_flight=in_flight,
+            memory_gib={k: round(v, 3) for k, v in gib.items()},
+            activations_gib={k: round(v / GIB, 3) for k, v in activations.items()},
+        ))
+
+    return Plan(
+        model=cfg.model.path,
+        source=source,
+        dims=dims,
+        micro_batch_size=cfg.train.micro_batch_size,
+        max_length=cfg.data.max_length,
+        micro_batches=gas,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+        attn_implementation=cfg.model.attn_implementation,
+        dtype=cfg.model.dtype,
+        zero_stage=zero_stage,
+        total_params=counts.total,
+        vision_params=counts.vision_tower + counts.embed_vision,
+        gpu_mem_gib=gpu_mem_gib,
+        stages=stages,
+        assumptions={
+            "overhead_gib": OVERHEAD_GIB,
+            "images_per_sample": IMAGES_PER_SAMPLE,
+            "patches_per_image": memory.patches,
+            "attention_scores_materialized": memory.materialized,
+            "fused_attn_max_head_dim": fused_attn_max_head_dim,
+            "zero_reduce_bucket_elements": bucket if zero_stage >= 1 else 0,
+        },
+    )

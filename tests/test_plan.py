@@ -1,0 +1,189 @@
+"""`runner plan`: the 31B recipes load and plan on CPU, the stage split is DeepSpeed's, parameters per
+GPU add up to the model, the activation formula matches what autograd saves, the memory warning fires."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.utils import partition_balanced
+from transformers import Gemma4ForConditionalGeneration
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer, Gemma4TextRotaryEmbedding
+
+from runner.cli import main
+from runner.config import load_config
+from runner.errors import UserError
+from runner.models.gemma4.pipeline import attention_shapes
+from runner.models.gemma4.presets import gemma4_31b_config
+from runner.models.gemma4.tiny import tiny_config
+from runner.plan import GIB, OVERHEAD_GIB, LayerShape, cluster_world_size, layer_saved_bytes, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"tp4_pp2": ROOT / "recipes/gemma4_31b_tp4_pp2.yaml", "tp4_pp4_dp2": ROOT / "recipes/gemma4_31b_tp4_pp4_dp2.yaml"}
+# google/gemma-4-31B-it, counted by transformers on the meta device (tied head counted once)
+PARAMS_31B = 31_273_086_512
+VISION_31B = 569_548_080 + 6_193_152  # vision tower + embed_vision (the projector into the text width)
+
+
+@pytest.fixture(scope="module")
+def meta_31b() -> Gemma4ForConditionalGeneration:
+    with torch.device("meta"):
+        return Gemma4ForConditionalGeneration(gemma4_31b_config())
+
+
+def test_31b_preset_matches_the_published_shape(meta_31b):
+    assert sum(p.numel() for p in meta_31b.parameters()) == PARAMS_31B
+    vision = meta_31b.model.vision_tower, meta_31b.model.embed_vision
+    assert sum(p.numel() for m in vision for p in m.parameters()) == VISION_31B
+    attn = meta_31b.model.language_model.layers[5].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj) == (32 * 512, 4 * 512, None)
+    sliced = gemma4_31b_config(depth=12).text_config
+    assert sliced.hidden_size == 5376 and sliced.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 2
+    with pytest.raises(UserError, match="multiple of 6"):
+        gemma4_31b_config(depth=10)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_31b_recipes_plan_like_deepspeed_partitions(name):
+    cfg = load_config(RECIPES[name])
+    plan = make_plan(cfg)
+    tp, pp, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp
+    assert (plan.dims.tp, plan.dims.pp, plan.dims.dp) == (tp, pp, dp)
+    assert plan.micro_batches >= 4 * pp  # enough micro-batches to fill the pipeline
+    assert plan.total_params == PARAMS_31B
+    # [vision, embedding, 60 decoder layers, final norm, head], cut by counting decoder layers
+    weights = [0, 0] + [1] * 60 + [0, 0]
+    parts = partition_balanced(weights=weights, num_parts=pp)
+    assert [len(s.decoder_layers) for s in plan.stages] == [sum(weights[a:b]) for a, b in zip(parts, parts[1:])]
+    assert [i for s in plan.stages for i in s.decoder_layers] == list(range(60))
+    assert "vision" in plan.stages[0].holds and "head (tied)" in plan.stages[-1].holds
+    assert [s.in_flight for s in plan.stages] == [pp - i for i in range(pp)]
+    assert not plan.warnings, plan.table()
+
+
+@pytest.mark.parametrize(
+    "name,overrides", [("tp4_pp2", []), ("tp4_pp4_dp2", []), ("tp4_pp2", ["parallel.tp=8", "parallel.pp=1"])]
+)
+def test_params_per_gpu_add_up_to_the_model(meta_31b, name, overrides):
+    """Sum over every GPU = the model + what is knowingly held more than once: replicated tensors
+    (norms, vision) on every TP rank, KV heads replicated over tp / kv ranks, the tied head's copy."""
+    plan = make_plan(load_config(RECIPES[name], overrides))
+    tp, pp, dp = plan.dims.tp, plan.dims.pp, plan.dims.dp
+    lm = meta_31b.model.language_model
+    replicated = sum(p.numel() for m in (meta_31b.model.vision_tower, meta_31b.model.embed_vision) for p in m.parameters())
+    replicated += sum(p.numel() for p in lm.parameters() if p.ndim == 1)
+    kv_extra = 0
+    for layer in lm.layers:
+        attn = layer.self_attn
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        replicas = tp // kv_heads if kv_heads < tp else 1
+        kv_weights = [attn.k_proj] + ([attn.v_proj] if attn.v_proj is not None else [])
+        kv_extra += sum(m.weight.numel() for m in kv_weights) * (replicas - 1)
+    tied_copy = lm.embed_tokens.weight.numel() if pp > 1 else 0
+    expected = PARAMS_31B + (tp - 1) * replicated + kv_extra + tied_copy
+    assert sum(s.params for s in plan.stages) * tp == expected
+    assert plan.to_json()["params_all_gpus"] == expected * dp
+    if tp == 8:
+        assert kv_extra > 0  # the full layers' 4 KV heads, each on 2 TP ranks
+
+
+def _saved_tensor_bytes(layer: torch.nn.Module, config, layer_idx: int, batch: int, seq: int) -> int:
+    """Bytes autograd keeps for one forward of `layer` (storages counted once, weights excluded)."""
+    tc = config.text_config
+    x = torch.randn(batch, seq, tc.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(seq).repeat(batch, 1)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[-1, :5] = 0  # padding: both layer types get a mask, as with images in the batch
+    masks = Gemma4ForConditionalGeneration.create_masks_for_generate(
+        config, x, attention_mask, None, pos, torch.zeros(batch, seq, dtype=torch.long)
+    )
+    layer_type = tc.layer_types[layer_idx]
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    rope = Gemma4TextRotaryEmbedding(tc)(x, pos, layer_type)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, None, shared_kv_states={}, position_embeddings=rope, attention_mask=masks[layer_type], position_ids=pos)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    return sum(n for ptr, n in saved.items() if ptr not in weights)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_layer_activation_formula_matches_autograd(attn):
+    config = tiny_config()
+    tc = config.text_config
+    tc._attn_implementation = attn
+    torch.manual_seed(0)
+    for layer_idx in (0, 5):  # sliding, full (head_dim 2x, one KV head, k_eq_v)
+        layer = Gemma4TextDecoderLayer(tc, layer_idx).to(torch.bfloat16)
+        q, kv, d = attention_shapes(tc)[tc.layer_types[layer_idx]]
+        estimate = layer_saved_bytes(LayerShape(tc.hidden_size, q, kv, d, tc.intermediate_size), 2, 64, attn == "eager")
+        measured = _saved_tensor_bytes(layer, config, layer_idx, 2, 64)
+        assert estimate == pytest.approx(measured, rel=0.01), (attn, layer_idx)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-config")
+    tiny_config().save_pretrained(out)  # plan reads config.json only
+    return out
+
+
+def test_tiny_model_memory_is_sane(tiny_dir):
+    world_size, ds_config = cluster_world_size(str(ROOT / "accelerate_configs/cpu_4proc.yaml"))
+
+    def plan(*overrides: str):
+        cfg = load_config(ROOT / "recipes/tiny_demo.yaml", [f"model.path={tiny_dir}", *overrides])
+        return make_plan(cfg, world_size=world_size, ds_config=ds_config)
+
+    base = plan()
+    assert (base.dims.tp, base.dims.pp, base.dims.dp) == (2, 2, 1) and base.zero_stage == 0
+    for s in base.stages:
+        m = s.memory_gib
+        assert m["weights"] == pytest.approx(s.params * 4 / GIB, abs=1e-3)  # fp32
+        assert m["optimizer"] == pytest.approx(s.trainable_params * 8 / GIB, abs=1e-3)  # Adam m, v; no master
+        assert m["zero_bucket"] == 0
+        assert 0 < m["activations"] < 0.1
+        assert m["total"] == pytest.approx(m["allocated"] + OVERHEAD_GIB, abs=1e-3)
+    activations = lambda p: [s.memory_gib["activations"] for s in p.stages]  # noqa: E731
+    longer = plan("data.max_length=1024")
+    assert all(a < b for a, b in zip(activations(base), activations(longer)))
+    checkpointed = plan("data.max_length=1024", "train.activation_checkpointing=true")
+    assert all(a < b for a, b in zip(activations(checkpointed), activations(longer)))
+
+
+def test_cli_warns_when_a_gpu_does_not_fit(capsys):
+    recipe = str(RECIPES["tp4_pp2"])
+    assert main(["plan", recipe]) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING" not in out + err
+    assert "0-29 (30)" in out and "30-59 (30)" in out
+    assert main(["plan", recipe, "--gpu-mem-gib", "40", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert not report["fits"] and [s["stage"] for s in report["stages"]] == [0, 1]
+    assert err.count("WARNING: stage") == 2 and "more than --gpu-mem-gib 40" in err
+    # without checkpointing, 4k tokens: the stored activations alone overflow 80 GiB
+    assert main(["plan", recipe, "--set", "train.activation_checkpointing=false", "--set", "data.max_length=4096"]) == 0
+    assert "WARNING: stage 0" in capsys.readouterr().err
+
+
+def test_cli_resolves_dp_from_the_cluster_and_refuses_bad_input(capsys, tmp_path):
+    recipe = str(RECIPES["tp4_pp4_dp2"])
+    cluster = str(ROOT / "accelerate_configs/4x8_gpu.yaml")
+    assert main(["plan", recipe, "--cluster", cluster, "--set", "parallel.dp=auto", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dims"] == {"tp": 4, "pp": 4, "dp": 2, "world_size": 32}
+    for args, message in [
+        (["--set", "parallel.dp=auto"], "pass --cluster"),
+        (["--set", f"model.path={tmp_path}/missing/model"], "neither a local model directory nor a hub id"),
+        (["--cluster", str(ROOT / "accelerate_configs/1x8_gpu.yaml")], "make the product equal"),
+        (["--set", "parallel.tp=3"], "not divisible by parallel.tp=3"),
+    ]:
+        assert main(["plan", recipe, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
