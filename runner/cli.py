@@ -6,6 +6,7 @@ Each command lives in the module of its concern; this file only parses arguments
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def _plan(args: argparse.Namespace) -> int:
     from runner.config import load_config
 
     cfg = load_config(args.recipe, args.set)
-    from runner.plan import cluster_world_size, make_plan
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger binds to stdout on import: keep it for the plan
+        from runner.plan import cluster_world_size, make_plan
 
     world_size, ds_config = args.world_size, None
     if args.cluster:

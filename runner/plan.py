@@ -105,6 +105,10 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.3f}M"
+
+
 @dataclass(frozen=True)
 class LayerParams:
     """One decoder layer's parameters: full, on one TP rank, and how many of those every TP rank holds whole."""
@@ -262,9 +266,13 @@ class Plan:
         ]
 
     def to_json(self) -> dict[str, Any]:
+        """Everything, plus the headline numbers: `max_gib_per_gpu` is the torch allocator's peak (what
+        torch.cuda.max_memory_allocated measures), `max_total_gib_per_gpu` adds the overhead outside it."""
         out = asdict(self)
         out["dims"] = {**asdict(self.dims), "world_size": self.dims.world_size}
         out["params_all_gpus"] = sum(s.params for s in self.stages) * self.dims.tp * self.dims.dp
+        out["max_gib_per_gpu"] = max(s.memory_gib["allocated"] for s in self.stages)
+        out["max_total_gib_per_gpu"] = max(s.memory_gib["total"] for s in self.stages)
         out["fits"] = not self.warnings
         out["warnings"] = self.warnings
         return out
@@ -272,8 +280,8 @@ class Plan:
     def table(self) -> str:
         d = self.dims
         lines = [
-            f"model   {self.model} ({self.source}): {self.total_params / 1e9:.2f}B parameters "
-            f"({(self.total_params - self.vision_params) / 1e9:.2f}B text + {self.vision_params / 1e9:.2f}B vision)",
+            f"model   {self.model} ({self.source}): {_count(self.total_params)} parameters "
+            f"({_count(self.total_params - self.vision_params)} text + {_count(self.vision_params)} vision)",
             f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs; {self.micro_batches} micro-batches of "
             f"{self.micro_batch_size} x {self.max_length} tokens per step and DP replica; {self.dtype}, "
             f"ZeRO-{self.zero_stage}, {self.attn_implementation}, "
@@ -285,8 +293,8 @@ class Plan:
         for s in self.stages:
             m = s.memory_gib
             lines.append(
-                f"{s.stage:>5}  {s.layer_range:<15} {', '.join(s.holds) or '-':<28} {s.params / 1e9:>10.3f}B "
-                f"{s.trainable_params / 1e9:>9.3f}B {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
+                f"{s.stage:>5}  {s.layer_range:<15} {', '.join(s.holds) or '-':<28} {_count(s.params):>11} "
+                f"{_count(s.trainable_params):>10} {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
                 f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['overhead']:>6.2f} "
                 f"{m['total']:>6.2f}"
             )
