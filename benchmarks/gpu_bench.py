@@ -185,8 +185,10 @@ def main() -> int:
             entry = {"workload": workload, "tp": tp, "pp": pp, "dp": dp, "rc": rc,
                      "micro_batch": WORKLOADS[workload][0], "micro_batches_per_step": args.gas,
                      "bubble_share": (pp - 1) / (args.gas + pp - 1)}
-            if plan.returncode == 0:
-                entry["plan"] = json.loads(plan.stdout)
+            if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak
+                stages = json.loads(plan.stdout)["stages"]
+                entry["plan_gib"] = max(st["memory_gib"]["allocated"] for st in stages)
+                entry["plan_total_gib"] = max(st["memory_gib"]["total"] for st in stages)
             metrics = run_dir / "metrics.jsonl"
             if rc == 0 and metrics.exists():
                 recs = [json.loads(line) for line in metrics.read_text().splitlines() if '"split"' not in line]
@@ -218,7 +220,7 @@ def print_table(results: dict) -> None:
     print(f"\n{results['device']} x{results['gpus']}, {results['model']}")
     print(f"{'workload':8} {'layout':12} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'vs ZeRO-3':>9}")
     for e in results["runs"]:
-        plan = e.get("plan", {}).get("max_gib_per_gpu")
+        plan = e.get("plan_gib")
         mfu = f"{100 * e['mfu']:.1f}%" if e.get("mfu") else "-"
         print(f"{e['workload']:8} tp{e['tp']}pp{e['pp']}dp{e['dp']:<4} {e.get('tokens_per_sec_per_gpu', 0):>10.0f} "
               f"{mfu:>6} {e.get('mem_gib', 0):>9.1f} {plan or 0:>9.1f} {e.get('ratio_vs_zero3', 0):>9.2f}")

@@ -52,9 +52,11 @@ def main() -> None:
 
     ds_config = {
         "bf16": {"enabled": True},
+        # Accelerate's "auto" values are sized from config.hidden_size, which Gemma4's top-level
+        # config lacks; these are what it would pick for the 5376-wide text model.
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                              "stage3_param_persistence_threshold": "auto"},
+                              "reduce_bucket_size": 5376 * 5376, "stage3_prefetch_bucket_size": int(0.9 * 5376 * 5376),
+                              "stage3_param_persistence_threshold": 10 * 5376},
         "gradient_clipping": 1.0,
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": args.gas,

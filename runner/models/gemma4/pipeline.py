@@ -199,14 +199,10 @@ class Gemma4Pipeline(PipelineModule):
                 for p in target.parameters():
                     p.requires_grad_(False)
 
-    def allreduce_tied_weight_gradients(self) -> None:
-        """DeepSpeed's reduction of the tied embedding/head gradients, skipping a frozen embedding
-        (it has no gradient to reduce)."""
-        for key, comm in self.tied_comms.items():
-            for attr in comm["weight_attr"]:
-                weight = self._recursive_getattr(self.tied_modules[key], attr)
-                if weight.grad is not None:
-                    dist.all_reduce(weight.grad, group=comm["group"])
+    def get_tied_weights_and_groups(self) -> list[tuple[torch.nn.Parameter, object]]:
+        """The tied weights whose gradients DeepSpeed sums over their stages — minus a frozen
+        embedding, which has no gradient (and under bf16 no `_hp_grad`) to sum."""
+        return [(w, g) for w, g in super().get_tied_weights_and_groups() if w.requires_grad]
 
     def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor, nn.Module]]:
         """(HF name, local tensor, owning stage module) for every parameter and persistent buffer
