@@ -63,9 +63,10 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", default="", help="export the step-0 checkpoint here")
     ap.add_argument("--fail-save", default="", help="STEP:RANK — that rank's save at that step dies")
+    ap.add_argument("--backend", default="gloo", help="nccl with DS_ACCELERATOR=cuda runs it on GPUs")
     args = ap.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend=args.backend)
     ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
     writer = ps.tp_rank == 0 and ps.dp_rank == 0
     random.seed(1234)
