@@ -173,7 +173,7 @@ def main() -> int:
                      "model": f"gemma4_31b_config(depth={args.depth}) random bf16", "runs": [], "baseline": {}}
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port=29555"]
     for workload in args.workloads.split(","):
-        for layout in args.layouts.split(","):
+        for layout in [x for x in args.layouts.split(",") if x != "none"]:
             tp, pp = map(int, layout.split("x"))
             dp = gpus // (tp * pp)
             run_dir = work / f"run_{workload}_tp{tp}pp{pp}dp{dp}"

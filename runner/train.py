@@ -41,8 +41,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 def init_distributed() -> None:
     """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU."""
     if not dist.is_initialized():
-        backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-        deepspeed.init_distributed(dist_backend=backend)
+        cpu = get_accelerator().device_name() == "cpu"
+        if not cpu:  # before building anything: each rank its own GPU, not GPU 0
+            get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name())
 
 
 def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
