@@ -39,6 +39,7 @@ from runner.errors import UserError
 META_NAME = "runner_checkpoint.json"
 LATEST_NAME = "latest"
 PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".old"  # a checkpoint of the same step, moved aside while its successor is published
 TAG_RE = re.compile(r"^step_(\d+)$")
 CLIENT_KEY = "runner"  # the trainer's client_state, one key among DeepSpeed's own in mp_rank_* files
 
@@ -117,18 +118,18 @@ def latest_complete(root: str | Path) -> Path | None:
 
 def _prune(root: Path, keep: int, latest: Path) -> None:
     """Keep the newest `keep` complete checkpoints (and always `latest`); drop the leftovers of
-    saves that died (`*.partial`) and of replaced checkpoints (`*.old`)."""
+    saves that died (`*.partial`) and of replaced checkpoints."""
     complete = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
                       key=lambda p: int(TAG_RE.match(p.name)[1]))
     doomed = [p for p in complete[:-keep] if p != latest]
-    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.endswith((PARTIAL_SUFFIX, ".old"))]
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX))]
     for path in doomed:
         shutil.rmtree(path)
 
 
 def _publish(root: Path, partial: Path, final: Path, keep: int) -> None:
     """Rank 0, after every rank finished writing: make the checkpoint visible, then prune."""
-    replaced = final.with_name(final.name + ".old")
+    replaced = final.with_name(final.name + REPLACED_SUFFIX)
     if final.exists():  # the same step saved again (e.g. the end-of-training save after a periodic one)
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
