@@ -47,6 +47,11 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name())
 
 
+def comm_device() -> str:
+    """Where small tensors for collectives live: NCCL reduces only accelerator tensors."""
+    return get_accelerator().current_device_name()
+
+
 def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if cfg.parallel.dp == "auto":
@@ -104,7 +109,7 @@ def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState)
     local = torch.tensor([
         sum(count_label_tokens(m["labels"]) for m in micro_batches),
         sum(int(m["attention_mask"].sum()) for m in micro_batches),
-    ], dtype=torch.float64)
+    ], dtype=torch.float64, device=comm_device())
     if ps.dims.dp > 1:
         dist.all_reduce(local, group=ps.dp_group)
     return int(local[0]), int(local[1])
@@ -121,7 +126,7 @@ class StopFlag:
         self.requested = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -205,7 +210,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
         step += 1
         dt = time.time() - t0
-        mem = torch.tensor([mem_gib()])
+        mem = torch.tensor([mem_gib()], device=comm_device())
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         if flops_per_token is None:
             seq = max(m["input_ids"].shape[1] for m in micro)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from deepspeed.accelerator import get_accelerator
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import Gemma4Config
@@ -146,7 +147,8 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 def global_label_count(micro_batch_labels: list[torch.Tensor], ps: ParallelState) -> int:
     """Label tokens over all micro-batches of this step on all DP ranks."""
-    local = torch.tensor(sum(count_label_tokens(x) for x in micro_batch_labels), dtype=torch.float64)
+    local = torch.tensor(sum(count_label_tokens(x) for x in micro_batch_labels), dtype=torch.float64,
+                         device=get_accelerator().current_device_name())
     if ps.dims.dp > 1:
         dist.all_reduce(local, group=ps.dp_group)
     return int(local.item())
