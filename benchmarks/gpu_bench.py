@@ -108,7 +108,7 @@ def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, d
                   "activation_checkpointing": True, "grad_clip": 1.0},
         "freeze": {"embeddings": True, "vision_tower": True},
         "optim": {"lr": 1e-5, "warmup_steps": 1},
-        "data": {"train": str(data), "max_length": max_length, "group_by_length": False},
+        "data": {"train": str(data), "max_length": max_length, "group_by_length": False, "num_workers": 4},
         "output": {"dir": str(out)},
         "checkpoint": {"every_steps": 0, "resume": "none", "export": False, "at_end": False},
         "logging": {"tensorboard": False, "progress_bar": False},
@@ -130,7 +130,7 @@ def run(cmd: list[str], log: Path, timeout: int) -> int:
 def steady(records: list[dict], warmup: int) -> dict:
     """Median over the steps after the warm-up (first steps compile kernels and fill caches)."""
     rest = records[warmup:] or records[-1:]
-    med = {k: statistics.median(r[k] for r in rest) for k in ("tokens_per_sec_per_gpu", "step_time")}
+    med = {k: statistics.median(r[k] for r in rest) for k in ("tokens_per_sec_per_gpu", "step_time", "data_time")}
     mfu = [r["mfu"] for r in rest if r.get("mfu") is not None]
     return {**med, "mfu": statistics.median(mfu) if mfu else None,
             "mem_gib": max(r["mem_gib"] for r in records), "steps_timed": len(rest)}
@@ -153,6 +153,7 @@ def main() -> int:
     args = ap.parse_args()
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("BENCH_WORK", "/tmp/gpu_bench"))
     work.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() or int(os.environ.get("BENCH_CPU_PROCS", "4"))

@@ -205,6 +205,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     while step < total_steps:
         t0 = time.time()
         micro = train_data.next_step()
+        data_time = time.time() - t0
         n_labels, n_tokens = step_counts(micro, ps)
         model.token_loss.set_label_count(n_labels, gas)
         loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
@@ -223,7 +224,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                 "lr": scheduler.get_last_lr()[0], "mem_gib": float(mem), "tokens_per_sec": tok_s,
                 "tokens_per_sec_per_gpu": tok_s / world,
                 "mfu": (tok_s / world * flops_per_token / peak) if peak else None,
-                "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt,
+                "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt, "data_time": data_time,
                 "skipped_samples": sum(train_data.skipped.values()),
             })
         if eval_data is not None and step % cfg.eval.every_steps == 0:
