@@ -111,7 +111,7 @@ def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, d
         "data": {"train": str(data), "max_length": max_length, "group_by_length": False, "num_workers": 4},
         "output": {"dir": str(out)},
         "checkpoint": {"every_steps": 0, "resume": "none", "export": False, "at_end": False},
-        "logging": {"tensorboard": False, "progress_bar": False},
+        "logging": {"tensorboard": False, "progress_bar": False, "profile_step": int(os.environ.get("BENCH_PROFILE_STEP", 0))},
     }
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))

@@ -100,6 +100,7 @@ class LoggingConfig:
     every_steps: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
+    profile_step: int = 0  # >0: torch.profiler around that step; kernel table in OUTPUT_DIR/profile_rank0.txt
 
 
 @dataclass

@@ -7,6 +7,7 @@ come from the newest complete checkpoint when resuming, else from the HF checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -208,7 +209,12 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         data_time = time.time() - t0
         n_labels, n_tokens = step_counts(micro, ps)
         model.token_loss.set_label_count(n_labels, gas)
-        loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
+        profiling = step + 1 == cfg.logging.profile_step
+        with torch.profiler.profile() if profiling else contextlib.nullcontext() as prof:
+            loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
+        if profiling and rank == 0:
+            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            (out_dir / "profile_rank0.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
         step += 1
         dt = time.time() - t0
         mem = torch.tensor([mem_gib()], device=comm_device())
