@@ -28,7 +28,7 @@ from runner.checkpoint.native import resume, save  # noqa: E402
 from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
-from synthetic import global_batch  # noqa: E402
+from synthetic import ds_config, global_batch  # noqa: E402
 
 
 class FailAfterWrite(Gemma4CheckpointEngine):
@@ -82,19 +82,12 @@ def main() -> None:
 
     micro_per_step = len(global_batch(config, "text"))
     gas = micro_per_step // args.dp
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": 2 * gas * args.dp,
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": 0},
-        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
-                                                     "warmup_num_steps": 10, "warmup_type": "linear"}},
-    }
+    ds = ds_config(gas, args.dp, clipping=1.0, scheduler={
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 10, "warmup_type": "linear"},
+    })
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     install(engine)
 
     start = 0

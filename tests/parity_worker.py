@@ -19,7 +19,7 @@ from runner.checkpoint.hf_load import load_hf_weights  # noqa: E402
 from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
-from synthetic import global_batch  # noqa: E402
+from synthetic import ds_config, global_batch  # noqa: E402
 
 
 class CapturingAdamW(torch.optim.AdamW):
@@ -59,19 +59,10 @@ def main() -> None:
     kinds = args.batches.split(",")
     n_micro = len(global_batch(config, kinds[0]))
     gas = n_micro // args.dp
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": 2 * gas * args.dp,
-        "gradient_clipping": 0.0,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": 0},
-        # DeepSpeed caches the partition metadata of the first micro-batch: wrong once shapes change
-        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
-    }
+    ds = ds_config(gas, args.dp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = CapturingAdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
     result: dict = {"losses": [], "grads": [], "rank": dist.get_rank(), "stage": ps.pp_rank,
                     "tp_rank": ps.tp_rank, "dp_rank": ps.dp_rank}

@@ -100,3 +100,18 @@ GLOBAL_BATCHES = {
 def global_batch(config: Gemma4Config, kind: str, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [micro_batch(gen, config, samples) for samples in GLOBAL_BATCHES[kind]]
+
+
+def ds_config(gas: int, dp: int, clipping: float = 0.0, **extra) -> dict:
+    """DeepSpeed's config for the test workers: fp32, no ZeRO, micro-batches of 2."""
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": 2 * gas * dp,
+        "gradient_clipping": clipping,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 0},
+        # DeepSpeed caches the partition metadata of the first micro-batch: wrong once shapes change
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
+        **extra,
+    }

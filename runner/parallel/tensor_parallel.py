@@ -94,7 +94,22 @@ def mark_sharded(param: nn.Parameter, dim: int | None, tp: int, tp_rank: int, re
     param.tensor_model_parallel = dim is not None and tp > 1 and tp_rank % replicas == 0
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What the column- and row-parallel linears share: nn.Linear's initialization of the shard
+    (checkpoint loading overwrites it; a model built without weights still trains sanely)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """y = x Wᵀ with W's output rows split over the TP group; the output stays sharded.
 
     `replicas > 1` splits the rows into tp/replicas shards, each held by `replicas` consecutive TP
@@ -134,13 +149,6 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        if self.weight.device.type == "meta":
-            return
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_group(x, self.tp_group)
         weight, bias = self.weight, self.bias
@@ -150,7 +158,7 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, weight, bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """y = x Wᵀ with W's input columns split over the TP group; the input arrives sharded (the
     output of a column-parallel layer) and the partial products are all-reduced."""
 
@@ -180,13 +188,6 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight.device.type == "meta":
-            return
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = reduce_from_group(F.linear(x, self.weight), self.tp_group)
