@@ -44,7 +44,7 @@ def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0) -> dict:
         opt.zero_grad()
         loss = global_loss(model, global_batch(model.config, kind))
         loss.backward()
-        out["losses"].append(float(loss))
+        out["losses"].append(float(loss.detach()))
         out["grads"].append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
     out["embed_weight"] = model.model.language_model.embed_tokens.weight.detach().clone()
