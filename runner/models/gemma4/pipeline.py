@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 from transformers import Gemma4Config
@@ -176,8 +175,10 @@ class Gemma4Pipeline(PipelineModule):
             partition_method=f"type:{Gemma4DecoderLayerPipe.__name__}",
             activation_checkpoint_interval=activation_checkpoint_interval,
             # non-reentrant: a frozen embedding or vision tower feeds checkpointed layers inputs that
-            # need no grad, which the reentrant function would cut off from autograd
-            activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
+            # need no grad, which the reentrant function would cut off from autograd. DeepSpeed's own
+            # function, because the engine recognizes only it as non-reentrant; with any other it
+            # marks pixel_values requires_grad and backpropagates through a frozen vision tower.
+            activation_checkpoint_func=ds_checkpointing.non_reentrant_checkpoint,
             checkpointable_layers=[Gemma4DecoderLayerPipe.__name__],
             dynamic_shape=True,
         )
