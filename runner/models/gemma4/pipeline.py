@@ -29,6 +29,7 @@ from runner.models.gemma4.stages import (
     Gemma4LMHead,
     Gemma4TokenEmbedding,
     Gemma4VisionStage,
+    MaskCache,
 )
 from runner.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from runner.parallel.topology import ParallelDims, ParallelState, validate_model_split
@@ -94,6 +95,7 @@ def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
 
 def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState) -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, in forward order."""
+    masks = MaskCache(config, capacity=2 * ps.dims.pp + 2)  # one per stage process, shared by its layers
     tied = config.tie_word_embeddings or config.text_config.tie_word_embeddings
     if tied:
         embed = TiedLayerSpec("embed", Gemma4TokenEmbedding, config, ps)
@@ -104,7 +106,7 @@ def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState) -> list[LayerSpe
     return [
         LayerSpec(Gemma4VisionStage, config, ps),
         embed,
-        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps) for i in range(config.text_config.num_hidden_layers)],
+        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks) for i in range(config.text_config.num_hidden_layers)],
         LayerSpec(Gemma4FinalNorm, config, ps),
         head,
     ]

@@ -143,6 +143,35 @@ def build_masks(config: Gemma4Config, hidden, attention_mask, position_ids, mm_t
     )
 
 
+class MaskCache:
+    """The masks of the last few micro-batches, shared by all decoder layers of a stage.
+
+    transformers' mask builder is host-heavy (vmap over index functions; a third of a CPU step
+    when every layer called it, and again under activation-checkpoint recompute). The masks depend
+    only on the micro-batch's small integer tensors, so a stage builds them once per micro-batch.
+    Entries are matched by value (shape, dtype, then torch.equal), never by address, so a freed and
+    reused tensor cannot hit a stale entry; `capacity` covers the micro-batches a 1F1B schedule
+    keeps in flight on one stage (at most pp) plus their recomputes.
+    """
+
+    def __init__(self, config: Gemma4Config, capacity: int) -> None:
+        self.config = config
+        self.capacity = capacity
+        self.entries: list[tuple[tuple, tuple[torch.Tensor, ...], dict]] = []
+
+    def get(self, hidden: torch.Tensor, attention_mask, position_ids, mm_token_type_ids) -> dict:
+        key = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device)
+        ints = (attention_mask, position_ids, mm_token_type_ids)
+        for i, (k, cached, masks) in enumerate(self.entries):
+            if k == key and all(torch.equal(a, b) for a, b in zip(cached, ints)):
+                self.entries.append(self.entries.pop(i))  # most recently used last
+                return masks
+        masks = build_masks(self.config, hidden, attention_mask, position_ids, mm_token_type_ids)
+        self.entries.append((key, tuple(t.detach().clone() for t in ints), masks))
+        del self.entries[: max(0, len(self.entries) - self.capacity)]
+        return masks
+
+
 class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
     """transformers' `Gemma4TextDecoderLayer` with column/row-parallel linears, as a pipeline layer.
 
@@ -152,11 +181,11 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
     the meta device first, so the full-size linears are never allocated.
     """
 
-    def __init__(self, config: Gemma4Config, layer_idx: int, ps: ParallelState) -> None:
+    def __init__(self, config: Gemma4Config, layer_idx: int, ps: ParallelState, masks: MaskCache) -> None:
         with torch.device("meta"):
             super().__init__(config.text_config, layer_idx)
         _shard_decoder_layer(self, ps)
-        self.full_config = config
+        self.masks = masks
         self.layer_type = config.text_config.layer_types[layer_idx]
         self.hf_prefix = f"model.language_model.layers.{layer_idx}."
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
@@ -164,7 +193,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, attention_mask, position_ids, mm_token_type_ids = inputs
-        masks = build_masks(self.full_config, hidden, attention_mask, position_ids, mm_token_type_ids)
+        masks = self.masks.get(hidden, attention_mask, position_ids, mm_token_type_ids)
         hidden = super().forward(
             hidden,
             None,
