@@ -73,6 +73,8 @@ class DataConfig:
     on_bad_sample: Literal["skip", "raise"] = "skip"
     num_workers: int = 0
     group_by_length: bool = True
+    pad_to_multiple_of: int = 8  # dynamic padding granularity: fewer distinct shapes, more padding
+    buckets: list[int] = field(default_factory=list)  # fixed lengths to pad up to (empty: dynamic)
 
 
 @dataclass
@@ -234,6 +236,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.data.max_length >= 16, "data.max_length must be >= 16"),
+        (cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1"),
         (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

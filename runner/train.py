@@ -42,6 +42,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 def init_distributed() -> None:
     """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU."""
     if not dist.is_initialized():
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # started without a launcher: one process
+            for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": "29500"}.items():
+                os.environ.setdefault(key, value)
         cpu = get_accelerator().device_name() == "cpu"
         if not cpu:  # before building anything: each rank its own GPU, not GPU 0
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -97,7 +101,8 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
 def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: ParallelDims, ps: ParallelState,
                  gas: int, seed: int) -> MicroBatchLoader:
     """This DP replica's micro-batches of one dataset split (the same on all its TP/PP ranks)."""
-    collator = Gemma4Collator(processor, max_length=cfg.data.max_length, thinking_prefix=cfg.data.thinking_prefix)
+    collator = Gemma4Collator(processor, max_length=cfg.data.max_length, thinking_prefix=cfg.data.thinking_prefix,
+                              buckets=cfg.data.buckets or None, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     lengths = None
     if cfg.data.group_by_length:
         lengths = collator.estimate_lengths([source.text_and_images(i) for i in range(len(source))])
