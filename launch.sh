@@ -2,7 +2,8 @@
 # One entry point for users and CI.
 #   ./launch.sh demo                      tiny Gemma4 + synthetic MedPix data, CPU, TP2 x PP2 under accelerate
 #   ./launch.sh test [pytest args]        the CPU test suite (what CI runs)
-#   ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--port P] [--set k=v ...]
+#   ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--port P]
+#                            [--machine_rank N --main_process_ip IP] [--set k=v ...]   (paths relative to the repo)
 #   ./launch.sh install                   install the runner and its dependencies into the current Python
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,13 +34,14 @@ print(node)" "$1" "$2"
 train() {
     local recipe=${1:?usage: ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--set k=v ...]}
     shift
-    local cluster=accelerate_configs/cpu_4proc.yaml launcher=accelerate hostfile="" port=29500 extra=()
+    local cluster=accelerate_configs/cpu_4proc.yaml launcher=accelerate hostfile="" port=29500 extra=() node=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --cluster) cluster=$2; shift 2 ;;
             --launcher) launcher=$2; shift 2 ;;
             --hostfile) hostfile=$2; shift 2 ;;
             --port) port=$2; shift 2 ;;
+            --machine_rank|--main_process_ip) node+=("$1" "$2"); shift 2 ;;  # multi-node accelerate, per node
             *) extra+=("$1"); shift ;;
         esac
     done
@@ -49,13 +51,16 @@ train() {
     fi
     case "$launcher" in
         accelerate)
-            exec "$PY" -m accelerate.commands.launch --config_file "$cluster" --main_process_port "$port" -m runner train "$recipe" "${extra[@]}" ;;
+            exec "$PY" -m accelerate.commands.launch --config_file "$cluster" --main_process_port "$port" \
+                ${node[@]+"${node[@]}"} -m runner train "$recipe" ${extra[@]+"${extra[@]}"} ;;
         deepspeed)
-            local where=(--num_gpus "$(cluster_value "$cluster" num_processes)")
+            # one host: its share of the cluster's processes; several: the hostfile says (DeepSpeed ssh's to each)
+            local per_node=$(( $(cluster_value "$cluster" num_processes) / $(cluster_value "$cluster" num_machines) ))
+            local where=(--num_gpus "$per_node")
             [ -n "$hostfile" ] && where=(--hostfile "$hostfile")
             exec "$PY" -m deepspeed.launcher.runner "${where[@]}" --master_port "$port" --module runner train "$recipe" \
                 --ds-config "$(cluster_value "$cluster" deepspeed_config.deepspeed_config_file)" \
-                "${extra[@]}" ;;
+                ${extra[@]+"${extra[@]}"} ;;
         *) echo "error: --launcher must be accelerate or deepspeed, got $launcher" >&2; exit 2 ;;
     esac
 }
@@ -66,7 +71,7 @@ demo() {
     [ -f "$dir/gemma4-tiny/config.json" ] || "$PY" -m runner make-tiny "$dir/gemma4-tiny"
     [ -d "$dir/medpix-synthetic" ] || "$PY" -m runner make-data "$dir/medpix-synthetic" --n 200
     rm -rf "$dir/output"  # a fresh run each time (resume: auto would otherwise continue the last one)
-    (train recipes/tiny_demo.yaml --cluster accelerate_configs/cpu_4proc.yaml "$@")
+    (train recipes/tiny_demo.yaml --cluster accelerate_configs/cpu_4proc.yaml ${@+"$@"})
     "$PY" - "$dir/output" <<'PY'
 import json, sys
 from pathlib import Path
@@ -90,5 +95,5 @@ case "$cmd" in
         exec "$PY" -m pytest -q tests "$@" ;;
     train) train "$@" ;;
     demo) demo "$@" ;;
-    *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac

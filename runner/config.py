@@ -241,6 +241,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
+        (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0: the whole eval split)"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
+        (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
     ]
     for ok, message in checks:

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from runner.config import OptimConfig
@@ -28,7 +29,7 @@ def counts_once(param: nn.Parameter, tp_rank: int) -> bool:
 
 def global_grad_norm(params: list[nn.Parameter], ps: ParallelState) -> torch.Tensor:
     """L2 norm of the full model's gradient (after DP averaging), equal on every rank."""
-    device = params[0].device if params else torch.device("cpu")
+    device = params[0].device if params else get_accelerator().current_device_name()  # NCCL needs it on the GPU
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is not None and counts_once(p, ps.tp_rank):

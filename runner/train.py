@@ -82,6 +82,9 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
     bf16 = cfg.model.dtype == "bfloat16"
     ds.setdefault("bf16", {})["enabled"] = bf16
     zero = ds.get("zero_optimization", {}).get("stage", 0)
+    if zero >= 2 or ds.get("fp16", {}).get("enabled"):
+        raise UserError(f"DeepSpeed config {path}: the pipeline engine supports ZeRO stage 0 or 1 and bf16/fp32, "
+                        f"not {'fp16' if zero < 2 else f'ZeRO stage {zero}'}; use ds_configs/gpu_bf16_zero1.json")
     fp32_path = not bf16 and zero == 0
     fills = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -91,7 +94,7 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
         "gradient_clipping": 0.0 if fp32_path else cfg.train.grad_clip,
     }
     for key, value in fills.items():
-        if ds.get(key, "auto") not in ("auto", value):
+        if ds.get(key, "auto") not in ("auto", value) and not (key == "gradient_clipping" and fp32_path):
             raise UserError(f"DeepSpeed config {path}: {key}={ds[key]} contradicts the recipe ({value}); set it to \"auto\"")
         ds[key] = value
     ds.setdefault("pipeline", {}).update({"pipe_partitioned": False, "grad_partitioned": False})
@@ -181,6 +184,9 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     ckpt_root = out_dir / "checkpoints"
     resume_root = {"auto": ckpt_root, "none": None}.get(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
     resuming = resume_root is not None and native.latest_complete(resume_root) is not None
+    if resume_root is not None and resume_root != ckpt_root and not resuming:
+        raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
+                        f"point it at a checkpoints directory with `latest`, or use auto / none")
 
     device = get_accelerator().current_device_name()
     with torch.device(device):
@@ -197,6 +203,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     if resuming:
         client = native.resume(engine, resume_root)
         step = client["step"]
+        if step > total_steps:
+            raise UserError(f"the checkpoint is at step {step}, past train.max_steps={total_steps}; raise max_steps")
         train_data.load_state_dict(client["data"])
     logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar)
     if rank == 0:
@@ -207,7 +215,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     stop = StopFlag()
     flops_per_token = None
     peak = peak_flops_per_device()
-    last_ckpt = native.latest_complete(ckpt_root)
+    last_ckpt = native.latest_complete(resume_root if resuming else ckpt_root)
     while step < total_steps:
         t0 = time.time()
         micro = train_data.next_step()
@@ -238,14 +246,14 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                 "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt, "data_time": data_time,
                 "skipped_samples": sum(train_data.skipped.values()),
             })
-        if eval_data is not None and step % cfg.eval.every_steps == 0:
+        stopping = stop.any_rank()  # before eval: a launcher kills the workers ~30 s after SIGTERM
+        if eval_data is not None and step % cfg.eval.every_steps == 0 and not stopping:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
-        stopping = stop.any_rank()
         every = cfg.checkpoint.every_steps
         if stopping or (step == total_steps and cfg.checkpoint.at_end) or (every and step % every == 0):
             last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": train_data.state_dict()},
                                     source=model_dir, keep=cfg.checkpoint.keep)
-        if stopping:
+        if stopping and step < total_steps:
             if rank == 0:
                 print(f"SIGTERM: saved {last_ckpt} after step {step}; resume with checkpoint.resume=auto", flush=True)
             break

@@ -93,9 +93,11 @@ def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
     )
 
 
-def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState) -> list[LayerSpec]:
-    """The model as DeepSpeed layer specs, in forward order."""
-    masks = MaskCache(config, capacity=2 * ps.dims.pp + 2)  # one per stage process, shared by its layers
+def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None) -> list[LayerSpec]:
+    """The model as DeepSpeed layer specs, in forward order (`ps=None`: only to list them, as
+    `runner plan` does; nothing is built)."""
+    pp = ps.dims.pp if ps is not None else 1
+    masks = MaskCache(config, capacity=2 * pp + 2)  # one per stage process, shared by its layers
     tied = config.tie_word_embeddings or config.text_config.tie_word_embeddings
     if tied:
         embed = TiedLayerSpec("embed", Gemma4TokenEmbedding, config, ps)

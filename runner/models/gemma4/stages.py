@@ -162,7 +162,8 @@ class MaskCache:
     def get(self, hidden: torch.Tensor, attention_mask, position_ids, mm_token_type_ids) -> dict:
         key = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device)
         ints = (attention_mask, position_ids, mm_token_type_ids)
-        for i, (k, cached, masks) in enumerate(self.entries):
+        for i in range(len(self.entries) - 1, -1, -1):  # newest first: the usual hit, fewest GPU syncs
+            k, cached, masks = self.entries[i]
             if k == key and all(torch.equal(a, b) for a, b in zip(cached, ints)):
                 self.entries.append(self.entries.pop(i))  # most recently used last
                 return masks
