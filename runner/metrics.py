@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,6 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 print("tensorboard not installed: metrics go to metrics.jsonl only", file=sys.stderr)
-        self.start = time.time()
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

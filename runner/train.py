@@ -183,7 +183,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     out_dir = Path(cfg.output.dir)
     ckpt_root = out_dir / "checkpoints"
     resume_root = {"auto": ckpt_root, "none": None}.get(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
-    resuming = resume_root is not None and native.latest_complete(resume_root) is not None
+    resume_from = native.latest_complete(resume_root) if resume_root is not None else None
+    resuming = resume_from is not None
     if resume_root is not None and resume_root != ckpt_root and not resuming:
         raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
                         f"point it at a checkpoints directory with `latest`, or use auto / none")
@@ -211,11 +212,11 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}, {gas} micro-batches of "
               f"{cfg.train.micro_batch_size} per step, steps {step + 1}..{total_steps}"
-              + (f" (resumed from {native.latest_complete(resume_root)})" if resuming else ""), flush=True)
+              + (f" (resumed from {resume_from})" if resuming else ""), flush=True)
     stop = StopFlag()
     flops_per_token = None
     peak = peak_flops_per_device()
-    last_ckpt = native.latest_complete(resume_root if resuming else ckpt_root)
+    last_ckpt = resume_from if resuming else native.latest_complete(ckpt_root)
     while step < total_steps:
         t0 = time.time()
         micro = train_data.next_step()

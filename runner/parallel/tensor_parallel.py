@@ -23,6 +23,12 @@ def _group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group=group)
 
 
+def _coords(group) -> tuple[int, int]:
+    """(size, this rank's index) of a TP group; (1, 0) without one."""
+    size = _group_size(group)
+    return size, 0 if size == 1 else dist.get_rank(group=group)
+
+
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -131,8 +137,7 @@ class ColumnParallelLinear(_ParallelLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        tp = _group_size(tp_group)
-        tp_rank = 0 if tp == 1 else dist.get_rank(group=tp_group)
+        tp, tp_rank = _coords(tp_group)
         shards = tp // replicas
         if out_features % shards:
             raise ValueError(f"out_features={out_features} not divisible into {shards} shards")
@@ -173,8 +178,7 @@ class RowParallelLinear(_ParallelLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        tp = _group_size(tp_group)
-        tp_rank = 0 if tp == 1 else dist.get_rank(group=tp_group)
+        tp, tp_rank = _coords(tp_group)
         if in_features % tp:
             raise ValueError(f"in_features={in_features} not divisible by tp={tp}")
         self.in_features = in_features // tp
@@ -214,8 +218,7 @@ class VocabParallelEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        tp = _group_size(tp_group)
-        tp_rank = 0 if tp == 1 else dist.get_rank(group=tp_group)
+        tp, tp_rank = _coords(tp_group)
         if num_embeddings % tp:
             raise ValueError(f"vocab size {num_embeddings} not divisible by tp={tp}")
         self.num_embeddings = num_embeddings
