@@ -4,6 +4,11 @@ One command builds everything on the GPU machine itself (no hub there) and runs 
 
     python -m benchmarks.gpu_bench --out $OUT --depth 12 --layouts 2x2,4x1,1x4 --steps 6
 
+A layout may carry recipe overrides for a before/after pair in the same call, e.g.
+`--layouts 2x1,2x1:data.pad_to_multiple_of=128`. `$OUT` gets three files only (results.json,
+logs.txt with each run's tail, profiles.txt with the profiled step's reports when
+BENCH_PROFILE_STEP=N); everything else stays under BENCH_WORK.
+
 1. a random-weight Gemma4 of the real 31B shape (`gemma4_31b_config(depth)`: same width, vision
    tower and 5:1 sliding/full pattern, `depth` decoder layers), bf16, saved as an HF checkpoint with
    the tiny tokenizer and a processor at the 31B's 280 soft tokens per image;
@@ -99,7 +104,8 @@ WORKLOADS = {  # micro-batch, max_length
 }
 
 
-def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, dp: int, steps: int, gas: int) -> Path:
+def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, dp: int, steps: int, gas: int,
+           overrides: dict[str, str]) -> Path:
     micro, max_length = WORKLOADS[workload]
     cfg = {
         "model": {"path": str(ckpt), "dtype": "bfloat16", "attn_implementation": "sdpa"},
@@ -113,23 +119,37 @@ def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, d
         "checkpoint": {"every_steps": 0, "resume": "none", "export": False, "at_end": False},
         "logging": {"tensorboard": False, "progress_bar": False, "profile_step": int(os.environ.get("BENCH_PROFILE_STEP", 0))},
     }
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(value)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def run(cmd: list[str], log: Path, timeout: int) -> int:
+def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
+    """Run one job; its whole log stays in `log`, its last lines go to the shared `tails` file."""
     t0 = time.time()
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    print(f"  {'ok' if proc.returncode == 0 else 'FAILED rc=' + str(proc.returncode)} in {time.time() - t0:.0f}s: {log}",
-          flush=True)
-    return proc.returncode
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
+    print(f"  {status}: {log}", flush=True)
+    with tails.open("a") as f:
+        f.write(f"===== {log.name}: {status}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]) + "\n")
+    return rc
 
 
-def steady(records: list[dict], warmup: int) -> dict:
-    """Median over the steps after the warm-up (first steps compile kernels and fill caches)."""
-    rest = records[warmup:] or records[-1:]
+def steady(records: list[dict], warmup: int, profile_step: int) -> dict:
+    """Median over the steps after the warm-up (first steps compile kernels and fill caches),
+    leaving out the profiled step (profilers slow it)."""
+    timed = [r for r in records if r["step"] != profile_step]
+    rest = timed[warmup:] or timed[-1:]
     med = {k: statistics.median(r[k] for r in rest) for k in ("tokens_per_sec_per_gpu", "step_time", "data_time")}
     mfu = [r["mfu"] for r in rest if r.get("mfu") is not None]
     return {**med, "mfu": statistics.median(mfu) if mfu else None,
@@ -173,17 +193,25 @@ def main() -> int:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": gpus, "depth": args.depth,
                      "model": f"gemma4_31b_config(depth={args.depth}) random bf16", "runs": [], "baseline": {}}
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port=29555"]
+    tails, profiles = out / "logs.txt", out / "profiles.txt"
+    profile_step = int(os.environ.get("BENCH_PROFILE_STEP", 0))
     for workload in args.workloads.split(","):
-        for layout in [x for x in args.layouts.split(",") if x != "none"]:
-            tp, pp = map(int, layout.split("x"))
+        for index, layout in enumerate(x for x in args.layouts.split(",") if x != "none"):
+            shape, *sets = layout.split(":")
+            overrides = dict(kv.split("=", 1) for part in sets for kv in part.split(";"))
+            tp, pp = map(int, shape.split("x"))
             dp = gpus // (tp * pp)
-            run_dir = work / f"run_{workload}_tp{tp}pp{pp}dp{dp}"
-            rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas)
+            run_dir = work / f"run_{workload}_{index}_tp{tp}pp{pp}dp{dp}"
+            rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas, overrides)
             plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
                                    "--json"], cwd=ROOT, capture_output=True, text=True)
             print(f"{workload} tp={tp} pp={pp} dp={dp}", flush=True)
-            rc = run(torchrun + ["-m", "runner", "train", str(rec_path)], out / f"log_{run_dir.name}.txt", args.timeout)
-            entry = {"workload": workload, "tp": tp, "pp": pp, "dp": dp, "rc": rc,
+            rc = run(torchrun + ["-m", "runner", "train", str(rec_path)], work / f"log_{run_dir.name}.txt", args.timeout,
+                     tails)
+            for report in sorted(run_dir.glob("profile_rank0*.txt")):
+                with profiles.open("a") as f:
+                    f.write(f"===== {run_dir.name}/{report.name}\n{report.read_text()}\n")
+            entry = {"workload": workload, "tp": tp, "pp": pp, "dp": dp, "overrides": overrides, "rc": rc,
                      "micro_batch": WORKLOADS[workload][0], "micro_batches_per_step": args.gas,
                      "bubble_share": (pp - 1) / (args.gas + pp - 1)}
             if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak
@@ -193,7 +221,7 @@ def main() -> int:
             metrics = run_dir / "metrics.jsonl"
             if rc == 0 and metrics.exists():
                 recs = [json.loads(line) for line in metrics.read_text().splitlines() if '"split"' not in line]
-                entry.update(steady(recs, args.warmup))
+                entry.update(steady(recs, args.warmup, profile_step))
                 entry["tokens_per_step"] = recs[-1]["tokens"]
             results["runs"].append(entry)
             (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -204,7 +232,7 @@ def main() -> int:
             rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                 "--out", str(base_out)], out / f"log_zero3_{workload}.txt", args.timeout)
+                                 "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
             if rc == 0:
                 results["baseline"][workload] = json.loads(base_out.read_text())
         (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -224,7 +252,8 @@ def print_table(results: dict) -> None:
         plan = e.get("plan_gib")
         mfu = f"{100 * e['mfu']:.1f}%" if e.get("mfu") else "-"
         print(f"{e['workload']:8} tp{e['tp']}pp{e['pp']}dp{e['dp']:<4} {e.get('tokens_per_sec_per_gpu', 0):>10.0f} "
-              f"{mfu:>6} {e.get('mem_gib', 0):>9.1f} {plan or 0:>9.1f} {e.get('ratio_vs_zero3', 0):>9.2f}")
+              f"{mfu:>6} {e.get('mem_gib', 0):>9.1f} {plan or 0:>9.1f} {e.get('ratio_vs_zero3', 0):>9.2f} "
+              f"{e.get('overrides') or ''}")
     for workload, b in results["baseline"].items():
         print(f"{workload:8} {'ZeRO-3':12} {b['tokens_per_sec_per_gpu']:>10.0f} {'':>6} {b['mem_gib']:>9.1f}")
 

@@ -34,6 +34,7 @@ from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_
 from runner.models.gemma4.pipeline import Gemma4Pipeline, check_supported, count_label_tokens, to_pipe_batch, validate_layout
 from runner.optim import build_optimizer, lr_lambda
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
+from runner.profiling import profile_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -224,11 +225,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         n_labels, n_tokens = step_counts(micro, ps)
         model.token_loss.set_label_count(n_labels, gas)
         profiling = step + 1 == cfg.logging.profile_step
-        with torch.profiler.profile() if profiling else contextlib.nullcontext() as prof:
+        with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
-        if profiling and rank == 0:
-            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-            (out_dir / "profile_rank0.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
         step += 1
         dt = time.time() - t0
         mem = torch.tensor([mem_gib()], device=comm_device())

@@ -40,3 +40,21 @@ def test_cache_matches_transformers_and_builds_once(monkeypatch):
     other[3] = torch.zeros_like(first[3])
     cache.get(*other)
     assert len(calls) == 4 and len(cache.entries) == 2
+
+
+def test_cache_hits_aliases_and_misses_in_place_writes(monkeypatch):
+    """Recompute passes `detach()`ed aliases (a hit, no rebuild); an in-place write to a cached
+    tensor, or equal values in other memory, build afresh — the cache never reads values."""
+    config = tiny_config()
+    config.text_config._attn_implementation = "sdpa"
+    calls = []
+    monkeypatch.setattr(stages, "build_masks", lambda *a: calls.append(1) or build_masks(*a))
+    cache = MaskCache(config, capacity=4)
+    args = _args(global_batch(config, "image")[0], config.text_config.hidden_size)
+    first = cache.get(*args)
+    assert cache.get(*(t.detach() for t in args)) is first and len(calls) == 1
+    cache.get(*(t.clone() for t in args))
+    assert len(calls) == 2
+    args[1][0, -1] = 0  # the cached attention mask, written in place: its masks are stale
+    got = cache.get(*args)
+    assert len(calls) == 3 and torch.equal(got["full_attention"], build_masks(config, *args)["full_attention"])

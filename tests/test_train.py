@@ -59,8 +59,12 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
     firsts = {}
     for (tp, pp, dp), cmd in runs.items():
         out = tmp_path / f"run_{tp}{pp}{dp}"
-        _run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"))
+        profile = "logging.profile_step=1" if tp * pp * dp == 1 else "logging.profile_step=0"
+        _run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", profile))
         firsts[(tp, pp, dp)] = _first_step(out)
+    profiled = tmp_path / "run_111"  # the profiled step is the same step, with its reports beside it
+    assert "train_batch" in (profiled / "profile_rank0_python.txt").read_text()
+    assert "aten::" in (profiled / "profile_rank0.txt").read_text()
     base = firsts[(1, 1, 1)]
     for layout, rec in firsts.items():
         for key in ("loss", "grad_norm"):

@@ -143,15 +143,23 @@ def build_masks(config: Gemma4Config, hidden, attention_mask, position_ids, mm_t
     )
 
 
+def _alias_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's values without reading them: its memory, layout and in-place
+    version (shared by `detach()` aliases, bumped by every in-place write)."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version
+
+
 class MaskCache:
     """The masks of the last few micro-batches, shared by all decoder layers of a stage.
 
     transformers' mask builder is host-heavy (vmap over index functions; a third of a CPU step
     when every layer called it, and again under activation-checkpoint recompute). The masks depend
     only on the micro-batch's small integer tensors, so a stage builds them once per micro-batch.
-    Entries are matched by value (shape, dtype, then torch.equal), never by address, so a freed and
-    reused tensor cannot hit a stale entry; `capacity` covers the micro-batches a 1F1B schedule
-    keeps in flight on one stage (at most pp) plus their recomputes.
+    Lookups never read tensor values (that would stall the host on the GPU once per layer): an
+    entry keeps its integer tensors alive, so no other tensor can take their memory, and matches a
+    tensor that aliases the same memory unchanged — the layers of a stage pass the same tensors on,
+    and activation-checkpoint recompute gets `detach()`ed aliases of them. `capacity` covers the
+    micro-batches a 1F1B schedule keeps in flight on one stage (at most pp) plus their recomputes.
     """
 
     def __init__(self, config: Gemma4Config, capacity: int) -> None:
@@ -160,15 +168,14 @@ class MaskCache:
         self.entries: list[tuple[tuple, tuple[torch.Tensor, ...], dict]] = []
 
     def get(self, hidden: torch.Tensor, attention_mask, position_ids, mm_token_type_ids) -> dict:
-        key = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device)
         ints = (attention_mask, position_ids, mm_token_type_ids)
-        for i in range(len(self.entries) - 1, -1, -1):  # newest first: the usual hit, fewest GPU syncs
-            k, cached, masks = self.entries[i]
-            if k == key and all(torch.equal(a, b) for a, b in zip(cached, ints)):
+        key = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device, *(_alias_key(t) for t in ints))
+        for i in range(len(self.entries) - 1, -1, -1):  # newest first: the usual hit
+            if self.entries[i][0] == key:
                 self.entries.append(self.entries.pop(i))  # most recently used last
-                return masks
+                return self.entries[-1][2]
         masks = build_masks(self.config, hidden, attention_mask, position_ids, mm_token_type_ids)
-        self.entries.append((key, tuple(t.detach().clone() for t in ints), masks))
+        self.entries.append((key, ints, masks))
         del self.entries[: max(0, len(self.entries) - self.capacity)]
         return masks
 
