@@ -24,6 +24,7 @@ class ModelConfig:
     path: str = "google/gemma-4-31B-it"  # hub id or local HF directory
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    fused_rms_norm: bool = True  # PyTorch's fused RMSNorm kernel; false: transformers' op-by-op RMSNorm
 
 
 @dataclass

@@ -192,7 +192,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
 
     device = get_accelerator().current_device_name()
     with torch.device(device):
-        model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(cfg.train.activation_checkpointing))
+        model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
+                               fused_rms_norm=cfg.model.fused_rms_norm)
     model.to(DTYPES[cfg.model.dtype])
     if not resuming:  # a resumed run takes every weight from its checkpoint
         load_hf_weights(model, model_dir)

@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batches", default="text,image", help="one global batch kind per optimizer step")
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--no-fused-rms-norm", action="store_true")
     ap.add_argument("--freeze", default="", help="comma list of embeddings,vision_tower,language_model")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -52,7 +53,8 @@ def main() -> None:
     ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
     config = AutoConfig.from_pretrained(args.ckpt)
     config.text_config._attn_implementation = "eager"
-    model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(args.activation_checkpointing))
+    model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(args.activation_checkpointing),
+                           fused_rms_norm=not args.no_fused_rms_norm)
     load_hf_weights(model, args.ckpt)
     model.freeze(**{part: True for part in args.freeze.split(",") if part})
 

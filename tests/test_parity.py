@@ -41,10 +41,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("tp,pp,dp", LAYOUTS, ids=lambda v: str(v))
-def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp, dp):
+# every layout with the fused RMSNorm (the default), one with transformers' own RMSNorm
+CASES = [(*layout, True) for layout in LAYOUTS] + [(2, 2, 1, False)]
+
+
+@pytest.mark.parametrize("tp,pp,dp,fused", CASES, ids=lambda v: str(v))
+def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp, dp, fused):
     kinds = "text,image"
-    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds)
+    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=() if fused else ("--no-fused-rms-norm",))
     ref = _reference(str(tiny_ckpt), kinds, 0.0)
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]

@@ -93,7 +93,7 @@ def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
     )
 
 
-def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None) -> list[LayerSpec]:
+def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms_norm: bool = True) -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, in forward order (`ps=None`: only to list them, as
     `runner plan` does; nothing is built)."""
     pp = ps.dims.pp if ps is not None else 1
@@ -108,8 +108,9 @@ def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None) -> list[L
     return [
         LayerSpec(Gemma4VisionStage, config, ps),
         embed,
-        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks) for i in range(config.text_config.num_hidden_layers)],
-        LayerSpec(Gemma4FinalNorm, config, ps),
+        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks, fused_rms_norm)
+          for i in range(config.text_config.num_hidden_layers)],
+        LayerSpec(Gemma4FinalNorm, config, ps, fused_rms_norm),
         head,
     ]
 
@@ -166,6 +167,7 @@ class Gemma4Pipeline(PipelineModule):
         ps: ParallelState,
         *,
         activation_checkpoint_interval: int = 0,
+        fused_rms_norm: bool = True,
     ) -> None:
         check_supported(config)
         validate_layout(config, ps.dims)
@@ -173,7 +175,7 @@ class Gemma4Pipeline(PipelineModule):
         self.ps = ps
         loss = TokenWeightedLoss(ps, config.text_config.vocab_size)
         super().__init__(
-            layers=gemma4_layer_specs(config, ps),
+            layers=gemma4_layer_specs(config, ps, fused_rms_norm),
             topology=ps.topology,
             loss_fn=loss,
             partition_method=f"type:{Gemma4DecoderLayerPipe.__name__}",

@@ -13,6 +13,7 @@ layer's linears are swapped for column/row-parallel ones.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 from transformers.models.gemma4.modeling_gemma4 import (
@@ -189,10 +190,12 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
     the meta device first, so the full-size linears are never allocated.
     """
 
-    def __init__(self, config: Gemma4Config, layer_idx: int, ps: ParallelState, masks: MaskCache) -> None:
+    def __init__(
+        self, config: Gemma4Config, layer_idx: int, ps: ParallelState, masks: MaskCache, fused_rms_norm: bool = True
+    ) -> None:
         with torch.device("meta"):
             super().__init__(config.text_config, layer_idx)
-        _shard_decoder_layer(self, ps)
+        _shard_decoder_layer(self, ps, fused_rms_norm)
         self.masks = masks
         self.layer_type = config.text_config.layer_types[layer_idx]
         self.hf_prefix = f"model.language_model.layers.{layer_idx}."
@@ -213,6 +216,20 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         return hidden, attention_mask, position_ids, mm_token_type_ids
 
 
+class FusedRMSNorm(Gemma4RMSNorm):
+    """Gemma4's RMSNorm through PyTorch's fused kernel: the same fp32 math (x · (mean x² + eps)^-½ · w,
+    one cast back) in one kernel each way instead of about eight elementwise ones — a tenth of a
+    step's GPU time went to those at the 31B's width."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(hidden_states, self.weight if self.with_scale else None, self.eps)
+
+
+def _rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    scale = None if weight is None else weight.float()
+    return F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], scale, eps).type_as(hidden_states)
+
+
 class HeadSharedRMSNorm(Gemma4RMSNorm):
     """q_norm / k_norm: one scale shared by all heads, while each TP rank sees only its own heads.
 
@@ -220,17 +237,21 @@ class HeadSharedRMSNorm(Gemma4RMSNorm):
     gradients are summed over TP (transformers' plan calls this `replicated_with_grad_allreduce`).
     """
 
-    def __init__(self, dim: int, eps: float, tp_group) -> None:
+    def __init__(self, dim: int, eps: float, tp_group, fused: bool) -> None:
         super().__init__(dim, eps=eps)
         self.tp_group = tp_group
+        self.fused = fused
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         scale = copy_to_group(self.weight, self.tp_group)
+        if self.fused:
+            return _rms_norm(hidden_states, scale, self.eps)
         return (self._norm(hidden_states.float()) * scale.float()).type_as(hidden_states)
 
 
-def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState) -> None:
-    """Swap the (meta) linears of a transformers decoder layer for TP ones; materialize the rest."""
+def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused_rms_norm: bool) -> None:
+    """Swap the (meta) linears of a transformers decoder layer for TP ones and, with
+    `fused_rms_norm`, its RMSNorms for fused ones; materialize the rest."""
     tp = ps.dims.tp
     attn = layer.self_attn
     head_dim = attn.head_dim
@@ -256,10 +277,16 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState) -> No
         else:
             new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
         setattr(parent, attr, new)
+    if fused_rms_norm:
+        for name, old in list(layer.named_modules()):
+            if type(old) is Gemma4RMSNorm:
+                parent_name, _, attr = name.rpartition(".")
+                dim = old.weight.shape[0] if old.with_scale else 1
+                setattr(layer.get_submodule(parent_name), attr, FusedRMSNorm(dim, old.eps, with_scale=old.with_scale))
     if tp > 1:
         for name in ("q_norm", "k_norm"):
             old = getattr(attn, name)
-            setattr(attn, name, HeadSharedRMSNorm(old.weight.shape[0], old.eps, ps.tp_group))
+            setattr(attn, name, HeadSharedRMSNorm(old.weight.shape[0], old.eps, ps.tp_group, fused_rms_norm))
     # Local heads: q heads split tp ways, KV heads split or replicated (rank r holds KV head r // replicas).
     attn.num_key_value_groups = (q_heads // tp) // max(kv_heads // tp, 1)
     # What is still on meta is RMSNorm scales and the layer_scalar buffer; transformers initializes
@@ -273,14 +300,16 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState) -> No
                 module.register_buffer(bname, torch.ones(b.shape, dtype=b.dtype))
 
 
-class Gemma4FinalNorm(Gemma4RMSNorm):
+class Gemma4FinalNorm(FusedRMSNorm):
     """The language model's final RMSNorm; drops the side tensors the head does not need."""
 
     hf_prefix = "model.language_model.norm."
 
-    def __init__(self, config: Gemma4Config, ps: ParallelState) -> None:
+    def __init__(self, config: Gemma4Config, ps: ParallelState, fused_rms_norm: bool = True) -> None:
         super().__init__(config.text_config.hidden_size, eps=config.text_config.rms_norm_eps)
+        self.fused = fused_rms_norm
         _mark_replicated(self, ps)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return super().forward(inputs[0])
+        norm = super().forward if self.fused else super(FusedRMSNorm, self).forward
+        return norm(inputs[0])
