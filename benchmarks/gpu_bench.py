@@ -140,8 +140,10 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
             rc = 124
     status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
     print(f"  {status}: {log}", flush=True)
+    lines = log.read_text(errors="replace").splitlines()
+    errors = list(dict.fromkeys(x for x in lines if "Error" in x and "elastic" not in x))[:20]  # the cause, not torchrun's summary
     with tails.open("a") as f:
-        f.write(f"===== {log.name}: {status}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]) + "\n")
+        f.write(f"===== {log.name}: {status}\n" + "\n".join(errors + lines[-40:]) + "\n")
     return rc
 
 
