@@ -58,6 +58,7 @@ def _plan(args: argparse.Namespace) -> int:
     world_size, ds_config = args.world_size, None
     if args.cluster:
         world_size, ds_config = cluster_world_size(args.cluster)
+    ds_config = args.ds_config or ds_config
     plan = make_plan(cfg, world_size=world_size, ds_config=ds_config, gpu_mem_gib=args.gpu_mem_gib,
                      fused_attn_max_head_dim=args.fused_attn_max_head_dim)
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--cluster", default=None, metavar="ACCELERATE_CONFIG_YAML", help="resolve dp 'auto' from its num_processes")
     p.add_argument("--world-size", type=int, default=None, help="resolve dp 'auto' from this many GPUs")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the cluster's, else ds_configs/gpu_bf16_zero1.json)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="warn when a GPU needs more (default 80)")
     p.add_argument("--fused-attn-max-head-dim", type=int, default=512,
                    help="largest head dim assumed to run fused SDPA; larger ones count materialized scores (default 512)")

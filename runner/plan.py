@@ -84,17 +84,33 @@ def cluster_world_size(path: str) -> tuple[int, str | None]:
     return procs, (data.get("deepspeed_config") or {}).get("deepspeed_config_file")
 
 
-def zero_settings(ds_config: str | None) -> tuple[int, int]:
-    """(ZeRO stage, reduce bucket elements) of the DeepSpeed config the run will use: the cluster's,
-    else the one `runner train` takes on GPUs."""
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What of the DeepSpeed config changes memory."""
+
+    zero_stage: int
+    bucket: int  # ZeRO reduce bucket, elements
+    fp32_grad_accum: bool  # data_types.grad_accum_dtype fp32: DeepSpeed's BF16 optimizer, fp32 gradients
+    immediate_grad_update: bool  # bf16.immediate_grad_update: bf16 gradients freed as they are accumulated
+
+
+def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
+    """The memory-relevant settings of the DeepSpeed config the run will use: the cluster's, else
+    the one `runner train` takes on GPUs."""
     path = Path(ds_config) if ds_config else ROOT / "ds_configs" / "gpu_bf16_zero1.json"
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
     try:
-        zero = json.loads(path.read_text()).get("zero_optimization", {})
+        ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"DeepSpeed config {path}: {err}") from None
-    return int(zero.get("stage", 0)), int(float(zero.get("reduce_bucket_size", 5e8)))
+    zero = ds.get("zero_optimization", {})
+    return DeepSpeedSettings(
+        zero_stage=int(zero.get("stage", 0)),
+        bucket=int(float(zero.get("reduce_bucket_size", 5e8))),
+        fp32_grad_accum=str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32"),
+        immediate_grad_update=bool(ds.get("bf16", {}).get("immediate_grad_update", False)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +316,8 @@ class Plan:
             )
         lines += [
             "",
-            f"GiB per GPU. weights {self.dtype}; grads {self.dtype} of trainable params; optim = "
+            f"GiB per GPU. weights {self.dtype}; grads {self.assumptions['grad_bytes_per_trainable_param']} bytes per "
+            f"trainable param; optim = "
             f"{'fp32 master + ' if self.zero_stage >= 1 or self.dtype == 'bfloat16' else ''}Adam m, v of trainable params"
             f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = ZeRO reduce bucket; overhd = CUDA "
             f"context + NCCL ({OVERHEAD_GIB} GiB, not in torch.cuda.max_memory_allocated, which is total - overhd).",
@@ -508,7 +525,15 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
                         f"micro_batch_size * dp = {per_step}")
     gas = cfg.train.global_batch_size // per_step
-    zero_stage, bucket = zero_settings(ds_config)
+    ds = deepspeed_settings(ds_config)
+    zero_stage = ds.zero_stage
+    # bf16 with fp32 accumulation: DeepSpeed's BF16 optimizer keeps fp32 gradients beside the bf16
+    # ones (freed per parameter with immediate_grad_update) and reduces them without the ZeRO bucket
+    fp32_accum = ds.fp32_grad_accum and cfg.model.dtype == "bfloat16"
+    grad_bytes = DTYPE_BYTES[cfg.model.dtype]
+    if fp32_accum:
+        grad_bytes = 4 if ds.immediate_grad_update else 4 + grad_bytes
+    bucket = 0 if fp32_accum or zero_stage == 0 else ds.bucket
     tc = config.text_config
     counts = model_params(config, dims.tp)
     memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim)
@@ -532,9 +557,9 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         )
         gib = {
             "weights": params * dtype_bytes / GIB,
-            "grads": trainable * dtype_bytes / GIB,
+            "grads": trainable * grad_bytes / GIB,
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
-            "zero_bucket": bucket * dtype_bytes / GIB if zero_stage >= 1 else 0.0,
+            "zero_bucket": bucket * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
         }
         gib["allocated"] = sum(gib.values())
@@ -573,6 +598,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "patches_per_image": memory.patches,
             "attention_scores_materialized": memory.materialized,
             "fused_attn_max_head_dim": fused_attn_max_head_dim,
-            "zero_reduce_bucket_elements": bucket if zero_stage >= 1 else 0,
+            "zero_reduce_bucket_elements": bucket,
+            "grad_bytes_per_trainable_param": grad_bytes,
         },
     )

@@ -188,3 +188,20 @@ def test_cli_resolves_dp_from_the_cluster_and_refuses_bad_input(capsys, tmp_path
         assert main(["plan", recipe, *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("immediate,grad_bytes", [(False, 6), (True, 4)])
+def test_fp32_gradient_accumulation_counts_fp32_grads(tmp_path, immediate, grad_bytes):
+    """bf16 with data_types.grad_accum_dtype fp32: fp32 gradients beside the bf16 ones (or instead of
+    them with immediate_grad_update), no ZeRO bucket; the 31B at TP4 x PP2 still fits 80 GB cards."""
+    base = json.loads((ROOT / "ds_configs/gpu_bf16_zero1.json").read_text())
+    fp32 = {**base, "bf16": {"enabled": True, "immediate_grad_update": immediate}, "data_types": {"grad_accum_dtype": "fp32"}}
+    (tmp_path / "ds.json").write_text(json.dumps(fp32))
+    cfg = load_config(RECIPES["tp4_pp2"])
+    bf16_accum, fp32_accum = make_plan(cfg), make_plan(cfg, ds_config=str(tmp_path / "ds.json"))
+    for a, b in zip(bf16_accum.stages, fp32_accum.stages):
+        assert b.memory_gib["grads"] == pytest.approx(a.memory_gib["grads"] * grad_bytes / 2, abs=2e-3)  # GiB to 3 places
+        assert b.memory_gib["zero_bucket"] == 0 < a.memory_gib["zero_bucket"]
+    assert fp32_accum.assumptions["grad_bytes_per_trainable_param"] == grad_bytes
+    shipped = make_plan(cfg, ds_config=str(ROOT / "ds_configs/gpu_bf16_zero1_fp32_grads.json"))
+    assert shipped.assumptions["grad_bytes_per_trainable_param"] == 4 and not shipped.warnings
