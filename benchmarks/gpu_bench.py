@@ -151,8 +151,8 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
 def steady(records: list[dict], warmup: int, profile_step: int) -> dict:
     """Median over the steps after the warm-up (first steps compile kernels and fill caches),
     leaving out the profiled step (profilers slow it)."""
-    timed = [r for r in records if r["step"] != profile_step]
-    rest = timed[warmup:] or timed[-1:]
+    timed = [r for r in records if r["step"] > warmup and r["step"] != profile_step]
+    rest = timed or records[-1:]
     med = {k: statistics.median(r[k] for r in rest) for k in ("tokens_per_sec_per_gpu", "step_time", "data_time")}
     mfu = [r["mfu"] for r in rest if r.get("mfu") is not None]
     return {**med, "mfu": statistics.median(mfu) if mfu else None,

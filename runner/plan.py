@@ -92,6 +92,7 @@ class DeepSpeedSettings:
     bucket: int  # ZeRO reduce bucket, elements
     fp32_grad_accum: bool  # data_types.grad_accum_dtype fp32: DeepSpeed's BF16 optimizer, fp32 gradients
     immediate_grad_update: bool  # bf16.immediate_grad_update: bf16 gradients freed as they are accumulated
+    fp32_communication: bool  # communication_data_type fp32: gradients reduced in place, not via a bf16 copy
 
 
 def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
@@ -105,11 +106,13 @@ def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"DeepSpeed config {path}: {err}") from None
     zero = ds.get("zero_optimization", {})
+    fp32 = ("fp32", "float32", "float")
     return DeepSpeedSettings(
         zero_stage=int(zero.get("stage", 0)),
         bucket=int(float(zero.get("reduce_bucket_size", 5e8))),
-        fp32_grad_accum=str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32"),
-        immediate_grad_update=bool(ds.get("bf16", {}).get("immediate_grad_update", False)),
+        fp32_grad_accum=str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in fp32,
+        immediate_grad_update=bool(ds.get("bf16", ds.get("bfloat16", {})).get("immediate_grad_update", False)),
+        fp32_communication=str(ds.get("communication_data_type", "")).lower() in fp32,
     )
 
 
@@ -527,13 +530,15 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     gas = cfg.train.global_batch_size // per_step
     ds = deepspeed_settings(ds_config)
     zero_stage = ds.zero_stage
-    # bf16 with fp32 accumulation: DeepSpeed's BF16 optimizer keeps fp32 gradients beside the bf16
-    # ones (freed per parameter with immediate_grad_update) and reduces them without the ZeRO bucket
-    fp32_accum = ds.fp32_grad_accum and cfg.model.dtype == "bfloat16"
+    # bf16 + ZeRO-1 with fp32 accumulation is DeepSpeed's BF16 optimizer: fp32 gradients beside the
+    # bf16 ones (freed per parameter with immediate_grad_update), reduced in place without the ZeRO
+    # bucket — or, unless communication_data_type is fp32, through a bf16 copy of all of them at once
+    fp32_accum = ds.fp32_grad_accum and cfg.model.dtype == "bfloat16" and zero_stage == 1
     grad_bytes = DTYPE_BYTES[cfg.model.dtype]
     if fp32_accum:
         grad_bytes = 4 if ds.immediate_grad_update else 4 + grad_bytes
     bucket = 0 if fp32_accum or zero_stage == 0 else ds.bucket
+    comm_copy = fp32_accum and not ds.fp32_communication
     tc = config.text_config
     counts = model_params(config, dims.tp)
     memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim)
@@ -559,7 +564,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "weights": params * dtype_bytes / GIB,
             "grads": trainable * grad_bytes / GIB,
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
-            "zero_bucket": bucket * dtype_bytes / GIB,
+            "zero_bucket": (trainable if comm_copy else bucket) * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
         }
         gib["allocated"] = sum(gib.values())

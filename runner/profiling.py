@@ -6,6 +6,7 @@ Three views of the same step, because a host-bound step hides from a kernel tabl
   between kernels: the schedule, mask building, hooks);
 - `profile_rank0_syncs.txt` (GPU only): every call that made the host wait for the GPU, counted by
   where it came from (`torch.cuda.set_sync_debug_mode`), since each one stops the host running ahead.
+  Syncs inside autograd's backward (recompute included) are reported at the `backward()` call.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import torch
 def profile_step(out_dir: Path, write: bool) -> Iterator[None]:
     cuda = torch.cuda.is_available()
     syncs: collections.Counter = collections.Counter()
+    show = warnings.showwarning
 
     def record_sync(message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchronizing" in str(message):
-            frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-6:]
-            syncs["".join(traceback.format_list(frames))] += 1
+        if "synchronizing" not in str(message):
+            show(message, category, filename, lineno, file, line)  # other warnings as usual
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-6:]
+        syncs["".join(traceback.format_list(frames))] += 1
 
     python = cProfile.Profile()
     with torch.profiler.profile() as prof, warnings.catch_warnings():

@@ -195,7 +195,8 @@ def test_fp32_gradient_accumulation_counts_fp32_grads(tmp_path, immediate, grad_
     """bf16 with data_types.grad_accum_dtype fp32: fp32 gradients beside the bf16 ones (or instead of
     them with immediate_grad_update), no ZeRO bucket; the 31B at TP4 x PP2 still fits 80 GB cards."""
     base = json.loads((ROOT / "ds_configs/gpu_bf16_zero1.json").read_text())
-    fp32 = {**base, "bf16": {"enabled": True, "immediate_grad_update": immediate}, "data_types": {"grad_accum_dtype": "fp32"}}
+    fp32 = {**base, "bf16": {"enabled": True, "immediate_grad_update": immediate}, "data_types": {"grad_accum_dtype": "fp32"},
+            "communication_data_type": "fp32"}
     (tmp_path / "ds.json").write_text(json.dumps(fp32))
     cfg = load_config(RECIPES["tp4_pp2"])
     bf16_accum, fp32_accum = make_plan(cfg), make_plan(cfg, ds_config=str(tmp_path / "ds.json"))
@@ -205,3 +206,8 @@ def test_fp32_gradient_accumulation_counts_fp32_grads(tmp_path, immediate, grad_
     assert fp32_accum.assumptions["grad_bytes_per_trainable_param"] == grad_bytes
     shipped = make_plan(cfg, ds_config=str(ROOT / "ds_configs/gpu_bf16_zero1_fp32_grads.json"))
     assert shipped.assumptions["grad_bytes_per_trainable_param"] == 4 and not shipped.warnings
+    # reduced in bf16 (DeepSpeed's default), all gradients pass through one bf16 copy
+    del fp32["communication_data_type"]
+    (tmp_path / "ds.json").write_text(json.dumps(fp32))
+    for s, st in zip(make_plan(cfg, ds_config=str(tmp_path / "ds.json")).stages, fp32_accum.stages):
+        assert s.memory_gib["zero_bucket"] == pytest.approx(st.memory_gib["grads"] * 2 / grad_bytes, abs=2e-3)

@@ -142,3 +142,16 @@ def test_bf16_with_fp32_gradient_accumulation(tmp_path, tiny_ckpt, medpix):
     want, got = _first_step(one), _first_step(tp_pp)
     for key in ("loss", "grad_norm"):
         assert abs(got[key] - want[key]) <= 1e-2 * want[key], (key, got[key], want[key])
+
+
+@pytest.mark.parametrize("config,fp32_grads", [("gpu_bf16_zero1_fp32_grads.json", True), ("gpu_bf16_zero1.json", False)])
+def test_which_deepspeed_config_accumulates_gradients_in_fp32(tmp_path, config, fp32_grads):
+    """The fp32-grads config hands the optimizer gradients with more than bf16 precision (accumulated
+    and reduced in fp32); the default ZeRO-1 config hands it bf16-accumulated ones."""
+    from conftest import TESTS, torchrun
+
+    out = tmp_path / "result.json"
+    torchrun(TESTS / "grad_accum_worker.py", 1, "--ds-config", str(ROOT / "ds_configs" / config), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["finer_than_bf16"], result
+    assert all(result["finer_than_bf16"]) if fp32_grads else not any(result["finer_than_bf16"]), result
