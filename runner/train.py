@@ -262,4 +262,5 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
             print(f"exported HF model to {exported}", flush=True)
+    dist.destroy_process_group()  # local teardown, not a collective: rank 0 may still be exporting
     return 0

@@ -125,6 +125,7 @@ def main() -> None:
     if writer:
         torch.save(final, os.path.join(args.out, f"final_stage{ps.pp_rank}.pt"))
     dist.barrier()
+    dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort the process
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def main() -> None:
     if ps.tp_rank == 0 and ps.dp_rank == 0:
         torch.save(result, os.path.join(args.out, f"stage{ps.pp_rank}.pt"))
     dist.barrier()
+    dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort the process
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def main() -> None:
     assert torch.allclose(loss.double(), ref, rtol=1e-6), (float(loss), float(ref))
     assert torch.allclose(shard.grad.double(), ref_full.grad.chunk(world, dim=-1)[rank], rtol=1e-5, atol=1e-7)
     print(f"rank {rank} ok", file=sys.stderr)
+    dist.barrier()
+    dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort the process
 
 
 if __name__ == "__main__":
