@@ -203,6 +203,9 @@ def main() -> int:
             shape, *sets = layout.split(":")
             overrides = dict(kv.split("=", 1) for part in sets for kv in part.split(";"))
             tp, pp = map(int, shape.split("x"))
+            if gpus % (tp * pp):
+                print(f"{workload} tp={tp} pp={pp}: skipped, {gpus} GPUs are not a multiple of tp*pp", flush=True)
+                continue
             dp = gpus // (tp * pp)
             run_dir = work / f"run_{workload}_{index}_tp{tp}pp{pp}dp{dp}"
             rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas, overrides)
