@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from runner.config import apply_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the patient scan shows a small lesion in the left lung with no sign of fluid near the heart "
          "and the bone looks normal while the liver has a bright spot that may need a follow up").split()
@@ -106,7 +108,7 @@ WORKLOADS = {  # micro-batch, max_length
 
 
 def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, dp: int, steps: int, gas: int,
-           overrides: dict[str, str]) -> Path:
+           overrides: dict[str, str], profile_step: int) -> Path:
     micro, max_length = WORKLOADS[workload]
     cfg = {
         "model": {"path": str(ckpt), "dtype": "bfloat16", "attn_implementation": "sdpa"},
@@ -118,14 +120,9 @@ def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, d
         "data": {"train": str(data), "max_length": max_length, "group_by_length": False, "num_workers": 4},
         "output": {"dir": str(out)},
         "checkpoint": {"every_steps": 0, "resume": "none", "export": False, "at_end": False},
-        "logging": {"tensorboard": False, "progress_bar": False, "profile_step": int(os.environ.get("BENCH_PROFILE_STEP", 0))},
+        "logging": {"tensorboard": False, "progress_bar": False, "profile_step": profile_step},
     }
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(value)
+    apply_overrides(cfg, [f"{key}={value}" for key, value in overrides.items()])
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -208,7 +205,8 @@ def main() -> int:
                 continue
             dp = gpus // (tp * pp)
             run_dir = work / f"run_{workload}_{index}_tp{tp}pp{pp}dp{dp}"
-            rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas, overrides)
+            rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas, overrides,
+                              profile_step)
             plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
                                    "--json"], cwd=ROOT, capture_output=True, text=True)
             print(f"{workload} tp={tp} pp={pp} dp={dp}", flush=True)
@@ -221,9 +219,8 @@ def main() -> int:
                      "micro_batch": WORKLOADS[workload][0], "micro_batches_per_step": args.gas,
                      "bubble_share": (pp - 1) / (args.gas + pp - 1)}
             if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak
-                stages = json.loads(plan.stdout)["stages"]
-                entry["plan_gib"] = max(st["memory_gib"]["allocated"] for st in stages)
-                entry["plan_total_gib"] = max(st["memory_gib"]["total"] for st in stages)
+                planned = json.loads(plan.stdout)
+                entry["plan_gib"], entry["plan_total_gib"] = planned["max_gib_per_gpu"], planned["max_total_gib_per_gpu"]
             metrics = run_dir / "metrics.jsonl"
             if rc == 0 and metrics.exists():
                 recs = [json.loads(line) for line in metrics.read_text().splitlines() if '"split"' not in line]

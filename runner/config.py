@@ -251,9 +251,16 @@ def validate(cfg: RunConfig, source: str) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"{source}: {message}")
-    per_step = cfg.train.micro_batch_size * (1 if cfg.parallel.dp == "auto" else cfg.parallel.dp)
-    if cfg.train.global_batch_size % per_step:
-        raise UserError(
-            f"{source}: train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-            f"micro_batch_size * dp = {per_step}"
-        )
+    try:
+        micro_batches_per_step(cfg.train, 1 if cfg.parallel.dp == "auto" else cfg.parallel.dp)
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
+
+
+def micro_batches_per_step(train: TrainConfig, dp: int) -> int:
+    """Gradient accumulation steps: the global batch over micro-batch size × dp."""
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                        f"micro_batch_size * dp = {per_step}")
+    return train.global_batch_size // per_step

@@ -29,7 +29,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4VisionModel,
 )
 
-from runner.config import FreezeConfig, RunConfig
+from runner.config import FreezeConfig, RunConfig, micro_batches_per_step
 from runner.errors import UserError
 from runner.models.gemma4.pipeline import attention_shapes, check_supported, gemma4_layer_specs, validate_layout
 from runner.models.gemma4.presets import GEMMA4_31B_ID, GEMMA4_31B_IMAGE_SOFT_TOKENS, gemma4_31b_config
@@ -523,11 +523,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     check_supported(config)
     dims = resolve_dims(cfg, world_size)
     validate_layout(config, dims)
-    per_step = cfg.train.micro_batch_size * dims.dp
-    if cfg.train.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                        f"micro_batch_size * dp = {per_step}")
-    gas = cfg.train.global_batch_size // per_step
+    gas = micro_batches_per_step(cfg.train, dims.dp)
     ds = deepspeed_settings(ds_config)
     zero_stage = ds.zero_stage
     # bf16 + ZeRO-1 with fp32 accumulation is DeepSpeed's BF16 optimizer: fp32 gradients beside the

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 from runner.checkpoint import native
 from runner.checkpoint.export import export_after_training
 from runner.checkpoint.hf_load import load_hf_weights, resolve_model_dir
-from runner.config import RunConfig
+from runner.config import RunConfig, micro_batches_per_step
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
@@ -135,11 +135,6 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: ParallelState, max_batches: int) -> dict:
     """Token-weighted loss over `max_batches` global batches (the whole split when 0)."""
@@ -167,11 +162,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     dims = parallel_dims(cfg, world)
-    per_step = cfg.train.micro_batch_size * dims.dp
-    if cfg.train.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                        f"micro_batch_size * dp = {per_step}")
-    gas = cfg.train.global_batch_size // per_step
+    gas = micro_batches_per_step(cfg.train, dims.dp)
     ds_config, fp32_path = deepspeed_config(cfg, dims, gas, ds_config_path)
 
     torch.manual_seed(cfg.train.seed)
@@ -204,7 +195,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
 
     step = 0
     if resuming:
-        client = native.resume(engine, resume_root)
+        client = native.resume(engine, resume_from)
         step = client["step"]
         if step > total_steps:
             raise UserError(f"the checkpoint is at step {step}, past train.max_steps={total_steps}; raise max_steps")
@@ -230,8 +221,10 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
         step += 1
         dt = time.time() - t0
-        mem = torch.tensor([mem_gib()], device=comm_device())
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        # one all-reduce (MAX) per step: the peak memory of any rank, and whether any rank got SIGTERM
+        status = torch.tensor([mem_gib(), float(stop.requested)], device=comm_device())
+        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        mem, stopping = float(status[0]), bool(status[1])
         if flops_per_token is None:
             seq = max(m["input_ids"].shape[1] for m in micro)
             flops_per_token = train_flops_per_token(config.text_config, seq)
@@ -240,13 +233,13 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
             logger.log({
                 "step": step, "total_steps": total_steps, "epoch": train_data.epoch,
                 "loss": float(loss), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "lr": scheduler.get_last_lr()[0], "mem_gib": float(mem), "tokens_per_sec": tok_s,
+                "lr": scheduler.get_last_lr()[0], "mem_gib": mem, "tokens_per_sec": tok_s,
                 "tokens_per_sec_per_gpu": tok_s / world,
                 "mfu": (tok_s / world * flops_per_token / peak) if peak else None,
                 "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt, "data_time": data_time,
                 "skipped_samples": sum(train_data.skipped.values()),
             })
-        stopping = stop.any_rank()  # before eval: a launcher kills the workers ~30 s after SIGTERM
+        # no eval when stopping: a launcher kills the workers ~30 s after SIGTERM
         if eval_data is not None and step % cfg.eval.every_steps == 0 and not stopping:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
         every = cfg.checkpoint.every_steps

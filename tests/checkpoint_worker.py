@@ -7,7 +7,6 @@ losses after every step. Launched by tests through torchrun on CPU (gloo)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -28,7 +27,7 @@ from runner.checkpoint.native import resume, save  # noqa: E402
 from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
-from synthetic import ds_config, global_batch  # noqa: E402
+from synthetic import ds_config, global_batch, worker_parser  # noqa: E402
 
 
 class FailAfterWrite(Gemma4CheckpointEngine):
@@ -50,11 +49,7 @@ def stage_tensors(model, ps) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--dp", type=int, default=1)
+    ap = worker_parser()
     ap.add_argument("--root", required=True, help="native checkpoint root")
     ap.add_argument("--out", required=True, help="where this run writes its results")
     ap.add_argument("--steps", type=int, default=0, help="train until this step")

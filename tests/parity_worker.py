@@ -4,7 +4,6 @@ end, the tied embedding/head weights. Launched by tests through torchrun on CPU 
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -21,7 +20,7 @@ from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
-from synthetic import ds_config, global_batch  # noqa: E402
+from synthetic import ds_config, global_batch, worker_parser  # noqa: E402
 
 
 class CapturingAdamW(torch.optim.AdamW):
@@ -38,11 +37,7 @@ class CapturingAdamW(torch.optim.AdamW):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--dp", type=int, default=1)
+    ap = worker_parser()
     ap.add_argument("--batches", default="text,image", help="one global batch kind per optimizer step")
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--activation-checkpointing", action="store_true")
@@ -73,8 +68,7 @@ def main() -> None:
     optimizer = CapturingAdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
-    result: dict = {"losses": [], "grads": [], "rank": dist.get_rank(), "stage": ps.pp_rank,
-                    "tp_rank": ps.tp_rank, "dp_rank": ps.dp_rank}
+    result: dict = {"losses": [], "grads": []}
     for kind in kinds:
         micro = global_batch(config, kind)
         mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]

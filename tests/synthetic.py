@@ -6,6 +6,8 @@ images per sample, text-only micro-batches, right padding, unequal label counts.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from transformers import Gemma4Config
 
@@ -115,3 +117,12 @@ def ds_config(gas: int, dp: int, clipping: float = 0.0, **extra) -> dict:
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
         **extra,
     }
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """The arguments every test worker takes: the HF checkpoint and the (tp, pp, dp) layout."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    for dim in ("tp", "pp", "dp"):
+        ap.add_argument(f"--{dim}", type=int, default=1)
+    return ap

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT
 from runner.config import load_config
 from runner.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe(tmp_path: Path, **sections) -> Path:

@@ -12,6 +12,7 @@ from deepspeed.runtime.utils import partition_balanced
 from transformers import Gemma4ForConditionalGeneration
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer, Gemma4TextRotaryEmbedding
 
+from conftest import ROOT
 from runner.cli import main
 from runner.config import load_config
 from runner.errors import UserError
@@ -20,7 +21,6 @@ from runner.models.gemma4.presets import gemma4_31b_config
 from runner.models.gemma4.tiny import tiny_config
 from runner.plan import GIB, OVERHEAD_GIB, LayerShape, cluster_world_size, layer_saved_bytes, make_plan
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"tp4_pp2": ROOT / "recipes/gemma4_31b_tp4_pp2.yaml", "tp4_pp4_dp2": ROOT / "recipes/gemma4_31b_tp4_pp4_dp2.yaml"}
 # google/gemma-4-31B-it, counted by transformers on the meta device (tied head counted once)
 PARAMS_31B = 31_273_086_512

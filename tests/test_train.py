@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, TESTS, free_port, torchrun
 
 DEMO = ROOT / "recipes" / "tiny_demo.yaml"
 
@@ -148,8 +148,6 @@ def test_bf16_with_fp32_gradient_accumulation(tmp_path, tiny_ckpt, medpix):
 def test_which_deepspeed_config_accumulates_gradients_in_fp32(tmp_path, config, fp32_grads):
     """The fp32-grads config hands the optimizer gradients with more than bf16 precision (accumulated
     and reduced in fp32); the default ZeRO-1 config hands it bf16-accumulated ones."""
-    from conftest import TESTS, torchrun
-
     out = tmp_path / "result.json"
     torchrun(TESTS / "grad_accum_worker.py", 1, "--ds-config", str(ROOT / "ds_configs" / config), "--out", str(out))
     result = json.loads(out.read_text())

@@ -133,11 +133,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
     return out_dir
 
 
-def export_after_training(checkpoint: str | Path, out_dir: str | Path, *,
-                          max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path | None:
+def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path | None:
     """`checkpoint.export: true`: every rank calls it after the last `native.save`; rank 0 writes
     the export (one streaming reader needs no collectives), the other ranks return at once rather
     than wait in a barrier that a long export would time out."""
     if dist.get_rank() != 0:
         return None
-    return export_hf(checkpoint, out_dir, max_shard_size=max_shard_size)
+    return export_hf(checkpoint, out_dir)

@@ -219,18 +219,24 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
 class FusedRMSNorm(Gemma4RMSNorm):
     """Gemma4's RMSNorm through PyTorch's fused kernel: the same fp32 math (x · (mean x² + eps)^-½ · w,
     one cast back) in one kernel each way instead of about eight elementwise ones — a tenth of a
-    step's GPU time went to those at the 31B's width."""
+    step's GPU time went to those at the 31B's width. `fused=False` runs transformers' own ops."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True, fused: bool = True) -> None:
+        super().__init__(dim, eps=eps, with_scale=with_scale)
+        self.fused = fused
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(hidden_states, self.weight if self.with_scale else None, self.eps)
+        return self._scale_norm(hidden_states, self.weight if self.with_scale else None)
+
+    def _scale_norm(self, hidden_states: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        scale = None if weight is None else weight.float()
+        if self.fused:
+            return F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], scale, self.eps).type_as(hidden_states)
+        normed = self._norm(hidden_states.float())
+        return (normed if scale is None else normed * scale).type_as(hidden_states)
 
 
-def _rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    scale = None if weight is None else weight.float()
-    return F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], scale, eps).type_as(hidden_states)
-
-
-class HeadSharedRMSNorm(Gemma4RMSNorm):
+class HeadSharedRMSNorm(FusedRMSNorm):
     """q_norm / k_norm: one scale shared by all heads, while each TP rank sees only its own heads.
 
     Each rank's gradient covers its heads only, so the scale enters through `copy_to_group` and the
@@ -238,20 +244,16 @@ class HeadSharedRMSNorm(Gemma4RMSNorm):
     """
 
     def __init__(self, dim: int, eps: float, tp_group, fused: bool) -> None:
-        super().__init__(dim, eps=eps)
+        super().__init__(dim, eps=eps, fused=fused)
         self.tp_group = tp_group
-        self.fused = fused
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        scale = copy_to_group(self.weight, self.tp_group)
-        if self.fused:
-            return _rms_norm(hidden_states, scale, self.eps)
-        return (self._norm(hidden_states.float()) * scale.float()).type_as(hidden_states)
+        return self._scale_norm(hidden_states, copy_to_group(self.weight, self.tp_group))
 
 
 def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused_rms_norm: bool) -> None:
-    """Swap the (meta) linears of a transformers decoder layer for TP ones and, with
-    `fused_rms_norm`, its RMSNorms for fused ones; materialize the rest."""
+    """Swap the (meta) linears of a transformers decoder layer for TP ones and its RMSNorms for
+    ones that run fused or transformers' ops (`fused_rms_norm`); materialize the rest."""
     tp = ps.dims.tp
     attn = layer.self_attn
     head_dim = attn.head_dim
@@ -277,12 +279,12 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
         else:
             new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
         setattr(parent, attr, new)
-    if fused_rms_norm:
-        for name, old in list(layer.named_modules()):
-            if type(old) is Gemma4RMSNorm:
-                parent_name, _, attr = name.rpartition(".")
-                dim = old.weight.shape[0] if old.with_scale else 1
-                setattr(layer.get_submodule(parent_name), attr, FusedRMSNorm(dim, old.eps, with_scale=old.with_scale))
+    for name, old in list(layer.named_modules()):
+        if type(old) is Gemma4RMSNorm:
+            parent_name, _, attr = name.rpartition(".")
+            dim = old.weight.shape[0] if old.with_scale else 1
+            norm = FusedRMSNorm(dim, old.eps, with_scale=old.with_scale, fused=fused_rms_norm)
+            setattr(layer.get_submodule(parent_name), attr, norm)
     if tp > 1:
         for name in ("q_norm", "k_norm"):
             old = getattr(attn, name)
@@ -306,10 +308,8 @@ class Gemma4FinalNorm(FusedRMSNorm):
     hf_prefix = "model.language_model.norm."
 
     def __init__(self, config: Gemma4Config, ps: ParallelState, fused_rms_norm: bool = True) -> None:
-        super().__init__(config.text_config.hidden_size, eps=config.text_config.rms_norm_eps)
-        self.fused = fused_rms_norm
+        super().__init__(config.text_config.hidden_size, eps=config.text_config.rms_norm_eps, fused=fused_rms_norm)
         _mark_replicated(self, ps)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        norm = super().forward if self.fused else super(FusedRMSNorm, self).forward
-        return norm(inputs[0])
+        return super().forward(inputs[0])
