@@ -23,7 +23,9 @@ from runner.errors import UserError
 class ModelConfig:
     path: str = "google/gemma-4-31B-it"  # hub id or local HF directory
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # flex_attention: PyTorch's FlexAttention (block-sparse sliding windows, 512-wide full-layer heads);
+    # CUDA only, compiled on first use
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     fused_rms_norm: bool = True  # PyTorch's fused RMSNorm kernel; false: transformers' op-by-op RMSNorm
 
 

@@ -155,6 +155,9 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     model_dir = resolve_model_dir(cfg.model.path)
     config = AutoConfig.from_pretrained(model_dir)
     config.text_config._attn_implementation = cfg.model.attn_implementation
+    if cfg.model.attn_implementation == "flex_attention" and get_accelerator().device_name() == "cpu":
+        raise UserError("model.attn_implementation: flex_attention needs CUDA GPUs (PyTorch has no CPU "
+                        "FlexAttention backward); use sdpa on CPU")
     check_supported(config)
     validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
     train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data

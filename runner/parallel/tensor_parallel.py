@@ -122,6 +122,10 @@ class ColumnParallelLinear(_ParallelLinear):
     ranks (the rule for KV heads fewer than tp: rank r holds KV head r // (tp / num_kv_heads)); the
     weight then enters the computation through `copy_to_group(replica_group)` so the replicas'
     gradients are summed and stay identical.
+
+    `copy_input=False` when the caller enters the group once for several linears that read the same
+    input (q/k/v, gate/up): their input gradients are summed locally and all-reduced once, instead of
+    once per linear.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class ColumnParallelLinear(_ParallelLinear):
         replicas: int = 1,
         replica_group=None,
         bias: bool = False,
+        copy_input: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -145,6 +150,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.out_features = out_features // shards
         self.tp_group = tp_group
         self.replica_group = replica_group if replicas > 1 else None
+        self.copy_input = copy_input
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
         mark_sharded(self.weight, 0, tp, tp_rank, replicas)
         if bias:
@@ -155,7 +161,8 @@ class ColumnParallelLinear(_ParallelLinear):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_group(x, self.tp_group)
+        if self.copy_input:
+            x = copy_to_group(x, self.tp_group)
         weight, bias = self.weight, self.bias
         if self.replica_group is not None:
             weight = copy_to_group(weight, self.replica_group)

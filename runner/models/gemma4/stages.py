@@ -45,6 +45,9 @@ DECODER_TP_PLAN = {
     "mlp.down_proj": "rowwise",
 }
 
+# The norms whose outputs feed only column-parallel linears (transformers' decoder layer forward).
+BLOCK_INPUT_NORMS = ("input_layernorm", "pre_feedforward_layernorm")
+
 
 def _mark_replicated(module: nn.Module, ps: ParallelState) -> None:
     for p in module.parameters():
@@ -181,6 +184,14 @@ class MaskCache:
         return masks
 
 
+def flex_kernel_options(text_config, head_dim: int) -> dict:
+    """FlexAttention's default Triton tiles for head_dim 512 (the full layers) need more shared memory
+    than an H100/H200 SM has; 32×32 tiles fit and still beat SDPA's mem-efficient kernel there."""
+    if text_config._attn_implementation != "flex_attention" or head_dim <= 256:
+        return {}
+    return {"kernel_options": {"BLOCK_M": 32, "BLOCK_N": 32}}
+
+
 class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
     """transformers' `Gemma4TextDecoderLayer` with column/row-parallel linears, as a pipeline layer.
 
@@ -200,6 +211,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         self.layer_type = config.text_config.layer_types[layer_idx]
         self.hf_prefix = f"model.language_model.layers.{layer_idx}."
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
+        self.attn_kwargs = flex_kernel_options(config.text_config, self.self_attn.head_dim)
         _mark_replicated(self, ps)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -212,6 +224,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
             position_embeddings=self.rotary_emb(hidden, position_ids, self.layer_type),
             attention_mask=masks[self.layer_type],
             position_ids=position_ids,
+            **self.attn_kwargs,
         )
         return hidden, attention_mask, position_ids, mm_token_type_ids
 
@@ -236,19 +249,32 @@ class FusedRMSNorm(Gemma4RMSNorm):
         return (normed if scale is None else normed * scale).type_as(hidden_states)
 
 
-class HeadSharedRMSNorm(FusedRMSNorm):
+class _GroupRMSNorm(FusedRMSNorm):
+    """An RMSNorm (with scale) that knows its TP group."""
+
+    def __init__(self, dim: int, eps: float, tp_group, fused: bool) -> None:
+        super().__init__(dim, eps=eps, fused=fused)
+        self.tp_group = tp_group
+
+
+class HeadSharedRMSNorm(_GroupRMSNorm):
     """q_norm / k_norm: one scale shared by all heads, while each TP rank sees only its own heads.
 
     Each rank's gradient covers its heads only, so the scale enters through `copy_to_group` and the
     gradients are summed over TP (transformers' plan calls this `replicated_with_grad_allreduce`).
     """
 
-    def __init__(self, dim: int, eps: float, tp_group, fused: bool) -> None:
-        super().__init__(dim, eps=eps, fused=fused)
-        self.tp_group = tp_group
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self._scale_norm(hidden_states, copy_to_group(self.weight, self.tp_group))
+
+
+class BlockInputRMSNorm(_GroupRMSNorm):
+    """The norm in front of the attention block or the MLP: its output enters the TP group here, once,
+    for all the block's column-parallel linears (built with `copy_input=False`), so backward
+    all-reduces one input gradient per block instead of one per linear (q, k, v; gate, up)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return copy_to_group(super().forward(hidden_states), self.tp_group)
 
 
 def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused_rms_norm: bool) -> None:
@@ -273,17 +299,19 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
         if style == "rowwise":
             new = RowParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
         elif attr in ("k_proj", "v_proj"):
-            new = ColumnParallelLinear(
-                old.in_features, old.out_features, ps.tp_group, replicas=replicas, replica_group=kv_group, bias=bias
-            )
+            new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, replicas=replicas,
+                                       replica_group=kv_group, bias=bias, copy_input=False)
         else:
-            new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
+            new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias, copy_input=False)
         setattr(parent, attr, new)
     for name, old in list(layer.named_modules()):
         if type(old) is Gemma4RMSNorm:
             parent_name, _, attr = name.rpartition(".")
             dim = old.weight.shape[0] if old.with_scale else 1
-            norm = FusedRMSNorm(dim, old.eps, with_scale=old.with_scale, fused=fused_rms_norm)
+            if name in BLOCK_INPUT_NORMS:
+                norm = BlockInputRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm)
+            else:
+                norm = FusedRMSNorm(dim, old.eps, with_scale=old.with_scale, fused=fused_rms_norm)
             setattr(layer.get_submodule(parent_name), attr, norm)
     if tp > 1:
         for name in ("q_norm", "k_norm"):
