@@ -226,6 +226,7 @@ def main() -> int:
                 recs = [json.loads(line) for line in metrics.read_text().splitlines() if '"split"' not in line]
                 entry.update(steady(recs, args.warmup, profile_step))
                 entry["tokens_per_step"] = recs[-1]["tokens"]
+                entry["step1"] = {"loss": recs[0]["loss"], "grad_norm": recs[0]["grad_norm"]}  # same data, weights
             results["runs"].append(entry)
             (out / "results.json").write_text(json.dumps(results, indent=1))
         if args.baseline == "zero3":
