@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -132,9 +133,12 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
     """Run one job; its whole log stays in `log`, its last lines go to the shared `tails` file."""
     t0 = time.time()
     with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # kill torchrun and its workers, else they hold the GPUs for the next run
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = 124
     status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
     print(f"  {status}: {log}", flush=True)
