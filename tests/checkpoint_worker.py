@@ -18,16 +18,12 @@ torch.set_num_threads(1)
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
 
 from runner.checkpoint.engine import Gemma4CheckpointEngine, install  # noqa: E402
 from runner.checkpoint.export import export_after_training  # noqa: E402
-from runner.checkpoint.hf_load import load_hf_weights  # noqa: E402
 from runner.checkpoint.native import resume, save  # noqa: E402
-from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
-from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
-from synthetic import ds_config, global_batch, worker_parser  # noqa: E402
+from synthetic import ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
 
 class FailAfterWrite(Gemma4CheckpointEngine):
@@ -43,9 +39,12 @@ class FailAfterWrite(Gemma4CheckpointEngine):
         raise RuntimeError(f"injected save failure after writing {path}")
 
 
-def stage_tensors(model, ps) -> dict[str, torch.Tensor]:
-    """Every tensor of this stage under its HF name, TP shards gathered (collective over TP)."""
-    return {name: gather_full(t, ps.tp_group).clone() for name, t, _ in model.hf_tensors()}
+def write_stage_tensors(model, ps, path: str) -> None:
+    """Every tensor of this stage under its HF name, TP shards gathered (collective over TP), written
+    by TP/DP rank 0."""
+    tensors = {name: gather_full(t, ps.tp_group).clone() for name, t, _ in model.hf_tensors()}
+    if ps.tp_rank == 0 and ps.dp_rank == 0:
+        torch.save(tensors, path)
 
 
 def main() -> None:
@@ -61,19 +60,11 @@ def main() -> None:
     ap.add_argument("--backend", default="gloo", help="nccl with DS_ACCELERATOR=cuda runs it on GPUs")
     args = ap.parse_args()
 
-    deepspeed.init_distributed(dist_backend=args.backend)
-    ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
-    writer = ps.tp_rank == 0 and ps.dp_rank == 0
     random.seed(1234)
     np.random.seed(1234)
     torch.manual_seed(1234)
-    config = AutoConfig.from_pretrained(args.ckpt)
-    config.text_config._attn_implementation = "eager"
-    model = Gemma4Pipeline(config, ps)
-    load_hf_weights(model, args.ckpt)
-    loaded = stage_tensors(model, ps)
-    if writer:
-        torch.save(loaded, os.path.join(args.out, f"load_stage{ps.pp_rank}.pt"))
+    ps, config, model = load_pipeline(args, backend=args.backend)
+    write_stage_tensors(model, ps, os.path.join(args.out, f"load_stage{ps.pp_rank}.pt"))
 
     micro_per_step = len(global_batch(config, "text"))
     gas = micro_per_step // args.dp
@@ -88,9 +79,7 @@ def main() -> None:
     start = 0
     if args.resume:
         start = resume(engine, args.root)["step"]
-        resumed = stage_tensors(model, ps)
-        if writer:
-            torch.save(resumed, os.path.join(args.out, f"resume_stage{ps.pp_rank}.pt"))
+        write_stage_tensors(model, ps, os.path.join(args.out, f"resume_stage{ps.pp_rank}.pt"))
     save_at = {int(s) for s in args.save_at.split(",") if s}
     fail_step, fail_rank = (int(x) for x in args.fail_save.split(":")) if args.fail_save else (-1, -1)
 
@@ -108,17 +97,13 @@ def main() -> None:
     for step in range(start + 1, args.steps + 1):
         seed = random.randrange(10**6) ^ int(np.random.randint(10**6)) ^ int(torch.randint(10**6, (1,)))
         micro = global_batch(config, ("text", "image")[step % 2], seed=seed)
-        mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
-        model.token_loss.set_label_count(global_label_count([m["labels"] for m in mine], ps), gas)
-        losses[step] = float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))
+        losses[step] = train_step(engine, model, ps, micro, gas)
         if dist.get_rank() == 0:
             with open(os.path.join(args.out, "losses.json"), "w") as f:
                 json.dump(losses, f)
         if step in save_at:
             checkpoint(step)
-    final = stage_tensors(model, ps)
-    if writer:
-        torch.save(final, os.path.join(args.out, f"final_stage{ps.pp_rank}.pt"))
+    write_stage_tensors(model, ps, os.path.join(args.out, f"final_stage{ps.pp_rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort the process
 

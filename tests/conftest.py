@@ -1,5 +1,5 @@
-"""Shared fixtures: one tiny Gemma4 checkpoint per test session, and a helper that runs a script
-under torchrun on CPU (gloo, one thread per process)."""
+"""Shared fixtures and helpers: one tiny Gemma4 checkpoint per test session, subprocesses on CPU (gloo,
+one thread per process) under torchrun, and the checks for a one-line user error."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -32,13 +33,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: Path, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `script` on `nproc` CPU processes; fail the test with the tail of the log on error."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
+def subprocess_env() -> dict[str, str]:
+    """What a test's subprocesses run with: CPU, one thread, offline, the repo and tests/ importable."""
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+
+
+def run(cmd: list[str], ok: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `cmd` in the repo root; unless `ok` is false, fail the test with the tail of the log on error."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if ok and proc.returncode:
         pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def torchrun_cmd(nproc: int, *target: str) -> list[str]:
+    """The command line that launches `target` (a script or `-m module`, and its arguments) on `nproc` processes."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *target]
+
+
+def torchrun(script: Path, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `script` on `nproc` CPU processes; fail the test with the tail of the log on error."""
+    return run(torchrun_cmd(nproc, str(script), *args), timeout=timeout)
+
+
+def torchrun_worker(script: str, ckpt: Path, layout: tuple[int, int, int], *args: str) -> subprocess.CompletedProcess:
+    """Run the test worker tests/`script` (its arguments: synthetic.worker_parser) on tp*pp*dp processes."""
+    tp, pp, dp = layout
+    return torchrun(TESTS / script, tp * pp * dp, "--ckpt", str(ckpt), "--tp", str(tp), "--pp", str(pp),
+                    "--dp", str(dp), *args)
+
+
+def assert_one_line(message: str, words: Iterable[str]) -> str:
+    """A user error is one line that names every one of `words`; returns the message."""
+    assert "\n" not in message, message
+    for w in words:
+        assert w in message, (w, message)
+    return message
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, words: Iterable[str]) -> str:
+    """The command exited 2 with exactly one `error: ` line on stderr, naming every one of `words`;
+    returns that line."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return assert_one_line(errors[0], words)

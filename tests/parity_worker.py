@@ -12,15 +12,11 @@ torch.set_num_threads(1)
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm  # noqa: E402
 
-from runner.checkpoint.hf_load import load_hf_weights  # noqa: E402
-from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch  # noqa: E402
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
-from runner.parallel.topology import ParallelDims, build_parallel_state  # noqa: E402
-from synthetic import ds_config, global_batch, worker_parser  # noqa: E402
+from synthetic import ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
 
 class CapturingAdamW(torch.optim.AdamW):
@@ -46,18 +42,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
-    config = AutoConfig.from_pretrained(args.ckpt)
-    config.text_config._attn_implementation = "eager"
-    model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(args.activation_checkpointing),
-                           fused_rms_norm=not args.no_fused_rms_norm)
+    ps, config, model = load_pipeline(args, activation_checkpoint_interval=int(args.activation_checkpointing),
+                                      fused_rms_norm=not args.no_fused_rms_norm)
     # the choice reaches every RMSNorm of the language model (else the unfused case would test nothing)
     norms = [m for layer in model.modules() if isinstance(layer, (Gemma4DecoderLayerPipe, Gemma4FinalNorm))
              for m in layer.modules() if isinstance(m, Gemma4RMSNorm)]
     fused = {getattr(m, "fused", isinstance(m, FusedRMSNorm)) for m in norms}  # HeadShared/FinalNorm carry a flag
     assert norms and fused == {not args.no_fused_rms_norm}, fused
-    load_hf_weights(model, args.ckpt)
     model.freeze(**{part: True for part in args.freeze.split(",") if part})
 
     kinds = args.batches.split(",")
@@ -70,11 +61,7 @@ def main() -> None:
 
     result: dict = {"losses": [], "grads": []}
     for kind in kinds:
-        micro = global_batch(config, kind)
-        mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
-        model.token_loss.set_label_count(global_label_count([m["labels"] for m in mine], ps), gas)
-        loss = engine.train_batch(iter([to_pipe_batch(m) for m in mine]))
-        result["losses"].append(float(loss))
+        result["losses"].append(train_step(engine, model, ps, global_batch(config, kind), gas))
         grads = optimizer.captured[-1]
         step_grads = {}
         for name, tensor, _ in model.hf_tensors():

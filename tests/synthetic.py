@@ -2,14 +2,21 @@
 
 Built directly (not through the processor) so a model test controls every case: 0, 1 or several
 images per sample, text-only micro-batches, right padding, unequal label counts.
+
+Also what the pipeline test workers share: their arguments, DeepSpeed config, pipeline and step.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import deepspeed
 import torch
-from transformers import Gemma4Config
+from transformers import AutoConfig, Gemma4Config
+
+from runner.checkpoint.hf_load import load_hf_weights
+from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch
+from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 
 IGNORE = -100
 
@@ -126,3 +133,25 @@ def worker_parser() -> argparse.ArgumentParser:
     for dim in ("tp", "pp", "dp"):
         ap.add_argument(f"--{dim}", type=int, default=1)
     return ap
+
+
+def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
+                  **kwargs) -> tuple[ParallelState, Gemma4Config, Gemma4Pipeline]:
+    """Join the process group and build this rank's part of the (args.tp, args.pp, args.dp) pipeline
+    from the HF checkpoint args.ckpt, eager attention; `kwargs` go to Gemma4Pipeline."""
+    deepspeed.init_distributed(dist_backend=backend)
+    ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
+    config = AutoConfig.from_pretrained(args.ckpt)
+    config.text_config._attn_implementation = "eager"
+    model = Gemma4Pipeline(config, ps, **kwargs)
+    load_hf_weights(model, args.ckpt)
+    return ps, config, model
+
+
+def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dict[str, torch.Tensor]],
+               gas: int) -> float:
+    """One optimizer step on this DP rank's `gas` micro-batches of the global batch `micro`, the loss
+    weighted by the label tokens of the whole global batch; returns the loss."""
+    mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+    model.token_loss.set_label_count(global_label_count([m["labels"] for m in mine], ps), gas)
+    return float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText
 
-from conftest import TESTS, torchrun
+from conftest import torchrun_worker
 from runner.checkpoint.hf_load import INDEX_NAME
 from runner.checkpoint.native import latest_complete, resume
 from runner.cli import main as cli
@@ -30,10 +30,9 @@ HEAD = "lm_head.weight"
 
 
 def run_worker(ckpt: Path, layout: tuple[int, int, int], base: Path, *args: str) -> Path:
-    tp, pp, dp = layout
     (base / "out").mkdir(parents=True, exist_ok=True)
-    torchrun(TESTS / "checkpoint_worker.py", tp * pp * dp, "--ckpt", str(ckpt), "--tp", str(tp), "--pp", str(pp),
-             "--dp", str(dp), "--root", str(base / "root"), "--out", str(base / "out"), *args)
+    torchrun_worker("checkpoint_worker.py", ckpt, layout, "--root", str(base / "root"), "--out", str(base / "out"),
+                    *args)
     return base
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
+from conftest import assert_one_line
 from runner.checkpoint.engine import check_layer_state
 from runner.checkpoint.export import parse_size
 from runner.checkpoint.hf_load import INDEX_NAME, HFCheckpoint, resolve_model_dir
@@ -50,9 +51,7 @@ def rewrite(ckpt: Path, name: str, tensor: torch.Tensor) -> Path:
 def one_line_error(ckpt: Path, name: str) -> str:
     with pytest.raises(UserError) as err:
         HFCheckpoint(ckpt).read_shard(name, expected(ckpt, name))
-    message = str(err.value)
-    assert "\n" not in message and name in message, message
-    return message
+    return assert_one_line(str(err.value), [name])
 
 
 def test_reads_a_tensor_bit_identical(ckpt):
@@ -91,7 +90,7 @@ def test_dtype_not_matching_the_config(ckpt, dtype):
 def test_hub_id_without_network_is_one_line():
     with pytest.raises(UserError) as err:  # conftest sets HF_HUB_OFFLINE=1
         resolve_model_dir("google/gemma-4-no-such-model")
-    assert "\n" not in str(err.value) and "google/gemma-4-no-such-model" in str(err.value)
+    assert_one_line(str(err.value), ["google/gemma-4-no-such-model"])
 
 
 def test_layer_file_not_fitting_its_layer():

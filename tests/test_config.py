@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line
 from runner.config import load_config
 from runner.errors import UserError
 
@@ -48,10 +48,7 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
 def test_bad_values_give_one_line(tmp_path, overrides, words):
     with pytest.raises(UserError) as err:
         load_config(_recipe(tmp_path), overrides)
-    msg = str(err.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg, (w, msg)
+    assert_one_line(str(err.value), words)
 
 
 def test_missing_recipe_and_bad_yaml(tmp_path):

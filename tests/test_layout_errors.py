@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import assert_one_line
 from runner.errors import UserError
 from runner.models.gemma4.pipeline import check_supported, validate_layout
 from runner.models.gemma4.tiny import tiny_config
 from runner.parallel.topology import ParallelDims
-
-
-def _one_line(err: pytest.ExceptionInfo, *words: str) -> None:
-    msg = str(err.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg, (w, msg)
 
 
 def _config(**text):
@@ -36,7 +30,7 @@ def _config(**text):
 def test_unsupported_text_features_are_refused(text, words):
     with pytest.raises(UserError) as err:
         check_supported(_config(**text))
-    _one_line(err, *words)
+    assert_one_line(str(err.value), words)
 
 
 def test_audio_tower_is_refused():
@@ -44,7 +38,7 @@ def test_audio_tower_is_refused():
     config.audio_config = type(config).sub_configs["audio_config"]()
     with pytest.raises(UserError) as err:
         check_supported(config)
-    _one_line(err, "audio_config")
+    assert_one_line(str(err.value), ["audio_config"])
 
 
 def test_the_tiny_and_31b_structures_are_supported():
@@ -63,7 +57,7 @@ def test_the_tiny_and_31b_structures_are_supported():
 def test_impossible_layouts_are_refused(dims, text, words):
     with pytest.raises(UserError) as err:
         validate_layout(_config(**text), dims)
-    _one_line(err, *words)
+    assert_one_line(str(err.value), words)
 
 
 def test_kv_heads_neither_split_nor_replicable():
@@ -73,7 +67,7 @@ def test_kv_heads_neither_split_nor_replicable():
     tc.num_key_value_heads = 4  # sliding layers: 4 KV heads, tp 6 neither divides nor is a multiple
     with pytest.raises(UserError) as err:
         validate_layout(config, ParallelDims(tp=6))
-    _one_line(err, "4 key/value heads", "parallel.tp=6")
+    assert_one_line(str(err.value), ["4 key/value heads", "parallel.tp=6"])
 
 
 def test_kv_heads_fewer_than_tp_are_replicated_not_refused():
@@ -83,4 +77,4 @@ def test_kv_heads_fewer_than_tp_are_replicated_not_refused():
 def test_world_size_must_match():
     with pytest.raises(UserError) as err:
         ParallelDims(tp=2, pp=2, dp=1).validate(8)
-    _one_line(err, "2*2*1 = 4", "8 processes")
+    assert_one_line(str(err.value), ["2*2*1 = 4", "8 processes"])

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from conftest import TESTS, torchrun
+from conftest import torchrun_worker
 from reference import reference_run
 
 LOSS_RTOL = 1e-5
@@ -32,8 +32,8 @@ def _reference(ckpt: str, kinds: str, lr: float) -> dict:
 
 def _run(tmp_path, ckpt, tp: int, pp: int, dp: int, kinds: str, lr: float = 0.0, freeze: str = "",
          extra: tuple[str, ...] = ()) -> list[dict]:
-    torchrun(TESTS / "parity_worker.py", tp * pp * dp, "--ckpt", str(ckpt), "--tp", str(tp), "--pp", str(pp),
-             "--dp", str(dp), "--batches", kinds, "--lr", str(lr), "--freeze", freeze, "--out", str(tmp_path), *extra)
+    torchrun_worker("parity_worker.py", ckpt, (tp, pp, dp), "--batches", kinds, "--lr", str(lr), "--freeze", freeze,
+                    "--out", str(tmp_path), *extra)
     return [torch.load(tmp_path / f"stage{s}.pt", weights_only=False) for s in range(pp)]
 
 

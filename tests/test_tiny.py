@@ -49,18 +49,13 @@ def _chat(images: list[Image.Image]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+def model(tiny_ckpt: Path) -> Gemma4ForConditionalGeneration:
+    return AutoModelForImageTextToText.from_pretrained(tiny_ckpt).eval()
 
 
 @pytest.fixture(scope="module")
-def model(tiny_dir: Path) -> Gemma4ForConditionalGeneration:
-    return AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_dir: Path):
-    return AutoProcessor.from_pretrained(tiny_dir)
+def processor(tiny_ckpt: Path):
+    return AutoProcessor.from_pretrained(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -72,36 +67,36 @@ def batch(processor) -> dict[str, torch.Tensor]:
     return processor.apply_chat_template(_chat(images), tokenize=True, return_dict=True, return_tensors="pt")
 
 
-def test_sharded_tied_checkpoint_files(tiny_dir: Path) -> None:
-    index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())
+def test_sharded_tied_checkpoint_files(tiny_ckpt: Path) -> None:
+    index = json.loads((tiny_ckpt / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) >= 2
-    assert all((tiny_dir / shard).is_file() for shard in shards)
+    assert all((tiny_ckpt / shard).is_file() for shard in shards)
     assert "lm_head.weight" not in index["weight_map"]
-    assert "lm_head.weight" not in _tensors(tiny_dir)
-    config = json.loads((tiny_dir / "config.json").read_text())
+    assert "lm_head.weight" not in _tensors(tiny_ckpt)
+    config = json.loads((tiny_ckpt / "config.json").read_text())
     assert config["architectures"] == ["Gemma4ForConditionalGeneration"]
     assert config["dtype"] == "float32"
     assert config["text_config"]["vocab_size"] == TINY_VOCAB_SIZE
     assert config["vision_config"]["default_output_length"] == TINY_IMAGE_SOFT_TOKENS
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
-        assert (tiny_dir / name).is_file(), name
+        assert (tiny_ckpt / name).is_file(), name
 
 
-def test_loads_without_missing_or_unexpected_keys(tiny_dir: Path) -> None:
-    model, info = AutoModelForImageTextToText.from_pretrained(tiny_dir, output_loading_info=True)
+def test_loads_without_missing_or_unexpected_keys(tiny_ckpt: Path) -> None:
+    model, info = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, output_loading_info=True)
     assert isinstance(model, Gemma4ForConditionalGeneration)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     embed = model.get_input_embeddings().weight
     assert model.lm_head.weight.data_ptr() == embed.data_ptr()
-    saved = _tensors(tiny_dir)
+    saved = _tensors(tiny_ckpt)
     loaded = model.state_dict()
     for key, tensor in saved.items():  # layer_scalar buffers included
         assert torch.equal(loaded[key], tensor), key
 
 
-def test_weights_are_not_degenerate(tiny_dir: Path) -> None:
-    tensors = _tensors(tiny_dir)
+def test_weights_are_not_degenerate(tiny_ckpt: Path) -> None:
+    tensors = _tensors(tiny_ckpt)
     for key, tensor in tensors.items():
         assert tensor.numel() == 1 or tensor.float().std() > 1e-3, f"{key} is constant"
         assert tensor.abs().max() > 0, f"{key} is all zero"

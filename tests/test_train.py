@@ -4,16 +4,16 @@ clear line for configs that cannot run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TESTS, free_port, torchrun
+from conftest import ROOT, TESTS, assert_one_error_line, free_port, run, subprocess_env, torchrun, torchrun_cmd
 
 DEMO = ROOT / "recipes" / "tiny_demo.yaml"
+TRAIN = ["-m", "runner", "train", str(DEMO)]
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +30,10 @@ def _sets(tiny_ckpt: Path, medpix: Path, out: Path, *extra: str) -> list[str]:
     return [a for p in pairs for a in ("--set", p)]
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-
-
-def _run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-    if ok and proc.returncode:
-        pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+def _single_process() -> list[str]:
+    """`runner train` as one process without a launcher: the rank variables a launcher would set."""
+    return ["env", "RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={free_port()}",
+            sys.executable, *TRAIN]
 
 
 def _first_step(out: Path) -> dict:
@@ -49,18 +44,16 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
     """(1,1,1) under torchrun, (2,2,1) under accelerate launch, (1,2,2) under the deepspeed launcher:
     one global batch, so loss and grad norm must agree."""
     runs = {
-        (1, 1, 1): [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                    f"--master_port={free_port()}", "-m", "runner", "train", str(DEMO)],
+        (1, 1, 1): torchrun_cmd(1, *TRAIN),
         (2, 2, 1): [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    "accelerate_configs/cpu_4proc.yaml", "--main_process_port", str(free_port()),
-                    "-m", "runner", "train", str(DEMO)],
+                    "accelerate_configs/cpu_4proc.yaml", "--main_process_port", str(free_port()), *TRAIN],
         (1, 2, 2): ["./launch.sh", "train", str(DEMO), "--launcher", "deepspeed", "--port", str(free_port())],
     }
     firsts = {}
     for (tp, pp, dp), cmd in runs.items():
         out = tmp_path / f"run_{tp}{pp}{dp}"
         profile = "logging.profile_step=1" if tp * pp * dp == 1 else "logging.profile_step=0"
-        _run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", profile))
+        run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", profile))
         firsts[(tp, pp, dp)] = _first_step(out)
     profiled = tmp_path / "run_111"  # the profiled step is the same step, with its reports beside it
     assert "train_batch" in (profiled / "profile_rank0_python.txt").read_text()
@@ -85,14 +78,8 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
     ],
 )
 def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, words):
-    env_single = ["env", "RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={free_port()}"]
-    proc = _run(env_single + [sys.executable, "-m", "runner", "train", str(DEMO)]
-                + _sets(tiny_ckpt, medpix, tmp_path / "out", *extra), ok=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for w in words:
-        assert w in errors[0], (w, errors[0])
+    proc = run(_single_process() + _sets(tiny_ckpt, medpix, tmp_path / "out", *extra), ok=False)
+    assert_one_error_line(proc, words)
 
 
 def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, medpix):
@@ -106,9 +93,9 @@ def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, med
     from runner.checkpoint.native import latest_complete
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
-           "-m", "runner", "train", str(DEMO)] + _sets(tiny_ckpt, medpix, out, "train.max_steps=100")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = torchrun_cmd(4, *TRAIN) + _sets(tiny_ckpt, medpix, out, "train.max_steps=100")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -122,7 +109,7 @@ def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, med
     assert ckpt is not None and "SIGTERM: saved" in log
     stopped = int(ckpt.name.split("_")[-1])
     assert stopped >= 2 and not list((out / "checkpoints").glob("*.partial"))
-    _run(cmd[:-2] + ["--set", f"train.max_steps={stopped + 1}"])
+    run(cmd[:-2] + ["--set", f"train.max_steps={stopped + 1}"])
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-1] == stopped + 1 and steps.count(stopped + 1) == 1
 
@@ -134,12 +121,10 @@ def test_bf16_with_fp32_gradient_accumulation(tmp_path, tiny_ckpt, medpix):
     model's bf16 and fp32 grad norms differ by ~10%, so fp32 is not the yardstick here)."""
     config = ["--ds-config", str(ROOT / "ds_configs/gpu_bf16_zero1_fp32_grads.json")]
     one, tp_pp = tmp_path / "one", tmp_path / "tp_pp"
-    single = ["env", "RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={free_port()}"]
-    _run(single + [sys.executable, "-m", "runner", "train", str(DEMO), *config]
-         + _sets(tiny_ckpt, medpix, one, "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "model.dtype=bfloat16"))
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
-          "-m", "runner", "train", str(DEMO), *config]
-         + _sets(tiny_ckpt, medpix, tp_pp, "parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "model.dtype=bfloat16"))
+    run(_single_process() + config
+        + _sets(tiny_ckpt, medpix, one, "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "model.dtype=bfloat16"))
+    run(torchrun_cmd(4, *TRAIN, *config)
+        + _sets(tiny_ckpt, medpix, tp_pp, "parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "model.dtype=bfloat16"))
     want, got = _first_step(one), _first_step(tp_pp)
     for key in ("loss", "grad_norm"):
         assert abs(got[key] - want[key]) <= 1e-2 * want[key], (key, got[key], want[key])
