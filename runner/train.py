@@ -209,6 +209,9 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}, {gas} micro-batches of "
               f"{cfg.train.micro_batch_size} per step, steps {step + 1}..{total_steps}"
               + (f" (resumed from {resume_from})" if resuming else ""), flush=True)
+        if cfg.model.attn_implementation == "flex_attention":
+            print("flex_attention: the first step compiles its kernels (about 3 minutes on 4x H100), again for "
+                  "each new sequence length: pad to one length (data.pad_to_multiple_of) to compile once", flush=True)
     stop = StopFlag()
     flops_per_token = None
     peak = peak_flops_per_device()
