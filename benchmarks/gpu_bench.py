@@ -5,9 +5,9 @@ One command builds everything on the GPU machine itself (no hub there) and runs 
     python -m benchmarks.gpu_bench --out $OUT --depth 12 --layouts 2x2,4x1,1x4 --steps 6
 
 A layout may carry recipe overrides for a before/after pair in the same call, e.g.
-`--layouts 2x1,2x1:data.pad_to_multiple_of=128`. `$OUT` gets three files only (results.json,
-logs.txt with each run's tail, profiles.txt with the profiled step's reports when
-BENCH_PROFILE_STEP=N); everything else stays under BENCH_WORK.
+`--layouts 2x1,2x1:data.pad_to_multiple_of=128` (`;` between overrides; lists as `[7,5]`).
+`$OUT` gets three files only (results.json, logs.txt with each run's tail, profiles.txt with the
+profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under BENCH_WORK.
 
 1. a random-weight Gemma4 of the real 31B shape (`gemma4_31b_config(depth)`: same width, vision
    tower and 5:1 sliding/full pattern, `depth` decoder layers), bf16, saved as an HF checkpoint with
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -200,7 +201,8 @@ def main() -> int:
     tails, profiles = out / "logs.txt", out / "profiles.txt"
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", 0))
     for workload in args.workloads.split(","):
-        for index, layout in enumerate(x for x in args.layouts.split(",") if x != "none"):
+        layouts = re.split(r",(?![^\[]*\])", args.layouts)  # a ',' inside [...] belongs to a list value
+        for index, layout in enumerate(x for x in layouts if x != "none"):
             shape, *sets = layout.split(":")
             overrides = dict(kv.split("=", 1) for part in sets for kv in part.split(";"))
             tp, pp = map(int, shape.split("x"))

@@ -34,6 +34,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int | Literal["auto"] = "auto"  # auto: world size / (tp * pp)
+    # decoder layers per pipeline stage, first to last (empty: even split); e.g. [7, 5]
+    stage_layers: list[int] = field(default_factory=list)
 
 
 @dataclass

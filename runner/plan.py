@@ -2,8 +2,8 @@
 
 No weights and no processes. The model config comes from a local `config.json`, or for a hub id
 from the built-in google/gemma-4-31B-it shape; stage → decoder layers comes from the layer-spec list
-`Gemma4Pipeline` builds, cut by DeepSpeed's own `partition_balanced` exactly as its
-`type:Gemma4DecoderLayerPipe` method does; parameters per GPU come from transformers' modules built
+`Gemma4Pipeline` builds, cut by the same `stage_boundaries` it uses (even, or
+`parallel.stage_layers`); parameters per GPU come from transformers' modules built
 on the meta device, sharded by the runner's TP plan; memory is arithmetic (`MemoryModel`).
 
 Every TP rank and DP replica of a stage holds the same amounts, so there is one row per stage.
@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from deepspeed.pipe import TiedLayerSpec
-from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 from transformers import AutoConfig, Gemma4Config, Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import (
@@ -31,7 +31,13 @@ from transformers.models.gemma4.modeling_gemma4 import (
 
 from runner.config import FreezeConfig, RunConfig, micro_batches_per_step
 from runner.errors import UserError
-from runner.models.gemma4.pipeline import attention_shapes, check_supported, gemma4_layer_specs, validate_layout
+from runner.models.gemma4.pipeline import (
+    attention_shapes,
+    check_supported,
+    gemma4_layer_specs,
+    stage_boundaries,
+    validate_layout,
+)
 from runner.models.gemma4.presets import GEMMA4_31B_ID, GEMMA4_31B_IMAGE_SOFT_TOKENS, gemma4_31b_config
 from runner.models.gemma4.stages import (
     DECODER_TP_PLAN,
@@ -506,13 +512,11 @@ def resolve_dims(cfg: RunConfig, world_size: int | None) -> ParallelDims:
     return parallel_dims(cfg, world_size)
 
 
-def stage_specs(config: Gemma4Config, pp: int) -> list[list]:
-    """The layer specs each stage builds: `Gemma4Pipeline`'s list, cut as DeepSpeed's
-    `partition_method="type:Gemma4DecoderLayerPipe"` cuts it (binary weights, partition_balanced).
+def stage_specs(config: Gemma4Config, pp: int, stage_layers: Sequence[int] = ()) -> list[list]:
+    """The layer specs each stage builds: `Gemma4Pipeline`'s list, cut by its `stage_boundaries`.
     LayerSpec only stores its arguments, so no ParallelState is needed to list them."""
     specs = gemma4_layer_specs(config, None)
-    weights = [int(spec.typename is Gemma4DecoderLayerPipe) for spec in specs]
-    parts = partition_balanced(weights=weights, num_parts=pp)
+    parts = stage_boundaries(specs, pp, stage_layers)
     return [specs[parts[s]:parts[s + 1]] for s in range(pp)]
 
 
@@ -546,7 +550,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     optim_shards = dims.dp if zero_stage >= 1 else 1
 
     stages = []
-    for stage, specs in enumerate(stage_specs(config, dims.pp)):
+    for stage, specs in enumerate(stage_specs(config, dims.pp, cfg.parallel.stage_layers)):
         parts = counter.count(specs)
         params = sum(p.local for p in parts)
         trainable = sum(p.trainable for p in parts)

@@ -31,7 +31,15 @@ from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource, load_source
 from runner.errors import UserError
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
-from runner.models.gemma4.pipeline import Gemma4Pipeline, check_supported, count_label_tokens, to_pipe_batch, validate_layout
+from runner.models.gemma4.pipeline import (
+    Gemma4Pipeline,
+    check_supported,
+    count_label_tokens,
+    gemma4_layer_specs,
+    stage_boundaries,
+    to_pipe_batch,
+    validate_layout,
+)
 from runner.optim import build_optimizer, lr_lambda
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.profiling import profile_step
@@ -160,6 +168,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                         "FlexAttention backward); use sdpa on CPU")
     check_supported(config)
     validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
+    stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)
     train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data
     eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
     init_distributed()
@@ -187,7 +196,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     device = get_accelerator().current_device_name()
     with torch.device(device):
         model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
-                               fused_rms_norm=cfg.model.fused_rms_norm)
+                               fused_rms_norm=cfg.model.fused_rms_norm, stage_layers=cfg.parallel.stage_layers)
     model.to(DTYPES[cfg.model.dtype])
     if not resuming:  # a resumed run takes every weight from its checkpoint
         load_hf_weights(model, model_dir)

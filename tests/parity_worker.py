@@ -39,11 +39,17 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--no-fused-rms-norm", action="store_true")
     ap.add_argument("--freeze", default="", help="comma list of embeddings,vision_tower,language_model")
+    ap.add_argument("--stage-layers", default="", help="comma list: decoder layers per stage (empty: even split)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     ps, config, model = load_pipeline(args, activation_checkpoint_interval=int(args.activation_checkpointing),
-                                      fused_rms_norm=not args.no_fused_rms_norm)
+                                      fused_rms_norm=not args.no_fused_rms_norm,
+                                      stage_layers=[int(n) for n in args.stage_layers.split(",") if n])
+    if args.stage_layers:  # this stage holds exactly its share, in order
+        counts = [int(n) for n in args.stage_layers.split(",")]
+        first = sum(counts[:ps.pp_rank])
+        assert model.decoder_layers() == list(range(first, first + counts[ps.pp_rank])), model.decoder_layers()
     # the choice reaches every RMSNorm of the language model (else the unfused case would test nothing)
     norms = [m for layer in model.modules() if isinstance(layer, (Gemma4DecoderLayerPipe, Gemma4FinalNorm))
              for m in layer.modules() if isinstance(m, Gemma4RMSNorm)]

@@ -41,14 +41,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-# every layout with the fused RMSNorm (the default), one with transformers' own RMSNorm
-CASES = [(*layout, True) for layout in LAYOUTS] + [(2, 2, 1, False)]
+# every layout with the fused RMSNorm (the default) and the even split; one with transformers' own
+# RMSNorm; one uneven split (parallel.stage_layers): 5 + 1, the last stage holds only the full layer
+CASES = [(*layout, True, "") for layout in LAYOUTS] + [(2, 2, 1, False, ""), (2, 2, 1, True, "5,1")]
 
 
-@pytest.mark.parametrize("tp,pp,dp,fused", CASES, ids=lambda v: str(v))
-def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp, dp, fused):
+@pytest.mark.parametrize("tp,pp,dp,fused,stage_layers", CASES, ids=lambda v: str(v))
+def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp, dp, fused, stage_layers):
     kinds = "text,image"
-    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=() if fused else ("--no-fused-rms-norm",))
+    extra = ("--stage-layers", stage_layers) + (() if fused else ("--no-fused-rms-norm",))
+    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra)
     ref = _reference(str(tiny_ckpt), kinds, 0.0)
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]

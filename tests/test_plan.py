@@ -63,6 +63,18 @@ def test_31b_recipes_plan_like_deepspeed_partitions(name):
     assert not plan.warnings, plan.table()
 
 
+def test_stage_layers_split_the_decoder_unevenly():
+    plan = make_plan(load_config(RECIPES["tp4_pp4_dp2"], ["parallel.stage_layers=[16,16,16,12]"]))
+    assert [s.decoder_layers for s in plan.stages] == [list(range(a, b)) for a, b in [(0, 16), (16, 32), (32, 48), (48, 60)]]
+    assert "vision" in plan.stages[0].holds and "head (tied)" in plan.stages[-1].holds
+    assert plan.stages[-1].params < plan.stages[1].params  # 4 layers fewer, the head is the tied embedding's size
+    for bad, words in [("[30,30]", ["2 entries", "parallel.pp=4"]), ("[20,20,20,0]", ["at least one", "60"])]:
+        with pytest.raises(UserError) as err:
+            make_plan(load_config(RECIPES["tp4_pp4_dp2"], [f"parallel.stage_layers={bad}"]))
+        for w in words:
+            assert w in str(err.value), (w, str(err.value))
+
+
 @pytest.mark.parametrize(
     "name,overrides", [("tp4_pp2", []), ("tp4_pp4_dp2", []), ("tp4_pp2", ["parallel.tp=8", "parallel.pp=1"])]
 )

@@ -75,6 +75,7 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
         (["parallel.tp=3"], ["num_attention_heads=4", "parallel.tp=3"]),
         (["data.train=/nonexistent/medpix"], ["/nonexistent/medpix"]),
         (["model.attn_implementation=flex_attention"], ["flex_attention needs CUDA GPUs", "use sdpa"]),
+        (["parallel.stage_layers=[4,1]"], ["parallel.stage_layers=[4, 1]", "sum to the model's 6", "[3, 3]"]),
     ],
 )
 def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, words):

@@ -2,7 +2,7 @@
 
     vision tower + embed_vision        (first stage)
     token embedding + image scatter    (first stage, tied with the head)
-    decoder layer 0 … N-1              (split over the stages by count)
+    decoder layer 0 … N-1              (split over the stages evenly, or by `stage_layers`)
     final norm                         (last stage)
     LM head = the embedding, tied      (last stage) → softcapped vocab-parallel logits
 
@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 from transformers import Gemma4Config
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
@@ -158,6 +159,27 @@ def global_label_count(micro_batch_labels: list[torch.Tensor], ps: ParallelState
     return int(local.item())
 
 
+def stage_boundaries(specs: Sequence, pp: int, stage_layers: Sequence[int] = ()) -> list[int]:
+    """Where each stage's slice of the layer-spec list starts, plus the end. Decoder layers are split
+    evenly (DeepSpeed's `partition_method="type:…"`: binary weights, `partition_balanced`) or, with
+    `stage_layers`, stage s gets `stage_layers[s]` of them (Megatron's uneven split: the last stage
+    also runs the 262144-vocabulary head, so it can take fewer). Vision and embedding go with the
+    first stage, the final norm and head with the last."""
+    is_layer = [int(getattr(spec, "typename", None) is Gemma4DecoderLayerPipe) for spec in specs]
+    if not stage_layers:
+        return partition_balanced(weights=is_layer, num_parts=pp)
+    n_layers, given = sum(is_layer), list(stage_layers)
+    if len(given) != pp:
+        raise UserError(f"parallel.stage_layers={given} has {len(given)} entries for parallel.pp={pp} stages; "
+                        f"give one decoder-layer count per stage")
+    if min(given) < 1 or sum(given) != n_layers:
+        raise UserError(f"parallel.stage_layers={given} must give every stage at least one decoder layer and sum "
+                        f"to the model's {n_layers}; e.g. {[n_layers // pp + (s < n_layers % pp) for s in range(pp)]}")
+    positions = [i for i, w in enumerate(is_layer) if w]
+    firsts = [positions[sum(given[:s])] for s in range(1, pp)]  # each later stage starts at its first layer
+    return [0, *firsts, len(specs)]
+
+
 class Gemma4Pipeline(PipelineModule):
     """The pipeline module plus what the runner needs around it: HF names and the loss."""
 
@@ -168,11 +190,13 @@ class Gemma4Pipeline(PipelineModule):
         *,
         activation_checkpoint_interval: int = 0,
         fused_rms_norm: bool = True,
+        stage_layers: Sequence[int] = (),
     ) -> None:
         check_supported(config)
         validate_layout(config, ps.dims)
         self.config = config
         self.ps = ps
+        self.stage_layers = tuple(stage_layers)
         loss = TokenWeightedLoss(ps, config.text_config.vocab_size)
         super().__init__(
             layers=gemma4_layer_specs(config, ps, fused_rms_norm),
@@ -189,6 +213,17 @@ class Gemma4Pipeline(PipelineModule):
             dynamic_shape=True,
         )
         self.token_loss = loss
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        """DeepSpeed's hook that cuts the spec list into stages (`self.parts`): `stage_boundaries`,
+        the same rule `runner plan` reports."""
+        self.parts = stage_boundaries(self._layer_specs, self.num_stages, self.stage_layers)
+        if self.global_rank == 0:
+            for stage in range(self.num_stages):
+                specs = self._layer_specs[self.parts[stage]:self.parts[stage + 1]]
+                print(f"stage {stage}: " + ", ".join(spec.typename.__name__ for spec in specs), flush=True)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     def freeze(self, *, embeddings: bool = False, vision_tower: bool = False, language_model: bool = False) -> None:
         """Stop training parts of the model (call before building the optimizer).
