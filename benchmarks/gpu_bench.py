@@ -25,6 +25,7 @@ profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -137,10 +138,12 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:  # kill torchrun and its workers, else they hold the GPUs for the next run
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        except subprocess.TimeoutExpired:
             rc = 124
+        finally:  # torchrun and its workers go with it (a timeout, or the bench itself killed), else they keep the GPUs
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
     print(f"  {status}: {log}", flush=True)
     lines = log.read_text(errors="replace").splitlines()

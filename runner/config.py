@@ -8,6 +8,7 @@ group or model is built, with one line naming the file, the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -251,6 +252,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
+        # transformers compiles FlexAttention anew whenever the module's training flag flips (each eval),
+        # and after torch's recompile limit falls back to its slow unfused path
+        (cfg.model.attn_implementation != "flex_attention" or not (cfg.eval.every_steps and cfg.data.eval),
+         "model.attn_implementation: flex_attention recompiles at every eval; set eval.every_steps: 0 or use sdpa"),
     ]
     for ok, message in checks:
         if not ok:
@@ -268,3 +273,11 @@ def micro_batches_per_step(train: TrainConfig, dp: int) -> int:
         raise UserError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
                         f"micro_batch_size * dp = {per_step}")
     return train.global_batch_size // per_step
+
+
+def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    """A DeepSpeed config file as a dict, or one error line naming the file and what is wrong."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"DeepSpeed config {path}: {err}") from None

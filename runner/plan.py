@@ -11,10 +11,9 @@ Every TP rank and DP replica of a stage holds the same amounts, so there is one 
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4VisionModel,
 )
 
-from runner.config import FreezeConfig, RunConfig, micro_batches_per_step
+from runner.config import FreezeConfig, RunConfig, load_deepspeed_json, micro_batches_per_step
 from runner.errors import UserError
 from runner.models.gemma4.pipeline import (
     attention_shapes,
@@ -107,10 +106,7 @@ def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
     path = Path(ds_config) if ds_config else ROOT / "ds_configs" / "gpu_bf16_zero1.json"
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"DeepSpeed config {path}: {err}") from None
+    ds = load_deepspeed_json(path)
     zero = ds.get("zero_optimization", {})
     fp32 = ("fp32", "float32", "float")
     return DeepSpeedSettings(

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 from runner.checkpoint import native
 from runner.checkpoint.export import export_after_training
 from runner.checkpoint.hf_load import load_hf_weights, resolve_model_dir
-from runner.config import RunConfig, micro_batches_per_step
+from runner.config import RunConfig, load_deepspeed_json, micro_batches_per_step
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
@@ -84,10 +84,7 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
     "auto" batch and clipping fields filled from the recipe. Returns (config, fp32_path)."""
     default = "cpu_fp32.json" if get_accelerator().device_name() == "cpu" else "gpu_bf16_zero1.json"
     path = path or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or str(ROOT / "ds_configs" / default)
-    try:
-        ds = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"DeepSpeed config {path}: {err}") from None
+    ds = load_deepspeed_json(path)
     bf16 = cfg.model.dtype == "bfloat16"
     ds.setdefault("bf16", {})["enabled"] = bf16
     zero = ds.get("zero_optimization", {}).get("stage", 0)
@@ -168,7 +165,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                         "FlexAttention backward); use sdpa on CPU")
     check_supported(config)
     validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
-    stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)
+    stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # refuses a bad split
     train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data
     eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
     init_distributed()
@@ -219,8 +216,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
               f"{cfg.train.micro_batch_size} per step, steps {step + 1}..{total_steps}"
               + (f" (resumed from {resume_from})" if resuming else ""), flush=True)
         if cfg.model.attn_implementation == "flex_attention":
-            print("flex_attention: the first step compiles its kernels (about 3 minutes on 4x H100), again for "
-                  "each new sequence length: pad to one length (data.pad_to_multiple_of) to compile once", flush=True)
+            print("flex_attention: the first step compiles its kernels (200 s on 4x H100 at one length); a new "
+                  "sequence length may compile again: pad to one length (data.pad_to_multiple_of)", flush=True)
     stop = StopFlag()
     flops_per_token = None
     peak = peak_flops_per_device()

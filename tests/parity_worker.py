@@ -43,11 +43,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
+    counts = [int(n) for n in args.stage_layers.split(",") if n]
     ps, config, model = load_pipeline(args, activation_checkpoint_interval=int(args.activation_checkpointing),
-                                      fused_rms_norm=not args.no_fused_rms_norm,
-                                      stage_layers=[int(n) for n in args.stage_layers.split(",") if n])
-    if args.stage_layers:  # this stage holds exactly its share, in order
-        counts = [int(n) for n in args.stage_layers.split(",")]
+                                      fused_rms_norm=not args.no_fused_rms_norm, stage_layers=counts)
+    if counts:  # this stage holds exactly its share, in order
         first = sum(counts[:ps.pp_rank])
         assert model.decoder_layers() == list(range(first, first + counts[ps.pp_rank])), model.decoder_layers()
     # the choice reaches every RMSNorm of the language model (else the unfused case would test nothing)

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoConfig, Gemma4Config
 
 from runner.checkpoint.hf_load import load_hf_weights
-from runner.models.gemma4.pipeline import Gemma4Pipeline, global_label_count, to_pipe_batch
+from runner.models.gemma4.pipeline import Gemma4Pipeline, to_pipe_batch
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
+from runner.train import step_counts
 
 IGNORE = -100
 
@@ -153,5 +154,5 @@ def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dic
     """One optimizer step on this DP rank's `gas` micro-batches of the global batch `micro`, the loss
     weighted by the label tokens of the whole global batch; returns the loss."""
     mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
-    model.token_loss.set_label_count(global_label_count([m["labels"] for m in mine], ps), gas)
+    model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)  # the count `runner train` uses
     return float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))

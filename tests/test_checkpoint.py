@@ -181,3 +181,10 @@ def test_resume_at_another_layout_is_refused_with_the_fix(run_a):
     engine = SimpleNamespace(module=SimpleNamespace(ps=SimpleNamespace(dims=ParallelDims(tp=1, pp=2, dp=1))))
     with pytest.raises(UserError, match=r"saved at tp=2, pp=2 but this run uses tp=1, pp=2; export it \(`runner export"):
         resume(engine, run_a / "root")
+
+
+def test_resume_with_another_stage_split_is_refused_with_the_fix(run_a):
+    module = SimpleNamespace(ps=SimpleNamespace(dims=ParallelDims(tp=2, pp=2, dp=1)), stage_layer_counts=lambda: [5, 1])
+    with pytest.raises(UserError, match=r"saved with \[3, 3\] decoder layers per stage but this run splits \[5, 1\]; "
+                                        r"set parallel.stage_layers: \[3, 3\]"):
+        resume(SimpleNamespace(module=module), run_a / "root")

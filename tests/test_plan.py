@@ -12,7 +12,7 @@ from deepspeed.runtime.utils import partition_balanced
 from transformers import Gemma4ForConditionalGeneration
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer, Gemma4TextRotaryEmbedding
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line
 from runner.cli import main
 from runner.config import load_config
 from runner.errors import UserError
@@ -71,8 +71,7 @@ def test_stage_layers_split_the_decoder_unevenly():
     for bad, words in [("[30,30]", ["2 entries", "parallel.pp=4"]), ("[20,20,20,0]", ["at least one", "60"])]:
         with pytest.raises(UserError) as err:
             make_plan(load_config(RECIPES["tp4_pp4_dp2"], [f"parallel.stage_layers={bad}"]))
-        for w in words:
-            assert w in str(err.value), (w, str(err.value))
+        assert_one_line(str(err.value), words)
 
 
 @pytest.mark.parametrize(

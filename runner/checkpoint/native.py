@@ -170,6 +170,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, *, source: str
             "format": 1,
             "step": step,
             "layout": asdict(engine.module.ps.dims),
+            "stage_layers": engine.module.stage_layer_counts(),
             "source": str(source_path.resolve()) if source_path.is_dir() else str(source),
             "tensors": manifest,
         }
@@ -202,6 +203,10 @@ def resume(engine, root: str | Path) -> dict | None:
     if saved["dp"] != dims.dp and engine.zero_optimization():
         raise UserError(f"{path} was saved at dp={saved['dp']} but this run uses dp={dims.dp}; ZeRO's partitioned "
                         f"optimizer state cannot be re-split: resume at dp={saved['dp']}, or export and start fresh")
+    saved_split, split = read_meta(path).get("stage_layers"), engine.module.stage_layer_counts()
+    if saved_split is not None and saved_split != split:
+        raise UserError(f"{path} was saved with {saved_split} decoder layers per stage but this run splits {split}; "
+                        f"set parallel.stage_layers: {saved_split} to resume, or export and start fresh")
     install(engine)
     _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     if saved == asdict(dims):

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.utils import partition_balanced
@@ -150,15 +148,6 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def global_label_count(micro_batch_labels: list[torch.Tensor], ps: ParallelState) -> int:
-    """Label tokens over all micro-batches of this step on all DP ranks."""
-    local = torch.tensor(sum(count_label_tokens(x) for x in micro_batch_labels), dtype=torch.float64,
-                         device=get_accelerator().current_device_name())
-    if ps.dims.dp > 1:
-        dist.all_reduce(local, group=ps.dp_group)
-    return int(local.item())
-
-
 def stage_boundaries(specs: Sequence, pp: int, stage_layers: Sequence[int] = ()) -> list[int]:
     """Where each stage's slice of the layer-spec list starts, plus the end. Decoder layers are split
     evenly (DeepSpeed's `partition_method="type:…"`: binary weights, `partition_balanced`) or, with
@@ -202,7 +191,6 @@ class Gemma4Pipeline(PipelineModule):
             layers=gemma4_layer_specs(config, ps, fused_rms_norm),
             topology=ps.topology,
             loss_fn=loss,
-            partition_method=f"type:{Gemma4DecoderLayerPipe.__name__}",
             activation_checkpoint_interval=activation_checkpoint_interval,
             # non-reentrant: a frozen embedding or vision tower feeds checkpointed layers inputs that
             # need no grad, which the reentrant function would cut off from autograd. DeepSpeed's own
@@ -215,8 +203,8 @@ class Gemma4Pipeline(PipelineModule):
         self.token_loss = loss
 
     def _partition_layers(self, method: str = "uniform") -> None:
-        """DeepSpeed's hook that cuts the spec list into stages (`self.parts`): `stage_boundaries`,
-        the same rule `runner plan` reports."""
+        """DeepSpeed's hook that cuts the spec list into stages (`self.parts`); `method`
+        (`partition_method`) is replaced by `stage_boundaries`, the rule `runner plan` reports."""
         self.parts = stage_boundaries(self._layer_specs, self.num_stages, self.stage_layers)
         if self.global_rank == 0:
             for stage in range(self.num_stages):
@@ -257,6 +245,11 @@ class Gemma4Pipeline(PipelineModule):
                 continue
             for name, tensor in module.state_dict(keep_vars=True).items():
                 yield prefix + name, tensor, module
+
+    def stage_layer_counts(self) -> list[int]:
+        """Decoder layers per stage, first to last (what `parallel.stage_layers` sets)."""
+        return [sum(getattr(spec, "typename", None) is Gemma4DecoderLayerPipe for spec in self._layer_specs[a:b])
+                for a, b in zip(self.parts, self.parts[1:])]
 
     def decoder_layers(self) -> list[int]:
         """Indices of the decoder layers this rank's stage holds."""

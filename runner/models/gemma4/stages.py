@@ -13,9 +13,10 @@ layer's linears are swapped for column/row-parallel ones.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4MultimodalEmbedder,
     Gemma4RMSNorm,
@@ -184,9 +185,9 @@ class MaskCache:
         return masks
 
 
-def flex_kernel_options(text_config, head_dim: int) -> dict:
-    """FlexAttention's default Triton tiles for head_dim 512 (the full layers) need more shared memory
-    than an H100/H200 SM has; 32×32 tiles fit and still beat SDPA's mem-efficient kernel there."""
+def flex_kernel_options(text_config: Gemma4TextConfig, head_dim: int) -> dict[str, dict[str, int]]:
+    """FlexAttention's default forward tiles for head_dim 512 (the full layers) need more shared
+    memory than an H100/H200 SM has; 32×32 forward tiles fit (the backward picks its own)."""
     if text_config._attn_implementation != "flex_attention" or head_dim <= 256:
         return {}
     return {"kernel_options": {"BLOCK_M": 32, "BLOCK_N": 32}}
@@ -250,10 +251,11 @@ class FusedRMSNorm(Gemma4RMSNorm):
 
 
 class _GroupRMSNorm(FusedRMSNorm):
-    """An RMSNorm (with scale) that knows its TP group."""
+    """An RMSNorm that knows its TP group."""
 
-    def __init__(self, dim: int, eps: float, tp_group, fused: bool) -> None:
-        super().__init__(dim, eps=eps, fused=fused)
+    def __init__(self, dim: int, eps: float, tp_group: dist.ProcessGroup | None, fused: bool,
+                 with_scale: bool = True) -> None:
+        super().__init__(dim, eps=eps, with_scale=with_scale, fused=fused)
         self.tp_group = tp_group
 
 
@@ -309,7 +311,7 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
             parent_name, _, attr = name.rpartition(".")
             dim = old.weight.shape[0] if old.with_scale else 1
             if name in BLOCK_INPUT_NORMS:
-                norm = BlockInputRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm)
+                norm = BlockInputRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm, with_scale=old.with_scale)
             else:
                 norm = FusedRMSNorm(dim, old.eps, with_scale=old.with_scale, fused=fused_rms_norm)
             setattr(layer.get_submodule(parent_name), attr, norm)
