@@ -21,8 +21,8 @@ def peak_flops_per_device() -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def train_flops_per_token(text_config, seq_len: int) -> float:
-    """Model FLOPs of one trained token (forward + backward = 3 × forward), text model only.
+def forward_flops_per_token(text_config, seq_len: int) -> tuple[list[float], float]:
+    """Forward FLOPs of one token: (each decoder layer's, the LM head's); text model only.
 
     Matmuls: 2 FLOPs per weight per token (decoder linears and the LM head). Attention: QKᵀ and AV
     cost 2·2·heads·head_dim per attended key; a causal token attends to (seq+1)/2 keys on average,
@@ -32,7 +32,7 @@ def train_flops_per_token(text_config, seq_len: int) -> float:
 
     hidden = text_config.hidden_size
     shapes = attention_shapes(text_config)
-    fwd = 2 * text_config.vocab_size * hidden
+    layers = []
     for layer_type in text_config.layer_types:
         q_heads, kv_heads, head_dim = shapes[layer_type]
         kv_proj = 1 if (layer_type == "full_attention" and text_config.attention_k_eq_v) else 2
@@ -40,8 +40,14 @@ def train_flops_per_token(text_config, seq_len: int) -> float:
         keys = (seq_len + 1) / 2
         if layer_type == "sliding_attention":
             keys = min(keys, text_config.sliding_window)
-        fwd += 2 * weights + 4 * q_heads * head_dim * keys
-    return 3 * fwd
+        layers.append(2 * weights + 4 * q_heads * head_dim * keys)
+    return layers, 2 * text_config.vocab_size * hidden
+
+
+def train_flops_per_token(text_config, seq_len: int) -> float:
+    """Model FLOPs of one trained token: forward + backward = 3 × forward (what MFU counts)."""
+    layers, head = forward_flops_per_token(text_config, seq_len)
+    return 3 * (sum(layers) + head)
 
 
 def mem_gib() -> float:

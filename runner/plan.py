@@ -11,6 +11,8 @@ Every TP rank and DP replica of a stage holds the same amounts, so there is one 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +32,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 
 from runner.config import FreezeConfig, RunConfig, load_deepspeed_json, micro_batches_per_step
 from runner.errors import UserError
+from runner.metrics import forward_flops_per_token
 from runner.models.gemma4.pipeline import (
     attention_shapes,
     check_supported,
@@ -274,6 +277,11 @@ class Plan:
     gpu_mem_gib: float
     stages: list[StagePlan]
     assumptions: dict[str, Any]
+    # model TFLOP per micro-batch and GPU, per stage (forward, recompute, backward; the head on the
+    # last stage), and the split of the decoder layers that evens them out (`parallel.stage_layers`)
+    stage_tflop: list[float]
+    balanced_stage_layers: list[int]
+    balanced_stage_tflop: list[float]
 
     @property
     def warnings(self) -> list[str]:
@@ -318,6 +326,12 @@ class Plan:
                 f"{_count(s.trainable_params):>10} {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
                 f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['overhead']:>6.2f} "
                 f"{m['total']:>6.2f}"
+            )
+        if d.pp > 1:
+            lines.append(
+                f"compute per micro-batch and GPU, by stage: {' / '.join(f'{t:.1f}' for t in self.stage_tflop)} "
+                f"TFLOP; most even split: parallel.stage_layers: {self.balanced_stage_layers} "
+                f"({' / '.join(f'{t:.1f}' for t in self.balanced_stage_tflop)})"
             )
         lines += [
             "",
@@ -516,6 +530,37 @@ def stage_specs(config: Gemma4Config, pp: int, stage_layers: Sequence[int] = ())
     return [specs[parts[s]:parts[s + 1]] for s in range(pp)]
 
 
+def split_cost(layer_cost: Sequence[float], head_cost: float, counts: Sequence[int]) -> list[float]:
+    """Each stage's compute when stage s runs the next `counts[s]` decoder layers, the last also the head."""
+    bounds = [0, *itertools.accumulate(counts)]
+    costs = [sum(layer_cost[a:b]) for a, b in zip(bounds, bounds[1:])]
+    costs[-1] += head_cost
+    return [round(c, 2) for c in costs]
+
+
+def balanced_stage_layers(layer_cost: Sequence[float], head_cost: float, pp: int) -> list[int]:
+    """Decoder layers per stage (contiguous, at least one each) that make the slowest stage fastest:
+    a 1F1B pipeline steps at its slowest stage's pace. The last stage also runs the LM head; the
+    frozen vision tower's forward on the first stage and the elementwise softcap/cross-entropy work
+    are not counted (FLOPs only)."""
+    prefix = [0.0, *itertools.accumulate(layer_cost)]
+    n = len(layer_cost)
+
+    @functools.cache
+    def best(end: int, stages: int) -> tuple[float, tuple[int, ...]]:
+        """The first `end` layers over `stages` stages: (slowest stage, layers per stage)."""
+        head = head_cost if end == n else 0.0
+        if stages == 1:
+            return prefix[end] + head, (end,)
+        options = []
+        for start in range(stages - 1, end):
+            slowest, counts = best(start, stages - 1)
+            options.append((max(slowest, prefix[end] - prefix[start] + head), (*counts, end - start)))
+        return min(options)
+
+    return list(best(n, pp)[1])
+
+
 def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str | None = None,
               gpu_mem_gib: float = 80.0, fused_attn_max_head_dim: int = FUSED_ATTN_MAX_HEAD_DIM) -> Plan:
     """Layers, parameters and memory per GPU for a recipe, without a GPU."""
@@ -578,6 +623,13 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             activations_gib={k: round(v / GIB, 3) for k, v in activations.items()},
         ))
 
+    tokens = cfg.train.micro_batch_size * cfg.data.max_length
+    layer_fwd, head_fwd = forward_flops_per_token(tc, cfg.data.max_length)
+    passes = 4 if cfg.train.activation_checkpointing else 3  # forward, (recompute,) backward = 2 forwards
+    layer_cost = [f * passes * tokens / dims.tp / 1e12 for f in layer_fwd]
+    head_passes = 3 if not cfg.freeze.embeddings else 2  # the tied weight's gradient only when trained
+    head_cost = head_fwd * head_passes * tokens / dims.tp / 1e12
+    balanced = balanced_stage_layers(layer_cost, head_cost, dims.pp)
     return Plan(
         model=cfg.model.path,
         source=source,
@@ -593,6 +645,9 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         vision_params=counts.vision_tower + counts.embed_vision,
         gpu_mem_gib=gpu_mem_gib,
         stages=stages,
+        stage_tflop=split_cost(layer_cost, head_cost, [len(st.decoder_layers) for st in stages]),
+        balanced_stage_layers=balanced,
+        balanced_stage_tflop=split_cost(layer_cost, head_cost, balanced),
         assumptions={
             "overhead_gib": OVERHEAD_GIB,
             "images_per_sample": IMAGES_PER_SAMPLE,

@@ -3,6 +3,7 @@ GPU add up to the model, the activation formula matches what autograd saves, the
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from runner.errors import UserError
 from runner.models.gemma4.pipeline import attention_shapes
 from runner.models.gemma4.presets import gemma4_31b_config
 from runner.models.gemma4.tiny import tiny_config
-from runner.plan import GIB, OVERHEAD_GIB, LayerShape, cluster_world_size, layer_saved_bytes, make_plan
+from runner.plan import (
+    GIB,
+    OVERHEAD_GIB,
+    LayerShape,
+    balanced_stage_layers,
+    cluster_world_size,
+    layer_saved_bytes,
+    make_plan,
+    split_cost,
+)
 
 RECIPES = {"tp4_pp2": ROOT / "recipes/gemma4_31b_tp4_pp2.yaml", "tp4_pp4_dp2": ROOT / "recipes/gemma4_31b_tp4_pp4_dp2.yaml"}
 # google/gemma-4-31B-it, counted by transformers on the meta device (tied head counted once)
@@ -72,6 +82,25 @@ def test_stage_layers_split_the_decoder_unevenly():
         with pytest.raises(UserError) as err:
             make_plan(load_config(RECIPES["tp4_pp4_dp2"], [f"parallel.stage_layers={bad}"]))
         assert_one_line(str(err.value), words)
+
+
+def test_balanced_stage_layers_is_the_best_contiguous_split():
+    """Against brute force over every split with at least one layer per stage."""
+    gen = torch.Generator().manual_seed(0)
+    for n, pp in [(6, 2), (7, 3), (9, 4), (5, 5)]:
+        cost = torch.rand(n, generator=gen).tolist()
+        head = float(torch.rand(1, generator=gen)) * 3
+        splits = [c for c in itertools.product(range(1, n + 1), repeat=pp) if sum(c) == n]
+        best = min(max(split_cost(cost, head, c)) for c in splits)
+        got = balanced_stage_layers(cost, head, pp)
+        assert sum(got) == n and min(got) >= 1 and max(split_cost(cost, head, got)) == best, (n, pp, got)
+
+
+def test_plan_suggests_a_split_that_unloads_the_head_stage():
+    plan = make_plan(load_config(RECIPES["tp4_pp2"]))
+    assert sum(plan.balanced_stage_layers) == 60 and plan.balanced_stage_layers[-1] < 30
+    assert max(plan.balanced_stage_tflop) < max(plan.stage_tflop) and plan.stage_tflop[-1] > plan.stage_tflop[0]
+    assert f"parallel.stage_layers: {plan.balanced_stage_layers}" in plan.table()
 
 
 @pytest.mark.parametrize(
