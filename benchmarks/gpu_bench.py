@@ -199,7 +199,7 @@ def main() -> int:
     print(f"checkpoint + data ready in {time.time() - t0:.0f}s on {gpus} devices", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": gpus, "depth": args.depth,
-                     "model": f"gemma4_31b_config(depth={args.depth}) random bf16", "runs": [], "baseline": {}}
+                     "model": "tiny Gemma4 (CPU smoke test)" if args.tiny else f"gemma4_31b_config(depth={args.depth}) random bf16", "runs": [], "baseline": {}}
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port=29555"]
     tails, profiles = out / "logs.txt", out / "profiles.txt"
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", 0))
@@ -231,8 +231,11 @@ def main() -> int:
                 planned = json.loads(plan.stdout)
                 entry["plan_gib"], entry["plan_total_gib"] = planned["max_gib_per_gpu"], planned["max_total_gib_per_gpu"]
             metrics = run_dir / "metrics.jsonl"
-            if rc == 0 and metrics.exists():
-                recs = [json.loads(line) for line in metrics.read_text().splitlines() if '"split"' not in line]
+            recs = [json.loads(line) for line in metrics.read_text().splitlines()
+                    if '"split"' not in line] if metrics.exists() else []
+            # every timed step logged counts, also when the run died after them (e.g. stopped in shutdown)
+            if len(recs) > args.warmup:
+                entry["steps_logged"] = len(recs)
                 entry.update(steady(recs, args.warmup, profile_step))
                 entry["tokens_per_step"] = recs[-1]["tokens"]
                 entry["step1"] = {"loss": recs[0]["loss"], "grad_norm": recs[0]["grad_norm"]}  # same data, weights
