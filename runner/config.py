@@ -252,10 +252,6 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
-        # transformers compiles FlexAttention anew whenever the module's training flag flips (each eval),
-        # and after torch's recompile limit falls back to its slow unfused path
-        (cfg.model.attn_implementation != "flex_attention" or not (cfg.eval.every_steps and cfg.data.eval),
-         "model.attn_implementation: flex_attention recompiles at every eval; set eval.every_steps: 0 or use sdpa"),
     ]
     for ok, message in checks:
         if not ok:

@@ -207,9 +207,13 @@ class Gemma4Pipeline(PipelineModule):
         (`partition_method`) is replaced by `stage_boundaries`, the rule `runner plan` reports."""
         self.parts = stage_boundaries(self._layer_specs, self.num_stages, self.stage_layers)
         if self.global_rank == 0:
+            counts = self.stage_layer_counts()
             for stage in range(self.num_stages):
-                specs = self._layer_specs[self.parts[stage]:self.parts[stage + 1]]
-                print(f"stage {stage}: " + ", ".join(spec.typename.__name__ for spec in specs), flush=True)
+                first = sum(counts[:stage])
+                others = [spec.typename.__name__ for spec in self._layer_specs[self.parts[stage]:self.parts[stage + 1]]
+                          if spec.typename is not Gemma4DecoderLayerPipe]
+                print(f"stage {stage}: decoder layers {first}-{first + counts[stage] - 1} ({counts[stage]})"
+                      + "".join(f", {name}" for name in others), flush=True)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 

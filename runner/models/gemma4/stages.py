@@ -213,7 +213,18 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         self.hf_prefix = f"model.language_model.layers.{layer_idx}."
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
         self.attn_kwargs = flex_kernel_options(config.text_config, self.self_attn.head_dim)
+        self.flex = config.text_config._attn_implementation == "flex_attention"
         _mark_replicated(self, ps)
+
+    def train(self, mode: bool = True) -> Gemma4DecoderLayerPipe:
+        """Under flex_attention the attention module stays in training mode: transformers builds a new
+        torch.compile of FlexAttention whenever `module.training` flips (every DeepSpeed eval_batch)
+        and, past torch's recompile limit, falls back to its unfused path. The flag only switches
+        attention dropout there, which FlexAttention refuses in any mode (Gemma4's is 0)."""
+        super().train(mode)
+        if self.flex:
+            self.self_attn.training = True
+        return self
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, attention_mask, position_ids, mm_token_type_ids = inputs
