@@ -63,12 +63,22 @@ class GlobalNormAdamW(torch.optim.AdamW):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; spare norms and biases (1-D), as transformers' Trainer does."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """Decay matrices; spare norms and biases (1-D), as transformers' Trainer does.
+
+    The matrices form one group per top-level module (a pipeline layer): DeepSpeed's ZeRO-1 step
+    turns a whole group's gradients into a flat fp32 partition at once, 6 bytes per parameter beside
+    the bf16 gradients, so one group per layer bounds that spike by a layer instead of the stage.
+    """
+    decay: dict[str, list[nn.Parameter]] = {}
+    no_decay = []
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if p.ndim >= 2:
+                decay.setdefault(name.split(".")[0], []).append(p)
+            else:
+                no_decay.append(p)
+    return ([{"params": params, "weight_decay": weight_decay} for params in decay.values()]
+            + [{"params": no_decay, "weight_decay": 0.0}])
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool,

@@ -60,6 +60,7 @@ IMAGES_PER_SAMPLE = 1  # MedPix-VQA: one image per question
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 master weights
+STEP_BYTES = 6  # ZeRO step: a group's gradients flattened (bf16) and converted to fp32, per parameter
 # Largest head dim PyTorch's fused SDPA (memory-efficient kernel: it takes the arbitrary masks the
 # stages pass) is assumed to run without materializing scores; `--fused-attn-max-head-dim 256`
 # models a fallback to the math kernel on the 31B's 512-dim full layers.
@@ -317,14 +318,14 @@ class Plan:
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}",
             "",
             f"{'stage':>5}  {'decoder layers':<15} {'holds':<28} {'params/GPU':>11} {'trainable':>10} {'in-flight':>9}"
-            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'overhd':>6} {'total':>6}",
+            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'step':>6} {'overhd':>6} {'total':>6}",
         ]
         for s in self.stages:
             m = s.memory_gib
             lines.append(
                 f"{s.stage:>5}  {s.layer_range:<15} {', '.join(s.holds) or '-':<28} {_count(s.params):>11} "
                 f"{_count(s.trainable_params):>10} {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
-                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['overhead']:>6.2f} "
+                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['step']:>6.2f} {m['overhead']:>6.2f} "
                 f"{m['total']:>6.2f}"
             )
         if d.pp > 1:
@@ -338,8 +339,10 @@ class Plan:
             f"GiB per GPU. weights {self.dtype}; grads {self.assumptions['grad_bytes_per_trainable_param']} bytes per "
             f"trainable param; optim = "
             f"{'fp32 master + ' if self.zero_stage >= 1 or self.dtype == 'bfloat16' else ''}Adam m, v of trainable params"
-            f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = ZeRO reduce bucket; overhd = CUDA "
-            f"context + NCCL ({OVERHEAD_GIB} GiB, not in torch.cuda.max_memory_allocated, which is total - overhd).",
+            f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = ZeRO reduce bucket; step = the ZeRO step's "
+            f"fp32 copy of one optimizer group's gradients (activations are gone by then: total counts the larger of "
+            f"bucket + activ and step); overhd = CUDA context + NCCL ({OVERHEAD_GIB} GiB, not in "
+            f"torch.cuda.max_memory_allocated, which is total - overhd).",
         ]
         return "\n".join(lines)
 
@@ -601,14 +604,21 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
             cfg.train.activation_checkpointing, next((p.vision for p in parts if p.vision), None), dims.pp,
         )
+        # DeepSpeed's ZeRO step (bf16 accumulation) flattens one optimizer group's gradient partition
+        # and converts it to fp32 (2 + 4 bytes per parameter) while the bf16 gradients still exist and
+        # the activations are gone; the groups are one per pipeline layer (runner/optim.py)
+        largest_group = max((p.trainable for p in parts), default=0)
+        step = STEP_BYTES * largest_group / optim_shards if zero_stage >= 1 and not fp32_accum else 0
         gib = {
             "weights": params * dtype_bytes / GIB,
             "grads": trainable * grad_bytes / GIB,
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
             "zero_bucket": (trainable if comm_copy else bucket) * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
+            "step": step / GIB,
         }
-        gib["allocated"] = sum(gib.values())
+        gib["allocated"] = (gib["weights"] + gib["grads"] + gib["optimizer"]
+                            + max(gib["zero_bucket"] + gib["activations"], gib["step"]))
         gib["overhead"] = OVERHEAD_GIB
         gib["total"] = gib["allocated"] + OVERHEAD_GIB
         stages.append(StagePlan(

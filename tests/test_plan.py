@@ -17,6 +17,7 @@ from conftest import ROOT, assert_one_line
 from runner.cli import main
 from runner.config import load_config
 from runner.errors import UserError
+from runner.optim import param_groups
 from runner.models.gemma4.pipeline import attention_shapes
 from runner.models.gemma4.presets import gemma4_31b_config
 from runner.models.gemma4.tiny import tiny_config
@@ -251,3 +252,30 @@ def test_fp32_gradient_accumulation_counts_fp32_grads(tmp_path, immediate, grad_
     (tmp_path / "ds.json").write_text(json.dumps(fp32))
     for s, st in zip(make_plan(cfg, ds_config=str(tmp_path / "ds.json")).stages, fp32_accum.stages):
         assert s.memory_gib["zero_bucket"] == pytest.approx(st.memory_gib["grads"] * 2 / grad_bytes, abs=2e-3)
+
+
+def test_zero_step_spike_counts_one_optimizer_group():
+    """The ZeRO step turns one optimizer group's gradients into fp32 (6 bytes per parameter) after the
+    activations are gone: with one group per pipeline layer the spike is one layer, and the peak is the
+    larger of (bucket + activations) and it. No spike on the BF16 optimizer path (fp32 gradients kept)."""
+    cfg = load_config(RECIPES["tp4_pp2"])
+    plan = make_plan(cfg)
+    for s in plan.stages:
+        m = s.memory_gib
+        mean_layer = s.trainable_params / len(s.decoder_layers)  # decoder layers hold nearly all of it
+        assert 6 * 0.5 * mean_layer / GIB < m["step"] < 6 * 2 * mean_layer / GIB
+        assert m["allocated"] == pytest.approx(
+            m["weights"] + m["grads"] + m["optimizer"] + max(m["zero_bucket"] + m["activations"], m["step"]), abs=2e-3)
+    fp32 = make_plan(cfg, ds_config=str(ROOT / "ds_configs/gpu_bf16_zero1_fp32_grads.json"))
+    assert all(s.memory_gib["step"] == 0 for s in fp32.stages)
+
+
+def test_matrices_get_one_optimizer_group_per_top_level_module():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    model[2].weight.requires_grad_(False)
+    groups = param_groups(model, weight_decay=0.1)
+    assert [[id(p) for p in g["params"]] for g in groups] == [
+        [id(model[0].weight)],
+        [id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].bias)],
+    ]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
