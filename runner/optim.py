@@ -62,30 +62,45 @@ class GlobalNormAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, chunks: int = 1) -> list[dict]:
     """Decay matrices; spare norms and biases (1-D), as transformers' Trainer does.
 
-    The matrices form one group per top-level module (a pipeline layer): DeepSpeed's ZeRO-1 step
-    turns a whole group's gradients into a flat fp32 partition at once, 6 bytes per parameter beside
-    the bf16 gradients, so one group per layer bounds that spike by a layer instead of the stage.
+    The matrices are cut, in model order, into `chunks` groups of about equal size: DeepSpeed's ZeRO-1
+    step turns a whole group's gradients into a flat fp32 partition at once (6 bytes per parameter
+    beside the bf16 gradients), so smaller groups lower that spike. DeepSpeed all-reduces each group's
+    gradient norm over the pipeline stages, so every stage must have the same number of groups.
     """
-    decay: dict[str, list[nn.Parameter]] = {}
-    no_decay = []
-    for name, p in model.named_parameters():
+    decay, no_decay = [], []
+    for p in model.parameters():
         if p.requires_grad:
-            if p.ndim >= 2:
-                decay.setdefault(name.split(".")[0], []).append(p)
-            else:
-                no_decay.append(p)
-    return ([{"params": params, "weight_decay": weight_decay} for params in decay.values()]
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    chunks = max(1, min(chunks, len(decay)))
+    sizes = [p.numel() for p in decay]
+    total, bounds, acc = sum(sizes), [0], 0
+    for i, size in enumerate(sizes):  # close chunk j once it holds its share, leaving one param per later chunk
+        acc += size
+        j = len(bounds)
+        if j < chunks and (acc >= total * j / chunks or len(decay) - (i + 1) == chunks - j):
+            bounds.append(i + 1)
+    bounds.append(len(decay))
+    return ([{"params": decay[a:b], "weight_decay": weight_decay} for a, b in zip(bounds, bounds[1:])]
             + [{"params": no_decay, "weight_decay": 0.0}])
+
+
+def matrix_groups(model: nn.Module) -> int:
+    """How many groups `param_groups` cuts the matrices into: as many as the stage with the fewest
+    decoder layers has layers (the same count on every stage), or one when the decoder layers are
+    frozen (a stage may then hold a single trainable matrix)."""
+    counts = model.stage_layer_counts() if hasattr(model, "stage_layer_counts") else [1]
+    layers_trained = any(p.requires_grad for m in model.modules() if hasattr(m, "layer_idx") for p in m.parameters())
+    return min(counts) if layers_trained else 1
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool,
                     max_grad_norm: float) -> torch.optim.Optimizer:
     """On DeepSpeed's plain fp32 path our optimizer measures and clips the norm; under bf16/ZeRO
     DeepSpeed wraps a plain AdamW and does both itself (fused on GPU)."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, chunks=matrix_groups(model))
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if fp32_path:
         return GlobalNormAdamW(groups, ps, max_grad_norm=max_grad_norm, **kwargs)

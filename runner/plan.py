@@ -593,8 +593,11 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     optim_bytes = master + ADAM_STATE_BYTES
     optim_shards = dims.dp if zero_stage >= 1 else 1
 
+    all_specs = stage_specs(config, dims.pp, cfg.parallel.stage_layers)
+    groups = 1 if cfg.freeze.language_model else min(
+        sum(getattr(spec, "typename", None) is Gemma4DecoderLayerPipe for spec in specs) for specs in all_specs)
     stages = []
-    for stage, specs in enumerate(stage_specs(config, dims.pp, cfg.parallel.stage_layers)):
+    for stage, specs in enumerate(all_specs):
         parts = counter.count(specs)
         params = sum(p.local for p in parts)
         trainable = sum(p.trainable for p in parts)
@@ -606,8 +609,8 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         )
         # DeepSpeed's ZeRO step (bf16 accumulation) flattens one optimizer group's gradient partition
         # and converts it to fp32 (2 + 4 bytes per parameter) while the bf16 gradients still exist and
-        # the activations are gone; the groups are one per pipeline layer (runner/optim.py)
-        largest_group = max((p.trainable for p in parts), default=0)
+        # the activations are gone; runner/optim.py cuts a stage's matrices into `groups` equal groups
+        largest_group = trainable / groups
         step = STEP_BYTES * largest_group / optim_shards if zero_stage >= 1 and not fp32_accum else 0
         gib = {
             "weights": params * dtype_bytes / GIB,

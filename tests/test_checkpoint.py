@@ -188,3 +188,13 @@ def test_resume_with_another_stage_split_is_refused_with_the_fix(run_a):
     with pytest.raises(UserError, match=r"saved with \[3, 3\] decoder layers per stage but this run splits \[5, 1\]; "
                                         r"set parallel.stage_layers: \[3, 3\]"):
         resume(SimpleNamespace(module=module), run_a / "root")
+
+
+def test_resume_of_an_older_checkpoint_format_is_refused_with_the_fix(run_a, monkeypatch):
+    from runner.checkpoint import native
+
+    real = native.read_meta
+    monkeypatch.setattr(native, "read_meta", lambda path: {**real(path), "format": 1})
+    module = SimpleNamespace(ps=SimpleNamespace(dims=ParallelDims(tp=2, pp=2, dp=1)), stage_layer_counts=lambda: [3, 3])
+    with pytest.raises(UserError, match=r"checkpoint format 1, this runner resumes format 2 .* export it \(`runner export"):
+        resume(SimpleNamespace(module=module), run_a / "root")

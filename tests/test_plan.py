@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from conftest import ROOT, assert_one_line
 from runner.cli import main
 from runner.config import load_config
 from runner.errors import UserError
-from runner.optim import param_groups
+from runner.optim import matrix_groups, param_groups
 from runner.models.gemma4.pipeline import attention_shapes
 from runner.models.gemma4.presets import gemma4_31b_config
 from runner.models.gemma4.tiny import tiny_config
@@ -270,12 +271,17 @@ def test_zero_step_spike_counts_one_optimizer_group():
     assert all(s.memory_gib["step"] == 0 for s in fp32.stages)
 
 
-def test_matrices_get_one_optimizer_group_per_top_level_module():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    model[2].weight.requires_grad_(False)
-    groups = param_groups(model, weight_decay=0.1)
-    assert [[id(p) for p in g["params"]] for g in groups] == [
-        [id(model[0].weight)],
-        [id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].bias)],
-    ]
-    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+def test_matrices_are_cut_into_equal_groups_of_at_least_one():
+    """Every trainable matrix in exactly one of `chunks` non-empty groups, in model order and about
+    equal in size; 1-D parameters in the no-decay group; `chunks` the same on every pipeline stage."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(7)], torch.nn.LayerNorm(8))
+    model[6].weight.requires_grad_(False)
+    for chunks, want in [(1, [6]), (2, [3, 3]), (4, [2, 1, 2, 1]), (6, [1] * 6), (9, [1] * 6)]:
+        groups = param_groups(model, weight_decay=0.1, chunks=chunks)
+        assert [len(g["params"]) for g in groups[:-1]] == want, chunks
+        assert [p for g in groups[:-1] for p in g["params"]] == [model[i].weight for i in range(6)]
+        assert groups[-1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[-1]["params"])
+        assert all(g["weight_decay"] == 0.1 for g in groups[:-1])
+    stage = SimpleNamespace(stage_layer_counts=lambda: [3, 2, 4], modules=lambda: [SimpleNamespace(
+        layer_idx=0, parameters=lambda: [torch.nn.Parameter(torch.ones(1))])])
+    assert matrix_groups(stage) == 2

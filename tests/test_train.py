@@ -115,12 +115,14 @@ def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, med
     assert steps[-1] == stopped + 1 and steps.count(stopped + 1) == 1
 
 
-def test_bf16_with_fp32_gradient_accumulation(tmp_path, tiny_ckpt, medpix):
-    """ds_configs/gpu_bf16_zero1_fp32_grads.json (DeepSpeed's BF16 optimizer: fp32 gradients
-    accumulated as each micro-batch's backward ends) trains at tp=2, pp=2 with the tied embedding
-    trainable, and its first step is the single-process bf16 step up to bf16 rounding (the tiny
+@pytest.mark.parametrize("ds_config", ["gpu_bf16_zero1_fp32_grads.json", "gpu_bf16_zero1.json"])
+def test_bf16_deepspeed_configs_train_at_tp_and_pp(tmp_path, tiny_ckpt, medpix, ds_config):
+    """Both GPU DeepSpeed configs — the BF16 optimizer (fp32 gradients accumulated as each
+    micro-batch's backward ends) and ZeRO-1 with bf16 accumulation (several optimizer groups per
+    stage, whose norms it all-reduces across stages) — train at tp=2, pp=2 with the tied embedding
+    trainable, and the first step is the single-process bf16 step up to bf16 rounding (the tiny
     model's bf16 and fp32 grad norms differ by ~10%, so fp32 is not the yardstick here)."""
-    config = ["--ds-config", str(ROOT / "ds_configs/gpu_bf16_zero1_fp32_grads.json")]
+    config = ["--ds-config", str(ROOT / "ds_configs" / ds_config)]
     one, tp_pp = tmp_path / "one", tmp_path / "tp_pp"
     run(_single_process() + config
         + _sets(tiny_ckpt, medpix, one, "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "model.dtype=bfloat16"))

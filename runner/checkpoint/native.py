@@ -94,6 +94,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# 2: the optimizer's matrices in several groups per stage (runner/optim.py); format 1 had one group
+FORMAT = 2
+
+
 def read_meta(ckpt: Path) -> dict:
     meta = Path(ckpt) / META_NAME
     if not meta.is_file():
@@ -167,7 +171,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, *, source: str
     if rank == 0:
         source_path = Path(source).expanduser()
         meta = {
-            "format": 1,
+            "format": FORMAT,
             "step": step,
             "layout": asdict(engine.module.ps.dims),
             "stage_layers": engine.module.stage_layer_counts(),
@@ -194,7 +198,11 @@ def resume(engine, root: str | Path) -> dict | None:
     path = latest_complete(root)
     if path is None:
         return None
-    saved, dims = read_meta(path)["layout"], engine.module.ps.dims
+    meta = read_meta(path)
+    if meta.get("format", 1) != FORMAT:
+        raise UserError(f"{path} has checkpoint format {meta.get('format', 1)}, this runner resumes format {FORMAT} "
+                        f"(its optimizer groups changed); export it (`runner export {path} OUT_DIR`) and start from OUT_DIR")
+    saved, dims = meta["layout"], engine.module.ps.dims
     if (saved["tp"], saved["pp"]) != (dims.tp, dims.pp):
         raise UserError(
             f"{path} was saved at tp={saved['tp']}, pp={saved['pp']} but this run uses tp={dims.tp}, pp={dims.pp}; "
@@ -203,7 +211,7 @@ def resume(engine, root: str | Path) -> dict | None:
     if saved["dp"] != dims.dp and engine.zero_optimization():
         raise UserError(f"{path} was saved at dp={saved['dp']} but this run uses dp={dims.dp}; ZeRO's partitioned "
                         f"optimizer state cannot be re-split: resume at dp={saved['dp']}, or export and start fresh")
-    saved_split, split = read_meta(path).get("stage_layers"), engine.module.stage_layer_counts()
+    saved_split, split = meta.get("stage_layers"), engine.module.stage_layer_counts()
     if saved_split is not None and saved_split != split:
         raise UserError(f"{path} was saved with {saved_split} decoder layers per stage but this run splits {split}; "
                         f"set parallel.stage_layers: {saved_split} to resume, or export and start fresh")
