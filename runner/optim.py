@@ -10,6 +10,7 @@ as `_global_grad_norm`, which DeepSpeed's engine reads after every step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -87,20 +88,18 @@ def param_groups(model: nn.Module, weight_decay: float, chunks: int = 1) -> list
             + [{"params": no_decay, "weight_decay": 0.0}])
 
 
-def matrix_groups(model: nn.Module) -> int:
-    """How many groups `param_groups` cuts the matrices into: as many as the stage with the fewest
-    decoder layers has layers (the same count on every stage), or one when the decoder layers are
-    frozen (a stage may then hold a single trainable matrix)."""
-    counts = model.stage_layer_counts() if hasattr(model, "stage_layer_counts") else [1]
-    layers_trained = any(p.requires_grad for m in model.modules() if hasattr(m, "layer_idx") for p in m.parameters())
-    return min(counts) if layers_trained else 1
+def matrix_group_count(stage_layers: Sequence[int], layers_trained: bool) -> int:
+    """How many groups `param_groups` cuts each stage's matrices into: as many as the stage with the
+    fewest decoder layers has layers (the same count on every stage), or one when the decoder layers
+    are frozen (a stage may then hold a single trainable matrix)."""
+    return min(stage_layers) if layers_trained else 1
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool,
-                    max_grad_norm: float) -> torch.optim.Optimizer:
+                    max_grad_norm: float, matrix_groups: int = 1) -> torch.optim.Optimizer:
     """On DeepSpeed's plain fp32 path our optimizer measures and clips the norm; under bf16/ZeRO
     DeepSpeed wraps a plain AdamW and does both itself (fused on GPU)."""
-    groups = param_groups(model, cfg.weight_decay, chunks=matrix_groups(model))
+    groups = param_groups(model, cfg.weight_decay, chunks=matrix_groups)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if fp32_path:
         return GlobalNormAdamW(groups, ps, max_grad_norm=max_grad_norm, **kwargs)

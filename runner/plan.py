@@ -37,6 +37,7 @@ from runner.models.gemma4.pipeline import (
     attention_shapes,
     check_supported,
     gemma4_layer_specs,
+    is_decoder_spec,
     stage_boundaries,
     validate_layout,
 )
@@ -49,6 +50,7 @@ from runner.models.gemma4.stages import (
     Gemma4TokenEmbedding,
     Gemma4VisionStage,
 )
+from runner.optim import matrix_group_count
 from runner.parallel.topology import ParallelDims
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -594,8 +596,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     optim_shards = dims.dp if zero_stage >= 1 else 1
 
     all_specs = stage_specs(config, dims.pp, cfg.parallel.stage_layers)
-    groups = 1 if cfg.freeze.language_model else min(
-        sum(getattr(spec, "typename", None) is Gemma4DecoderLayerPipe for spec in specs) for specs in all_specs)
+    groups = matrix_group_count([sum(map(is_decoder_spec, specs)) for specs in all_specs], not cfg.freeze.language_model)
     stages = []
     for stage, specs in enumerate(all_specs):
         parts = counter.count(specs)

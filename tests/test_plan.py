@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from conftest import ROOT, assert_one_line
 from runner.cli import main
 from runner.config import load_config
 from runner.errors import UserError
-from runner.optim import matrix_groups, param_groups
+from runner.optim import matrix_group_count, param_groups
 from runner.models.gemma4.pipeline import attention_shapes
 from runner.models.gemma4.presets import gemma4_31b_config
 from runner.models.gemma4.tiny import tiny_config
@@ -282,6 +281,5 @@ def test_matrices_are_cut_into_equal_groups_of_at_least_one():
         assert [p for g in groups[:-1] for p in g["params"]] == [model[i].weight for i in range(6)]
         assert groups[-1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[-1]["params"])
         assert all(g["weight_decay"] == 0.1 for g in groups[:-1])
-    stage = SimpleNamespace(stage_layer_counts=lambda: [3, 2, 4], modules=lambda: [SimpleNamespace(
-        layer_idx=0, parameters=lambda: [torch.nn.Parameter(torch.ones(1))])])
-    assert matrix_groups(stage) == 2
+    assert matrix_group_count([3, 2, 4], layers_trained=True) == 2
+    assert matrix_group_count([3, 2, 4], layers_trained=False) == 1

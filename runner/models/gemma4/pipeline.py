@@ -148,13 +148,18 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def is_decoder_spec(spec) -> bool:
+    """Whether a layer spec builds a decoder layer (what stages are split by)."""
+    return getattr(spec, "typename", None) is Gemma4DecoderLayerPipe
+
+
 def stage_boundaries(specs: Sequence, pp: int, stage_layers: Sequence[int] = ()) -> list[int]:
     """Where each stage's slice of the layer-spec list starts, plus the end. Decoder layers are split
     evenly (DeepSpeed's `partition_method="type:…"`: binary weights, `partition_balanced`) or, with
     `stage_layers`, stage s gets `stage_layers[s]` of them (Megatron's uneven split: the last stage
     also runs the 262144-vocabulary head, so it can take fewer). Vision and embedding go with the
     first stage, the final norm and head with the last."""
-    is_layer = [int(getattr(spec, "typename", None) is Gemma4DecoderLayerPipe) for spec in specs]
+    is_layer = [int(is_decoder_spec(spec)) for spec in specs]
     if not stage_layers:
         return partition_balanced(weights=is_layer, num_parts=pp)
     n_layers, given = sum(is_layer), list(stage_layers)
@@ -211,7 +216,7 @@ class Gemma4Pipeline(PipelineModule):
             for stage in range(self.num_stages):
                 first = sum(counts[:stage])
                 others = [spec.typename.__name__ for spec in self._layer_specs[self.parts[stage]:self.parts[stage + 1]]
-                          if spec.typename is not Gemma4DecoderLayerPipe]
+                          if not is_decoder_spec(spec)]
                 print(f"stage {stage}: decoder layers {first}-{first + counts[stage] - 1} ({counts[stage]})"
                       + "".join(f", {name}" for name in others), flush=True)
         stage = self._topo.get_coord(self.global_rank).pipe
@@ -252,8 +257,7 @@ class Gemma4Pipeline(PipelineModule):
 
     def stage_layer_counts(self) -> list[int]:
         """Decoder layers per stage, first to last (what `parallel.stage_layers` sets)."""
-        return [sum(getattr(spec, "typename", None) is Gemma4DecoderLayerPipe for spec in self._layer_specs[a:b])
-                for a, b in zip(self.parts, self.parts[1:])]
+        return [sum(map(is_decoder_spec, self._layer_specs[a:b])) for a, b in zip(self.parts, self.parts[1:])]
 
     def decoder_layers(self) -> list[int]:
         """Indices of the decoder layers this rank's stage holds."""
