@@ -203,9 +203,9 @@ def main() -> int:
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port=29555"]
     tails, profiles = out / "logs.txt", out / "profiles.txt"
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", 0))
+    layouts = [x for x in re.split(r",(?![^\[]*\])", args.layouts) if x != "none"]  # ',' inside [...]: a list value
     for workload in args.workloads.split(","):
-        layouts = re.split(r",(?![^\[]*\])", args.layouts)  # a ',' inside [...] belongs to a list value
-        for index, layout in enumerate(x for x in layouts if x != "none"):
+        for index, layout in enumerate(layouts):
             shape, *sets = layout.split(":")
             overrides = dict(kv.split("=", 1) for part in sets for kv in part.split(";"))
             tp, pp = map(int, shape.split("x"))
