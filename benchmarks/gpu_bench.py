@@ -65,10 +65,12 @@ def build_checkpoint(out: Path, depth: int) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(ckpt, max_shard_size="5GB")
+    partial = ckpt.with_name(ckpt.name + ".partial")  # renamed when complete: a killed call leaves no half checkpoint
+    model.save_pretrained(partial, max_shard_size="5GB")
     del model
     torch.cuda.empty_cache()  # else this process keeps ~18 GiB cached on GPU 0 through every run (OOM on 80 GB)
-    tiny_processor(config, tiny_tokenizer(), soft_tokens=GEMMA4_31B_IMAGE_SOFT_TOKENS).save_pretrained(ckpt)
+    tiny_processor(config, tiny_tokenizer(), soft_tokens=GEMMA4_31B_IMAGE_SOFT_TOKENS).save_pretrained(partial)
+    partial.rename(ckpt)
     return ckpt
 
 
