@@ -104,6 +104,7 @@ class DeepSpeedSettings:
     fp32_grad_accum: bool  # data_types.grad_accum_dtype fp32: DeepSpeed's BF16 optimizer, fp32 gradients
     immediate_grad_update: bool  # bf16.immediate_grad_update: bf16 gradients freed as they are accumulated
     fp32_communication: bool  # communication_data_type fp32: gradients reduced in place, not via a bf16 copy
+    contiguous_gradients: bool  # ZeRO copies the partition's gradients into one flat buffer (DeepSpeed's default)
 
 
 def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
@@ -121,6 +122,7 @@ def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
         fp32_grad_accum=str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in fp32,
         immediate_grad_update=bool(ds.get("bf16", ds.get("bfloat16", {})).get("immediate_grad_update", False)),
         fp32_communication=str(ds.get("communication_data_type", "")).lower() in fp32,
+        contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
     )
 
 
@@ -320,14 +322,14 @@ class Plan:
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}",
             "",
             f"{'stage':>5}  {'decoder layers':<15} {'holds':<28} {'params/GPU':>11} {'trainable':>10} {'in-flight':>9}"
-            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'step':>6} {'overhd':>6} {'total':>6}",
+            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'step':>6} {'init':>6} {'overhd':>6} {'total':>6}",
         ]
         for s in self.stages:
             m = s.memory_gib
             lines.append(
                 f"{s.stage:>5}  {s.layer_range:<15} {', '.join(s.holds) or '-':<28} {_count(s.params):>11} "
                 f"{_count(s.trainable_params):>10} {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
-                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['step']:>6.2f} {m['overhead']:>6.2f} "
+                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['step']:>6.2f} {m['init']:>6.2f} {m['overhead']:>6.2f} "
                 f"{m['total']:>6.2f}"
             )
         if d.pp > 1:
@@ -343,7 +345,9 @@ class Plan:
             f"{'fp32 master + ' if self.zero_stage >= 1 or self.dtype == 'bfloat16' else ''}Adam m, v of trainable params"
             f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = ZeRO reduce bucket; step = the ZeRO step's "
             f"fp32 copy of one optimizer group's gradients (activations are gone by then: total counts the larger of "
-            f"bucket + activ and step); overhd = CUDA context + NCCL ({OVERHEAD_GIB} GiB, not in "
+            f"bucket + activ and step); init = the fp32 zero gradients DeepSpeed fills Adam's state from before step 1 "
+            f"(no gradients or activations then: total counts the larger of it and grads + the rest); "
+            f"overhd = CUDA context + NCCL ({OVERHEAD_GIB} GiB, not in "
             f"torch.cuda.max_memory_allocated, which is total - overhd).",
         ]
         return "\n".join(lines)
@@ -584,6 +588,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     if fp32_accum:
         grad_bytes = 4 if ds.immediate_grad_update else 4 + grad_bytes
     bucket = 0 if fp32_accum or zero_stage == 0 else ds.bucket
+    zero_optimizer = zero_stage >= 1 and not fp32_accum  # DeepSpeed's ZeRO optimizer (stage_1_and_2.py)
     comm_copy = fp32_accum and not ds.fp32_communication
     tc = config.text_config
     counts = model_params(config, dims.tp)
@@ -612,17 +617,23 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         # and converts it to fp32 (2 + 4 bytes per parameter) while the bf16 gradients still exist and
         # the activations are gone; runner/optim.py cuts a stage's matrices into `groups` equal groups
         largest_group = trainable / groups
-        step = STEP_BYTES * largest_group / optim_shards if zero_stage >= 1 and not fp32_accum else 0
+        step = STEP_BYTES * largest_group / optim_shards if zero_optimizer else 0
+        # with contiguous_gradients it also keeps a flat copy of the partition's gradients from the
+        # first reduce on, beside the next step's fresh ones; and before step 1 it fills Adam's state
+        # from fp32 zero gradients of every group at once (4 bytes per parameter, nothing else live)
+        flat_grads = trainable * grad_bytes / optim_shards if zero_optimizer and ds.contiguous_gradients else 0
+        init = 4 * trainable / optim_shards if zero_optimizer else 0
         gib = {
             "weights": params * dtype_bytes / GIB,
-            "grads": trainable * grad_bytes / GIB,
+            "grads": (trainable * grad_bytes + flat_grads) / GIB,
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
             "zero_bucket": (trainable if comm_copy else bucket) * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
             "step": step / GIB,
+            "init": init / GIB,
         }
-        gib["allocated"] = (gib["weights"] + gib["grads"] + gib["optimizer"]
-                            + max(gib["zero_bucket"] + gib["activations"], gib["step"]))
+        gib["allocated"] = gib["weights"] + gib["optimizer"] + max(
+            gib["grads"] + max(gib["zero_bucket"] + gib["activations"], gib["step"]), gib["init"])
         gib["overhead"] = OVERHEAD_GIB
         gib["total"] = gib["allocated"] + OVERHEAD_GIB
         stages.append(StagePlan(
