@@ -322,14 +322,14 @@ class Plan:
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}",
             "",
             f"{'stage':>5}  {'decoder layers':<15} {'holds':<28} {'params/GPU':>11} {'trainable':>10} {'in-flight':>9}"
-            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'step':>6} {'init':>6} {'overhd':>6} {'total':>6}",
+            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'step':>6} {'overhd':>6} {'total':>6}",
         ]
         for s in self.stages:
             m = s.memory_gib
             lines.append(
                 f"{s.stage:>5}  {s.layer_range:<15} {', '.join(s.holds) or '-':<28} {_count(s.params):>11} "
                 f"{_count(s.trainable_params):>10} {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
-                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['step']:>6.2f} {m['init']:>6.2f} {m['overhead']:>6.2f} "
+                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['step']:>6.2f} {m['overhead']:>6.2f} "
                 f"{m['total']:>6.2f}"
             )
         if d.pp > 1:
@@ -341,13 +341,11 @@ class Plan:
         lines += [
             "",
             f"GiB per GPU. weights {self.dtype}; grads {self.assumptions['grad_bytes_per_trainable_param']} bytes per "
-            f"trainable param; optim = "
+            f"trainable param{' (+ ZeRO contiguous_gradients flat copy / dp)' if self.assumptions['flat_gradient_copy'] else ''}; optim = "
             f"{'fp32 master + ' if self.zero_stage >= 1 or self.dtype == 'bfloat16' else ''}Adam m, v of trainable params"
             f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = ZeRO reduce bucket; step = the ZeRO step's "
             f"fp32 copy of one optimizer group's gradients (activations are gone by then: total counts the larger of "
-            f"bucket + activ and step); init = the fp32 zero gradients DeepSpeed fills Adam's state from before step 1 "
-            f"(no gradients or activations then: total counts the larger of it and grads + the rest); "
-            f"overhd = CUDA context + NCCL ({OVERHEAD_GIB} GiB, not in "
+            f"bucket + activ and step); overhd = CUDA context + NCCL ({OVERHEAD_GIB} GiB, not in "
             f"torch.cuda.max_memory_allocated, which is total - overhd).",
         ]
         return "\n".join(lines)
@@ -619,10 +617,8 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         largest_group = trainable / groups
         step = STEP_BYTES * largest_group / optim_shards if zero_optimizer else 0
         # with contiguous_gradients it also keeps a flat copy of the partition's gradients from the
-        # first reduce on, beside the next step's fresh ones; and before step 1 it fills Adam's state
-        # from fp32 zero gradients of every group at once (4 bytes per parameter, nothing else live)
+        # first reduce on, beside the next step's fresh ones
         flat_grads = trainable * grad_bytes / optim_shards if zero_optimizer and ds.contiguous_gradients else 0
-        init = 4 * trainable / optim_shards if zero_optimizer else 0
         gib = {
             "weights": params * dtype_bytes / GIB,
             "grads": (trainable * grad_bytes + flat_grads) / GIB,
@@ -630,10 +626,9 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "zero_bucket": (trainable if comm_copy else bucket) * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
             "step": step / GIB,
-            "init": init / GIB,
         }
-        gib["allocated"] = gib["weights"] + gib["optimizer"] + max(
-            gib["grads"] + max(gib["zero_bucket"] + gib["activations"], gib["step"]), gib["init"])
+        gib["allocated"] = (gib["weights"] + gib["grads"] + gib["optimizer"]
+                            + max(gib["zero_bucket"] + gib["activations"], gib["step"]))
         gib["overhead"] = OVERHEAD_GIB
         gib["total"] = gib["allocated"] + OVERHEAD_GIB
         stages.append(StagePlan(
@@ -681,5 +676,6 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "fused_attn_max_head_dim": fused_attn_max_head_dim,
             "zero_reduce_bucket_elements": bucket,
             "grad_bytes_per_trainable_param": grad_bytes,
+            "flat_gradient_copy": zero_optimizer and ds.contiguous_gradients,
         },
     )

@@ -254,6 +254,24 @@ def test_fp32_gradient_accumulation_counts_fp32_grads(tmp_path, immediate, grad_
         assert s.memory_gib["zero_bucket"] == pytest.approx(st.memory_gib["grads"] * 2 / grad_bytes, abs=2e-3)
 
 
+def test_contiguous_gradients_counts_a_flat_copy_of_the_gradients(tmp_path):
+    """DeepSpeed's ZeRO-1 with contiguous_gradients (its default) copies the partition's gradients into
+    one flat buffer at the first reduce and keeps it beside the next step's fresh gradients: 2 more
+    bytes per trainable parameter / dp. The shipped config turns it off (it OOMed the full 31B at
+    TP2 x PP2 on 4x H200)."""
+    base = json.loads((ROOT / "ds_configs/gpu_bf16_zero1.json").read_text())
+    assert base["zero_optimization"]["contiguous_gradients"] is False
+    on = {**base, "zero_optimization": {**base["zero_optimization"], "contiguous_gradients": True}}
+    (tmp_path / "ds.json").write_text(json.dumps(on))
+    cfg = load_config(RECIPES["tp4_pp2"])
+    off_plan, on_plan = make_plan(cfg), make_plan(cfg, ds_config=str(tmp_path / "ds.json"))
+    assert not off_plan.assumptions["flat_gradient_copy"] and on_plan.assumptions["flat_gradient_copy"]
+    for off, with_copy in zip(off_plan.stages, on_plan.stages):
+        assert with_copy.memory_gib["grads"] == pytest.approx(2 * off.memory_gib["grads"], abs=2e-3)
+        assert with_copy.memory_gib["allocated"] == pytest.approx(
+            off.memory_gib["allocated"] + off.memory_gib["grads"], abs=4e-3)
+
+
 def test_zero_step_spike_counts_one_optimizer_group():
     """The ZeRO step turns one optimizer group's gradients into fp32 (6 bytes per parameter) after the
     activations are gone: with one group per pipeline layer the spike is one layer, and the peak is the
