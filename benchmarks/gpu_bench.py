@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -216,6 +217,7 @@ def main() -> int:
                 continue
             dp = gpus // (tp * pp)
             run_dir = work / f"run_{workload}_{index}_tp{tp}pp{pp}dp{dp}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # a kept BENCH_WORK must not add an earlier call's metrics
             rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas, overrides,
                               profile_step)
             plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
