@@ -18,6 +18,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from runner.config import OptimConfig
+from runner.errors import UserError
 from runner.parallel.topology import ParallelState
 
 
@@ -63,19 +64,20 @@ class GlobalNormAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model: nn.Module, weight_decay: float, chunks: int = 1) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, groups: int = 2) -> list[dict]:
     """Decay matrices; spare norms and biases (1-D), as transformers' Trainer does.
 
-    The matrices are cut, in model order, into `chunks` groups of about equal size: DeepSpeed's ZeRO-1
-    step turns a whole group's gradients into a flat fp32 partition at once (6 bytes per parameter
-    beside the bf16 gradients), so smaller groups lower that spike. DeepSpeed all-reduces each group's
-    gradient norm over the pipeline stages, so every stage must have the same number of groups.
+    `groups` optimizer groups in all: the 1-D parameters, if the stage trains any, and the matrices
+    cut in model order into the rest, of about equal size: DeepSpeed's ZeRO-1 step turns a whole
+    group's gradients into a flat fp32 partition at once (6 bytes per parameter beside the bf16
+    gradients), so smaller groups lower that spike. No group is empty (DeepSpeed would drop it behind
+    the LR scheduler's back); fewer come back when the stage has too few matrices.
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    chunks = max(1, min(chunks, len(decay)))
+    chunks = max(1, min(groups - bool(no_decay), len(decay)))
     sizes = [p.numel() for p in decay]
     total, bounds, acc = sum(sizes), [0], 0
     for i, size in enumerate(sizes):  # close chunk j once it holds its share, leaving one param per later chunk
@@ -84,8 +86,8 @@ def param_groups(model: nn.Module, weight_decay: float, chunks: int = 1) -> list
         if j < chunks and (acc >= total * j / chunks or len(decay) - (i + 1) == chunks - j):
             bounds.append(i + 1)
     bounds.append(len(decay))
-    return ([{"params": decay[a:b], "weight_decay": weight_decay} for a, b in zip(bounds, bounds[1:])]
-            + [{"params": no_decay, "weight_decay": 0.0}])
+    return ([{"params": decay[a:b], "weight_decay": weight_decay} for a, b in zip(bounds, bounds[1:]) if b > a]
+            + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else []))
 
 
 def matrix_group_count(stage_layers: Sequence[int], layers_trained: bool) -> int:
@@ -95,15 +97,43 @@ def matrix_group_count(stage_layers: Sequence[int], layers_trained: bool) -> int
     return min(stage_layers) if layers_trained else 1
 
 
+def stage_group_count(model: nn.Module, matrix_groups: int, ps: ParallelState, device: str, *,
+                      same_on_every_stage: bool) -> int:
+    """Optimizer groups per stage. DeepSpeed's ZeRO all-reduces each group's gradient norm over the
+    pipeline stages, so every stage needs the same count: a stage without trainable 1-D parameters
+    still counts the others' no-decay group (and cuts its matrices once more). Collective, so every
+    rank stops with the same line when the freeze settings leave a stage too little to train."""
+
+    def per_stage(value: int) -> list[int]:
+        t = torch.zeros(ps.dims.pp, device=device)
+        t[ps.pp_rank] = value
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    idle = [stage for stage, n in enumerate(per_stage(len(trainable))) if n == 0]
+    if idle:
+        raise UserError(f"pipeline stage {idle[0]} trains nothing (the freeze settings freeze all it holds): "
+                        f"lower parallel.pp, or unfreeze freeze.language_model")
+    groups = matrix_groups + int(any(per_stage(any(p.ndim < 2 for p in trainable))))
+    formed = per_stage(len(param_groups(model, 0.0, groups)))
+    if same_on_every_stage and any(n != groups for n in formed):
+        stage = next(stage for stage, n in enumerate(formed) if n != groups)
+        raise UserError(f"pipeline stage {stage} trains too few parameters for the {groups} optimizer groups every "
+                        f"stage needs under DeepSpeed ZeRO (it has {formed[stage]}: the freeze settings leave it no "
+                        f"trainable norm or bias): lower parallel.pp, or unfreeze freeze.language_model")
+    return groups
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool,
-                    max_grad_norm: float, matrix_groups: int = 1) -> torch.optim.Optimizer:
+                    max_grad_norm: float, groups: int = 2) -> torch.optim.Optimizer:
     """On DeepSpeed's plain fp32 path our optimizer measures and clips the norm; under bf16/ZeRO
     DeepSpeed wraps a plain AdamW and does both itself (fused on GPU)."""
-    groups = param_groups(model, cfg.weight_decay, chunks=matrix_groups)
+    made = param_groups(model, cfg.weight_decay, groups)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if fp32_path:
-        return GlobalNormAdamW(groups, ps, max_grad_norm=max_grad_norm, **kwargs)
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+        return GlobalNormAdamW(made, ps, max_grad_norm=max_grad_norm, **kwargs)
+    return torch.optim.AdamW(made, fused=torch.cuda.is_available(), **kwargs)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

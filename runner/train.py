@@ -40,7 +40,7 @@ from runner.models.gemma4.pipeline import (
     to_pipe_batch,
     validate_layout,
 )
-from runner.optim import build_optimizer, lr_lambda, matrix_group_count
+from runner.optim import build_optimizer, lr_lambda, matrix_group_count, stage_group_count
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.profiling import profile_step
 
@@ -198,9 +198,10 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     if not resuming:  # a resumed run takes every weight from its checkpoint
         load_hf_weights(model, model_dir)
     model.freeze(**vars(cfg.freeze))
-    optimizer = build_optimizer(
-        model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip,
-        matrix_groups=matrix_group_count(model.stage_layer_counts(), not cfg.freeze.language_model))
+    groups = stage_group_count(model, matrix_group_count(model.stage_layer_counts(), not cfg.freeze.language_model),
+                               ps, comm_device(), same_on_every_stage=not fp32_path)
+    optimizer = build_optimizer(model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip,
+                                groups=groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 

@@ -289,15 +289,26 @@ def test_zero_step_spike_counts_one_optimizer_group():
 
 
 def test_matrices_are_cut_into_equal_groups_of_at_least_one():
-    """Every trainable matrix in exactly one of `chunks` non-empty groups, in model order and about
-    equal in size; 1-D parameters in the no-decay group; `chunks` the same on every pipeline stage."""
+    """Every trainable matrix in exactly one of the non-empty matrix groups, in model order and about
+    equal in size; 1-D parameters in the no-decay group; a stage without trainable 1-D parameters
+    cuts its matrices once more (the group count must be the same on every pipeline stage), and no
+    group is ever empty."""
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(7)], torch.nn.LayerNorm(8))
     model[6].weight.requires_grad_(False)
     for chunks, want in [(1, [6]), (2, [3, 3]), (4, [2, 1, 2, 1]), (6, [1] * 6), (9, [1] * 6)]:
-        groups = param_groups(model, weight_decay=0.1, chunks=chunks)
+        groups = param_groups(model, weight_decay=0.1, groups=chunks + 1)
         assert [len(g["params"]) for g in groups[:-1]] == want, chunks
         assert [p for g in groups[:-1] for p in g["params"]] == [model[i].weight for i in range(6)]
         assert groups[-1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[-1]["params"])
         assert all(g["weight_decay"] == 0.1 for g in groups[:-1])
+    for p in model.parameters():
+        if p.ndim == 1:
+            p.requires_grad_(False)
+    assert [len(g["params"]) for g in param_groups(model, weight_decay=0.1, groups=3)] == [2, 2, 2]
+    assert all(g["weight_decay"] == 0.1 for g in param_groups(model, weight_decay=0.1, groups=3))
+    model[7].weight.requires_grad_(True)
+    for layer in model[:6]:
+        layer.weight.requires_grad_(False)
+    assert [len(g["params"]) for g in param_groups(model, weight_decay=0.1, groups=2)] == [1]  # no empty matrix group
     assert matrix_group_count([3, 2, 4], layers_trained=True) == 2
     assert matrix_group_count([3, 2, 4], layers_trained=False) == 1

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TESTS, assert_one_error_line, free_port, run, subprocess_env, torchrun, torchrun_cmd
+from conftest import (ROOT, TESTS, assert_one_error_line, assert_one_line, free_port, run, subprocess_env, torchrun,
+                      torchrun_cmd)
 
 DEMO = ROOT / "recipes" / "tiny_demo.yaml"
 TRAIN = ["-m", "runner", "train", str(DEMO)]
@@ -81,6 +82,28 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
 def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, words):
     proc = run(_single_process() + _sets(tiny_ckpt, medpix, tmp_path / "out", *extra), ok=False)
     assert_one_error_line(proc, words)
+
+
+def test_freeze_settings_that_leave_a_stage_too_little_to_train(tmp_path, tiny_ckpt, medpix):
+    """A frozen language model at pp=2. On the fp32 path each stage trains what it holds (the
+    embedding, its tied head copy). Under DeepSpeed ZeRO every stage needs the same number of
+    optimizer groups (it all-reduces each group's norm over the stages): with a trainable vision
+    tower stage 0 has norms to spare from decay and stage 1 (the head only) has not, so every rank
+    stops with the same line instead of hanging or crashing in DeepSpeed. At pp=3 the middle stage
+    trains nothing: one line too."""
+    frozen = ("parallel.tp=1", "parallel.dp=1", "train.global_batch_size=4", "freeze.language_model=true",
+              "freeze.embeddings=false")
+    run(torchrun_cmd(2, *TRAIN) + _sets(tiny_ckpt, medpix, tmp_path / "fp32", *frozen, "parallel.pp=2"))
+    zero = ["--ds-config", str(ROOT / "ds_configs" / "gpu_bf16_zero1.json")]
+    for nproc, extra, words in [
+        (2, zero + _sets(tiny_ckpt, medpix, tmp_path / "zero", *frozen, "parallel.pp=2", "model.dtype=bfloat16",
+                         "freeze.vision_tower=false"), ["pipeline stage 1", "2 optimizer groups", "it has 1"]),
+        (3, _sets(tiny_ckpt, medpix, tmp_path / "pp3", *frozen, "parallel.pp=3"), ["pipeline stage 1 trains nothing"]),
+    ]:
+        proc = run(torchrun_cmd(nproc, *TRAIN, *extra), ok=False)
+        errors = {part.split("\n")[0] for part in proc.stderr.split("error: ")[1:]}  # ranks may share a line
+        assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+        assert_one_line("error: " + errors.pop(), words)
 
 
 def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, medpix):
