@@ -67,10 +67,12 @@ def build_checkpoint(out: Path, depth: int) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     partial = ckpt.with_name(ckpt.name + ".partial")  # renamed when complete: a killed call leaves no half checkpoint
+    shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, max_shard_size="5GB")
     del model
     torch.cuda.empty_cache()  # else this process keeps ~18 GiB cached on GPU 0 through every run (OOM on 80 GB)
     tiny_processor(config, tiny_tokenizer(), soft_tokens=GEMMA4_31B_IMAGE_SOFT_TOKENS).save_pretrained(partial)
+    shutil.rmtree(ckpt, ignore_errors=True)  # a half one from before this rule
     partial.rename(ckpt)
     return ckpt
 
@@ -185,6 +187,8 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the allocator setting runner train sets for itself, here for the ZeRO-3 baseline too
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     work = Path(os.environ.get("BENCH_WORK", "/tmp/gpu_bench"))
     work.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() or int(os.environ.get("BENCH_CPU_PROCS", "4"))

@@ -48,6 +48,10 @@ class TrainConfig:
     seed: int = 42
     grad_clip: float = 1.0  # 0 disables clipping
     activation_checkpointing: bool = False
+    # with activation_checkpointing: how many decoder layers per pipeline stage recompute their forward
+    # in backward (the first ones of the stage, Megatron's "block" method); the rest keep their
+    # activations, trading memory (runner plan shows it) for less recompute. None: all of them
+    recompute_num_layers: int | None = None
 
 
 @dataclass
@@ -236,6 +240,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.train.max_steps >= 0, "train.max_steps must be >= 0 (0: train for train.epochs epochs)"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+        (cfg.train.recompute_num_layers is None or cfg.train.recompute_num_layers >= 0,
+         "train.recompute_num_layers must be >= 0, or null to recompute every decoder layer"),
+        (cfg.train.recompute_num_layers is None or cfg.train.activation_checkpointing,
+         "train.recompute_num_layers needs train.activation_checkpointing: true"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas must be two numbers in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
@@ -277,3 +285,13 @@ def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"DeepSpeed config {path}: {err}") from None
+
+
+def runs_zero_optimizer(ds: dict[str, Any], bf16: bool) -> bool:
+    """Whether DeepSpeed steps with its ZeRO optimizer (zero/stage_1_and_2.py) under this config: ZeRO
+    stage >= 1, except bf16 with fp32 gradient accumulation at stage 1, which is its BF16 optimizer
+    (engine._do_optimizer_sanity_check). Only the ZeRO optimizer all-reduces each optimizer group's
+    gradient norm over the pipeline stages, and only it has ZeRO's gradient buckets."""
+    zero = int(ds.get("zero_optimization", {}).get("stage", 0))
+    fp32_accum = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32", "float")
+    return zero >= 1 and not (bf16 and fp32_accum and zero == 1)

@@ -64,20 +64,19 @@ class GlobalNormAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model: nn.Module, weight_decay: float, groups: int = 2) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, chunks: int = 1) -> list[dict]:
     """Decay matrices; spare norms and biases (1-D), as transformers' Trainer does.
 
-    `groups` optimizer groups in all: the 1-D parameters, if the stage trains any, and the matrices
-    cut in model order into the rest, of about equal size: DeepSpeed's ZeRO-1 step turns a whole
-    group's gradients into a flat fp32 partition at once (6 bytes per parameter beside the bf16
-    gradients), so smaller groups lower that spike. No group is empty (DeepSpeed would drop it behind
-    the LR scheduler's back); fewer come back when the stage has too few matrices.
+    The matrices are cut, in model order, into `chunks` groups of about equal size: DeepSpeed's ZeRO-1
+    step turns a whole group's gradients into a flat fp32 partition at once (6 bytes per parameter
+    beside the bf16 gradients), so smaller groups lower that spike. No group is empty: DeepSpeed
+    would drop it behind the LR scheduler's back.
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    chunks = max(1, min(groups - bool(no_decay), len(decay)))
+    chunks = max(1, min(chunks, len(decay)))
     sizes = [p.numel() for p in decay]
     total, bounds, acc = sum(sizes), [0], 0
     for i, size in enumerate(sizes):  # close chunk j once it holds its share, leaving one param per later chunk
@@ -97,43 +96,35 @@ def matrix_group_count(stage_layers: Sequence[int], layers_trained: bool) -> int
     return min(stage_layers) if layers_trained else 1
 
 
-def stage_group_count(model: nn.Module, matrix_groups: int, ps: ParallelState, device: str, *,
-                      same_on_every_stage: bool) -> int:
-    """Optimizer groups per stage. DeepSpeed's ZeRO all-reduces each group's gradient norm over the
-    pipeline stages, so every stage needs the same count: a stage without trainable 1-D parameters
-    still counts the others' no-decay group (and cuts its matrices once more). Collective, so every
-    rank stops with the same line when the freeze settings leave a stage too little to train."""
-
-    def per_stage(value: int) -> list[int]:
-        t = torch.zeros(ps.dims.pp, device=device)
-        t[ps.pp_rank] = value
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [int(v) for v in t.tolist()]
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    idle = [stage for stage, n in enumerate(per_stage(len(trainable))) if n == 0]
-    if idle:
-        raise UserError(f"pipeline stage {idle[0]} trains nothing (the freeze settings freeze all it holds): "
-                        f"lower parallel.pp, or unfreeze freeze.language_model")
-    groups = matrix_groups + int(any(per_stage(any(p.ndim < 2 for p in trainable))))
-    formed = per_stage(len(param_groups(model, 0.0, groups)))
-    if same_on_every_stage and any(n != groups for n in formed):
-        stage = next(stage for stage, n in enumerate(formed) if n != groups)
-        raise UserError(f"pipeline stage {stage} trains too few parameters for the {groups} optimizer groups every "
-                        f"stage needs under DeepSpeed ZeRO (it has {formed[stage]}: the freeze settings leave it no "
-                        f"trainable norm or bias): lower parallel.pp, or unfreeze freeze.language_model")
-    return groups
+def check_stage_groups(groups: list[dict], ps: ParallelState, device: str, *, same_count: bool) -> None:
+    """Every stage must train something, and under DeepSpeed's ZeRO optimizer (`same_count`) every
+    stage needs the same number of groups: it all-reduces each group's gradient norm over the
+    stages, so a stage with one group fewer hangs the job. Collective: every rank stops with the
+    same line."""
+    counts = torch.zeros(ps.dims.pp, device=device)
+    counts[ps.pp_rank] = len(groups)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # a stage's ranks hold the same parameters
+    counts = [int(n) for n in counts.tolist()]
+    fix = "lower parallel.pp, or unfreeze more (freeze.language_model, freeze.embeddings)"
+    if 0 in counts:
+        raise UserError(f"pipeline stage {counts.index(0)} trains nothing (the freeze settings freeze all it "
+                        f"holds): {fix}")
+    if same_count and len(set(counts)) > 1:
+        raise UserError(f"DeepSpeed's ZeRO optimizer needs the same number of optimizer groups on every pipeline "
+                        f"stage, but the freeze settings give the stages {counts} (a stage without a trainable "
+                        f"norm or bias has no no-decay group): {fix}")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool,
-                    max_grad_norm: float, groups: int = 2) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool, zero_optimizer: bool,
+                    max_grad_norm: float, matrix_groups: int, device: str) -> torch.optim.Optimizer:
     """On DeepSpeed's plain fp32 path our optimizer measures and clips the norm; under bf16/ZeRO
-    DeepSpeed wraps a plain AdamW and does both itself (fused on GPU)."""
-    made = param_groups(model, cfg.weight_decay, groups)
+    DeepSpeed wraps a plain AdamW and does both itself (fused on GPU). Call on every rank."""
+    groups = param_groups(model, cfg.weight_decay, chunks=matrix_groups)
+    check_stage_groups(groups, ps, device, same_count=zero_optimizer)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if fp32_path:
-        return GlobalNormAdamW(made, ps, max_grad_norm=max_grad_norm, **kwargs)
-    return torch.optim.AdamW(made, fused=torch.cuda.is_available(), **kwargs)
+        return GlobalNormAdamW(groups, ps, max_grad_norm=max_grad_norm, **kwargs)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

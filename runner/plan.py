@@ -30,7 +30,8 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4VisionModel,
 )
 
-from runner.config import FreezeConfig, RunConfig, load_deepspeed_json, micro_batches_per_step
+from runner.config import (FreezeConfig, RunConfig, TrainConfig, load_deepspeed_json, micro_batches_per_step,
+                           runs_zero_optimizer)
 from runner.errors import UserError
 from runner.metrics import forward_flops_per_token
 from runner.models.gemma4.pipeline import (
@@ -105,9 +106,12 @@ class DeepSpeedSettings:
     immediate_grad_update: bool  # bf16.immediate_grad_update: bf16 gradients freed as they are accumulated
     fp32_communication: bool  # communication_data_type fp32: gradients reduced in place, not via a bf16 copy
     contiguous_gradients: bool  # ZeRO copies the partition's gradients into one flat buffer (DeepSpeed's default)
+    zero_optimizer: bool  # DeepSpeed steps with its ZeRO optimizer (config.runs_zero_optimizer)
+    grad_hooks: bool  # that optimizer reduces through per-parameter hooks and a bucket during backward
 
 
-def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
+def deepspeed_settings(ds_config: str | None, bf16: bool) -> DeepSpeedSettings:
+
     """The memory-relevant settings of the DeepSpeed config the run will use: the cluster's, else
     the one `runner train` takes on GPUs."""
     path = Path(ds_config) if ds_config else ROOT / "ds_configs" / "gpu_bf16_zero1.json"
@@ -123,6 +127,8 @@ def deepspeed_settings(ds_config: str | None) -> DeepSpeedSettings:
         immediate_grad_update=bool(ds.get("bf16", ds.get("bfloat16", {})).get("immediate_grad_update", False)),
         fp32_communication=str(ds.get("communication_data_type", "")).lower() in fp32,
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+        zero_optimizer=runs_zero_optimizer(ds, bf16),
+        grad_hooks=bool(zero.get("contiguous_gradients", True) or zero.get("overlap_comm", False)),
     )
 
 
@@ -274,6 +280,7 @@ class Plan:
     max_length: int
     micro_batches: int  # per step and DP replica
     activation_checkpointing: bool
+    recompute_num_layers: int | None  # decoder layers per stage that recompute; None: all
     attn_implementation: str
     dtype: str
     zero_stage: int
@@ -290,13 +297,21 @@ class Plan:
 
     @property
     def warnings(self) -> list[str]:
-        fixes = "" if self.activation_checkpointing else "turn on train.activation_checkpointing, "
+        if not self.activation_checkpointing:
+            fixes = "turn on train.activation_checkpointing, "
+        else:
+            fixes = "" if self.recompute_num_layers is None else "raise train.recompute_num_layers, "
         fixes += "lower data.max_length or train.micro_batch_size, or raise parallel.pp, parallel.tp or parallel.dp"
         return [
             f"WARNING: stage {s.stage} needs {s.memory_gib['total']:.1f} GiB per GPU, more than --gpu-mem-gib "
             f"{self.gpu_mem_gib:g}; {fixes}"
             for s in self.stages
             if s.memory_gib["total"] > self.gpu_mem_gib
+        ] + [
+            f"WARNING: stage {s.stage} trains nothing (the freeze settings freeze all it holds), which runner train "
+            f"refuses; lower parallel.pp, or unfreeze more (freeze.language_model, freeze.embeddings)"
+            for s in self.stages
+            if s.trainable_params == 0
         ]
 
     def to_json(self) -> dict[str, Any]:
@@ -319,18 +334,19 @@ class Plan:
             f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs; {self.micro_batches} micro-batches of "
             f"{self.micro_batch_size} x {self.max_length} tokens per step and DP replica; {self.dtype}, "
             f"ZeRO-{self.zero_stage}, {self.attn_implementation}, "
-            f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}",
+            f"activation checkpointing {'off' if not self.activation_checkpointing else 'on' if self.recompute_num_layers is None else f'on for the first {self.recompute_num_layers} decoder layers per stage'}",
             "",
             f"{'stage':>5}  {'decoder layers':<15} {'holds':<28} {'params/GPU':>11} {'trainable':>10} {'in-flight':>9}"
-            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'step':>6} {'overhd':>6} {'total':>6}",
+            f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'reduce':>6} {'step':>6} {'overhd':>6}"
+            f" {'total':>6}",
         ]
         for s in self.stages:
             m = s.memory_gib
             lines.append(
                 f"{s.stage:>5}  {s.layer_range:<15} {', '.join(s.holds) or '-':<28} {_count(s.params):>11} "
                 f"{_count(s.trainable_params):>10} {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
-                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['step']:>6.2f} {m['overhead']:>6.2f} "
-                f"{m['total']:>6.2f}"
+                f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['reduce']:>6.2f} "
+                f"{m['step']:>6.2f} {m['overhead']:>6.2f} {m['total']:>6.2f}"
             )
         if d.pp > 1:
             lines.append(
@@ -341,11 +357,12 @@ class Plan:
         lines += [
             "",
             f"GiB per GPU. weights {self.dtype}; grads {self.assumptions['grad_bytes_per_trainable_param']} bytes per "
-            f"trainable param{' (+ ZeRO contiguous_gradients flat copy / dp)' if self.assumptions['flat_gradient_copy'] else ''}; optim = "
+            f"trainable param; optim = "
             f"{'fp32 master + ' if self.zero_stage >= 1 or self.dtype == 'bfloat16' else ''}Adam m, v of trainable params"
-            f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = ZeRO reduce bucket; step = the ZeRO step's "
-            f"fp32 copy of one optimizer group's gradients (activations are gone by then: total counts the larger of "
-            f"bucket + activ and step); overhd = CUDA context + NCCL ({OVERHEAD_GIB} GiB, not in "
+            f"{' / dp (ZeRO-1)' if self.zero_stage >= 1 else ''}; bucket = what the gradient reduction holds during "
+            f"backward; reduce = ZeRO's reduce after the last backward (with contiguous_gradients a flat copy of the "
+            f"gradients); step = the ZeRO step's fp32 copy of one optimizer group's gradients (activations are gone "
+            f"for these two: total counts the largest of bucket + activ, reduce and step); overhd = CUDA context + NCCL ({OVERHEAD_GIB} GiB, not in "
             f"torch.cuda.max_memory_allocated, which is total - overhd).",
         ]
         return "\n".join(lines)
@@ -409,15 +426,14 @@ class MemoryModel:
     x 2 bytes, one bf16 hidden state; in_flight = min(pp - stage, micro-batches per step), the
     micro-batches DeepSpeed's 1F1B TrainSchedule keeps forward-done-backward-pending on a stage.
 
-      activation checkpointing on:
-        in_flight x (L x A  [each checkpointed layer's input]  + A [stage output, not on the last stage]
+      R of the stage's L decoder layers checkpointed (R = L with activation checkpointing, fewer
+      with train.recompute_num_layers, 0 without):
+        in_flight x (R x A  [each checkpointed layer's input]
+                     + the other L - R layers' saved tensors + A [stage input, when R = 0 and not
+                     on the first stage] + A [stage output, not on the last stage]
                      + trainable vision tower's saved tensors)
-        + max(one layer's saved tensors + its gradient temporaries  [recompute during backward],
-              head peak, frozen vision tower working set)
-      off:
-        in_flight x (sum of the L layers' saved tensors + A [stage input, not on the first stage]
-                     + A [stage output, not on the last] + trainable vision tower's saved tensors)
-        + max(gradient temporaries of one layer, head peak, frozen vision tower working set)
+        + max(one checkpointed layer's saved tensors (if R > 0) + a layer's gradient temporaries
+              [recompute during backward], head peak, frozen vision tower working set)
       + DeepSpeed's p2p receive buffers where pp > 1: one A for activations, one A for gradients.
 
     head peak (last stage, which has one micro-batch in flight): the final norm's fp32 copies and
@@ -455,17 +471,14 @@ class MemoryModel:
         return self.tokens * (10 * self.hidden + (16 if self.softcap else 14) * self.vocab_local)
 
     def activations(self, layer_types: list[str], first: bool, last: bool, in_flight: int,
-                    checkpointing: bool, vision: str | None, pp: int) -> dict[str, int]:
-        """The parts of a stage's peak, in bytes. `vision`: None (not on this stage), 'trainable' or 'frozen'."""
+                    recomputed: int, vision: str | None, pp: int) -> dict[str, int]:
+        """The parts of a stage's peak, in bytes. `recomputed`: how many of the stage's first decoder
+        layers are checkpointed; `vision`: None (not on this stage), 'trainable' or 'frozen'."""
         a = self.tokens * self.hidden * 2
-        kinds = set(layer_types)
-        grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in kinds), default=0)
-        if checkpointing:
-            stored = len(layer_types) * a
-            transient = max((self.layer_saved(t) for t in kinds), default=0) + grads
-        else:
-            stored = sum(self.layer_saved(t) for t in layer_types) + (0 if first else a)
-            transient = grads
+        grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in set(layer_types)), default=0)
+        checkpointed, kept = layer_types[:recomputed], layer_types[recomputed:]
+        stored = len(checkpointed) * a + sum(self.layer_saved(t) for t in kept) + (0 if first or checkpointed else a)
+        transient = max((self.layer_saved(t) for t in set(checkpointed)), default=0) + grads
         stored += (0 if last else a) + (self.vision_saved() if vision == "trainable" else 0)
         candidates = [transient]
         if vision == "frozen":
@@ -478,6 +491,13 @@ class MemoryModel:
             "working_set": max(candidates),
             "p2p_buffers": 2 * a if pp > 1 else 0,
         }
+
+
+def recomputed_layers(train: TrainConfig, layers: int) -> int:
+    """How many of a stage's `layers` decoder layers activation checkpointing recomputes (its first ones)."""
+    if not train.activation_checkpointing:
+        return 0
+    return layers if train.recompute_num_layers is None else min(train.recompute_num_layers, layers)
 
 
 def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_head_dim: int) -> MemoryModel:
@@ -576,7 +596,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     dims = resolve_dims(cfg, world_size)
     validate_layout(config, dims)
     gas = micro_batches_per_step(cfg.train, dims.dp)
-    ds = deepspeed_settings(ds_config)
+    ds = deepspeed_settings(ds_config, bf16=cfg.model.dtype == "bfloat16")
     zero_stage = ds.zero_stage
     # bf16 + ZeRO-1 with fp32 accumulation is DeepSpeed's BF16 optimizer: fp32 gradients beside the
     # bf16 ones (freed per parameter with immediate_grad_update), reduced in place without the ZeRO
@@ -585,8 +605,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     grad_bytes = DTYPE_BYTES[cfg.model.dtype]
     if fp32_accum:
         grad_bytes = 4 if ds.immediate_grad_update else 4 + grad_bytes
-    bucket = 0 if fp32_accum or zero_stage == 0 else ds.bucket
-    zero_optimizer = zero_stage >= 1 and not fp32_accum  # DeepSpeed's ZeRO optimizer (stage_1_and_2.py)
+    bucket = ds.bucket if ds.zero_optimizer else 0
     comm_copy = fp32_accum and not ds.fp32_communication
     tc = config.text_config
     counts = model_params(config, dims.tp)
@@ -609,26 +628,32 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         in_flight = min(dims.pp - stage, gas)
         activations = memory.activations(
             [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
-            cfg.train.activation_checkpointing, next((p.vision for p in parts if p.vision), None), dims.pp,
+            recomputed_layers(cfg.train, len(layers)), next((p.vision for p in parts if p.vision), None), dims.pp,
         )
         # DeepSpeed's ZeRO step (bf16 accumulation) flattens one optimizer group's gradient partition
         # and converts it to fp32 (2 + 4 bytes per parameter) while the bf16 gradients still exist and
         # the activations are gone; runner/optim.py cuts a stage's matrices into `groups` equal groups
         largest_group = trainable / groups
-        step = STEP_BYTES * largest_group / optim_shards if zero_optimizer else 0
-        # with contiguous_gradients it also keeps a flat copy of the partition's gradients from the
-        # first reduce on, beside the next step's fresh ones
-        flat_grads = trainable * grad_bytes / optim_shards if zero_optimizer and ds.contiguous_gradients else 0
+        step = STEP_BYTES * largest_group / optim_shards if ds.zero_optimizer else 0
+        # its reduce after the last backward (activations gone): with contiguous_gradients a flat copy
+        # of the partition's gradients (freed again by the step) beside the hooks' bucket and one more;
+        # without, one bucket-sized flat chunk at a time
+        reduce = 0
+        if ds.zero_optimizer:
+            reduce = trainable * grad_bytes / optim_shards + 2 * bucket * dtype_bytes if ds.contiguous_gradients \
+                else bucket * dtype_bytes
         gib = {
             "weights": params * dtype_bytes / GIB,
-            "grads": (trainable * grad_bytes + flat_grads) / GIB,
+            "grads": trainable * grad_bytes / GIB,
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
-            "zero_bucket": (trainable if comm_copy else bucket) * dtype_bytes / GIB,
+            # beside the activations: the ZeRO hooks' bucket, or the BF16 optimizer's bf16 copy of the gradients
+            "zero_bucket": (trainable if comm_copy else bucket if ds.grad_hooks else 0) * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
+            "reduce": reduce / GIB,
             "step": step / GIB,
         }
         gib["allocated"] = (gib["weights"] + gib["grads"] + gib["optimizer"]
-                            + max(gib["zero_bucket"] + gib["activations"], gib["step"]))
+                            + max(gib["zero_bucket"] + gib["activations"], gib["reduce"], gib["step"]))
         gib["overhead"] = OVERHEAD_GIB
         gib["total"] = gib["allocated"] + OVERHEAD_GIB
         stages.append(StagePlan(
@@ -645,7 +670,9 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
 
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
     layer_fwd, head_fwd = forward_flops_per_token(tc, cfg.data.max_length)
-    passes = 4 if cfg.train.activation_checkpointing else 3  # forward, (recompute,) backward = 2 forwards
+    # forward, recompute (of the share of layers checkpointed, taken as even over the stages), backward = 2 forwards
+    per_stage = len(layer_fwd) // dims.pp
+    passes = 3 + recomputed_layers(cfg.train, per_stage) / per_stage
     layer_cost = [f * passes * tokens / dims.tp / 1e12 for f in layer_fwd]
     head_passes = 3 if not cfg.freeze.embeddings else 2  # the tied weight's gradient only when trained
     head_cost = head_fwd * head_passes * tokens / dims.tp / 1e12
@@ -658,6 +685,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         max_length=cfg.data.max_length,
         micro_batches=gas,
         activation_checkpointing=cfg.train.activation_checkpointing,
+        recompute_num_layers=cfg.train.recompute_num_layers,
         attn_implementation=cfg.model.attn_implementation,
         dtype=cfg.model.dtype,
         zero_stage=zero_stage,
@@ -676,6 +704,5 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "fused_attn_max_head_dim": fused_attn_max_head_dim,
             "zero_reduce_bucket_elements": bucket,
             "grad_bytes_per_trainable_param": grad_bytes,
-            "flat_gradient_copy": zero_optimizer and ds.contiguous_gradients,
         },
     )

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 from runner.checkpoint import native
 from runner.checkpoint.export import export_after_training
 from runner.checkpoint.hf_load import load_hf_weights, resolve_model_dir
-from runner.config import RunConfig, load_deepspeed_json, micro_batches_per_step
+from runner.config import RunConfig, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
@@ -40,7 +40,7 @@ from runner.models.gemma4.pipeline import (
     to_pipe_batch,
     validate_layout,
 )
-from runner.optim import build_optimizer, lr_lambda, matrix_group_count, stage_group_count
+from runner.optim import build_optimizer, lr_lambda, matrix_group_count
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.profiling import profile_step
 
@@ -56,6 +56,9 @@ def init_distributed() -> None:
                                "MASTER_PORT": "29500"}.items():
                 os.environ.setdefault(key, value)
         cpu = get_accelerator().device_name() == "cpu"
+        # before CUDA's allocator starts: segments that grow in place instead of fixed blocks. Near the
+        # card's limit the full 31B otherwise OOMed with 8-11 GiB reserved but unallocated (4x H200)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if not cpu:  # before building anything: each rank its own GPU, not GPU 0
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name())
@@ -193,15 +196,16 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     device = get_accelerator().current_device_name()
     with torch.device(device):
         model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
-                               fused_rms_norm=cfg.model.fused_rms_norm, stage_layers=cfg.parallel.stage_layers)
+                               fused_rms_norm=cfg.model.fused_rms_norm, stage_layers=cfg.parallel.stage_layers,
+                               recompute_num_layers=cfg.train.recompute_num_layers)
     model.to(DTYPES[cfg.model.dtype])
     if not resuming:  # a resumed run takes every weight from its checkpoint
         load_hf_weights(model, model_dir)
     model.freeze(**vars(cfg.freeze))
-    groups = stage_group_count(model, matrix_group_count(model.stage_layer_counts(), not cfg.freeze.language_model),
-                               ps, comm_device(), same_on_every_stage=not fp32_path)
-    optimizer = build_optimizer(model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip,
-                                groups=groups)
+    optimizer = build_optimizer(
+        model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip, device=comm_device(),
+        zero_optimizer=runs_zero_optimizer(ds_config, bf16=cfg.model.dtype == "bfloat16"),
+        matrix_groups=matrix_group_count(model.stage_layer_counts(), not cfg.freeze.language_model))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 

@@ -4,6 +4,7 @@ end, the tied embedding/head weights. Launched by tests through torchrun on CPU 
 
 from __future__ import annotations
 
+import collections
 import os
 
 import torch
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--batches", default="text,image", help="one global batch kind per optimizer step")
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--recompute-num-layers", type=int, default=None, help="checkpoint only a stage's first N layers")
     ap.add_argument("--no-fused-rms-norm", action="store_true")
     ap.add_argument("--freeze", default="", help="comma list of embeddings,vision_tower,language_model")
     ap.add_argument("--stage-layers", default="", help="comma list: decoder layers per stage (empty: even split)")
@@ -44,8 +46,14 @@ def main() -> None:
     args = ap.parse_args()
 
     counts = [int(n) for n in args.stage_layers.split(",") if n]
-    ps, config, model = load_pipeline(args, activation_checkpoint_interval=int(args.activation_checkpointing),
-                                      fused_rms_norm=not args.no_fused_rms_norm, stage_layers=counts)
+    checkpointing = args.activation_checkpointing or args.recompute_num_layers is not None
+    ps, config, model = load_pipeline(args, activation_checkpoint_interval=int(checkpointing),
+                                      fused_rms_norm=not args.no_fused_rms_norm, stage_layers=counts,
+                                      recompute_num_layers=args.recompute_num_layers)
+    decoder = [f for f in model.forward_funcs if isinstance(f, Gemma4DecoderLayerPipe)]
+    forwards = collections.Counter()  # forward calls per decoder layer: recompute runs one again
+    for layer in decoder:
+        layer.register_forward_hook(lambda module, inputs, output: forwards.update([id(module)]))
     if counts:  # this stage holds exactly its share, in order
         first = sum(counts[:ps.pp_rank])
         assert model.decoder_layers() == list(range(first, first + counts[ps.pp_rank])), model.decoder_layers()
@@ -76,6 +84,10 @@ def main() -> None:
                     setattr(g, attr, getattr(tensor, attr))
                 step_grads[name] = gather_full(g, ps.tp_group)
         result["grads"].append(step_grads)
+    micro_batches = gas * len(kinds)
+    recomputed = len(decoder) if args.recompute_num_layers is None else args.recompute_num_layers
+    want = [micro_batches * (2 if checkpointing and i < recomputed else 1) for i in range(len(decoder))]
+    assert [forwards[id(layer)] for layer in decoder] == want, ([forwards[id(layer)] for layer in decoder], want)
     embed = model.tied_modules["embed"] if "embed" in model.tied_modules else None
     if embed is not None:
         result["embed_weight"] = gather_full(embed.weight, ps.tp_group)

@@ -43,6 +43,9 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
         (["train.global_batch_size=7", "train.micro_batch_size=2"], ["global_batch_size=7", "multiple"]),
         (["data.train="], ["data.train is empty"]),
         (["train.max_steps"], ["expected key=value"]),
+        (["train.activation_checkpointing=false", "train.recompute_num_layers=2"],
+         ["train.recompute_num_layers needs train.activation_checkpointing: true"]),
+        (["train.activation_checkpointing=true", "train.recompute_num_layers=-1"], ["train.recompute_num_layers", ">= 0"]),
     ],
 )
 def test_bad_values_give_one_line(tmp_path, overrides, words):

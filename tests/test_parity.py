@@ -48,8 +48,21 @@ CASES = [(*layout, True, "") for layout in LAYOUTS] + [(2, 2, 1, False, ""), (2,
 
 @pytest.mark.parametrize("tp,pp,dp,fused,stage_layers", CASES, ids=lambda v: str(v))
 def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp, dp, fused, stage_layers):
-    kinds = "text,image"
     extra = ("--stage-layers", stage_layers) + (() if fused else ("--no-fused-rms-norm",))
+    _assert_matches_transformers(tmp_path, tiny_ckpt, (tp, pp, dp), extra)
+
+
+def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt):
+    """Activation checkpointing on the first decoder layer of each stage only
+    (train.recompute_num_layers: 1): the worker checks that exactly that layer runs its forward twice
+    per micro-batch and the others once; loss and gradients still equal transformers'."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, (1, 2, 1), ("--recompute-num-layers", "1"))
+
+
+def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...]) -> None:
+    """Loss and every parameter's gradient of a text and an image step against transformers'."""
+    tp, pp, dp = layout
+    kinds = "text,image"
     stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra)
     ref = _reference(str(tiny_ckpt), kinds, 0.0)
     for step, kind in enumerate(kinds.split(",")):

@@ -185,6 +185,7 @@ class Gemma4Pipeline(PipelineModule):
         activation_checkpoint_interval: int = 0,
         fused_rms_norm: bool = True,
         stage_layers: Sequence[int] = (),
+        recompute_num_layers: int | None = None,
     ) -> None:
         check_supported(config)
         validate_layout(config, ps.dims)
@@ -206,6 +207,13 @@ class Gemma4Pipeline(PipelineModule):
             dynamic_shape=True,
         )
         self.token_loss = loss
+        decoder = [f for f in self.forward_funcs if isinstance(f, Gemma4DecoderLayerPipe)]
+        self.recomputed = decoder if recompute_num_layers is None else decoder[:recompute_num_layers]
+
+    def _is_checkpointable(self, funcs: list) -> bool:
+        """DeepSpeed's hook that decides, per chunk of `activation_checkpoint_interval` layers,
+        whether to checkpoint it: only the stage's first `recompute_num_layers` decoder layers."""
+        return super()._is_checkpointable(funcs) and all(any(f is r for r in self.recomputed) for f in funcs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
         """DeepSpeed's hook that cuts the spec list into stages (`self.parts`); `method`
