@@ -97,7 +97,7 @@ def test_freeze_settings_that_leave_a_stage_too_little_to_train(tmp_path, tiny_c
     zero = ["--ds-config", str(ROOT / "ds_configs" / "gpu_bf16_zero1.json")]
     for nproc, extra, words in [
         (2, zero + _sets(tiny_ckpt, medpix, tmp_path / "zero", *frozen, "parallel.pp=2", "model.dtype=bfloat16",
-                         "freeze.vision_tower=false"), ["pipeline stage 1", "2 optimizer groups", "it has 1"]),
+                         "freeze.vision_tower=false"), ["same number of optimizer groups", "[2, 1]"]),
         (3, _sets(tiny_ckpt, medpix, tmp_path / "pp3", *frozen, "parallel.pp=3"), ["pipeline stage 1 trains nothing"]),
     ]:
         proc = run(torchrun_cmd(nproc, *TRAIN, *extra), ok=False)
