@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from runner.config import apply_overrides
+from runner.train import use_expandable_segments
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the patient scan shows a small lesion in the left lung with no sign of fluid near the heart "
@@ -187,8 +188,7 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # the allocator setting runner train sets for itself, here for the ZeRO-3 baseline too
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    use_expandable_segments()  # the allocator setting runner train sets for itself, for the ZeRO-3 baseline too
     work = Path(os.environ.get("BENCH_WORK", "/tmp/gpu_bench"))
     work.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() or int(os.environ.get("BENCH_CPU_PROCS", "4"))

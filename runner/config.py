@@ -292,6 +292,9 @@ def runs_zero_optimizer(ds: dict[str, Any], bf16: bool) -> bool:
     stage >= 1, except bf16 with fp32 gradient accumulation at stage 1, which is its BF16 optimizer
     (engine._do_optimizer_sanity_check). Only the ZeRO optimizer all-reduces each optimizer group's
     gradient norm over the pipeline stages, and only it has ZeRO's gradient buckets."""
-    zero = int(ds.get("zero_optimization", {}).get("stage", 0))
-    fp32_accum = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32", "float")
-    return zero >= 1 and not (bf16 and fp32_accum and zero == 1)
+    zero_cfg = ds.get("zero_optimization", {})
+    zero = int(zero_cfg.get("stage", 0))
+    fp32_accum = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower().removeprefix("torch.") in (
+        "fp32", "float32", "float")
+    cpu_offload = (zero_cfg.get("offload_optimizer") or {}).get("device") == "cpu"
+    return zero >= 1 and not (bf16 and fp32_accum and zero == 1 and not cpu_offload)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,7 @@ class DeepSpeedSettings:
     contiguous_gradients: bool  # ZeRO copies the partition's gradients into one flat buffer (DeepSpeed's default)
     zero_optimizer: bool  # DeepSpeed steps with its ZeRO optimizer (config.runs_zero_optimizer)
     grad_hooks: bool  # that optimizer reduces through per-parameter hooks and a bucket during backward
+    overlap_comm: bool  # two such buckets, so one reduces while the other fills
 
 
 def deepspeed_settings(ds_config: str | None, bf16: bool) -> DeepSpeedSettings:
@@ -129,6 +130,7 @@ def deepspeed_settings(ds_config: str | None, bf16: bool) -> DeepSpeedSettings:
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
         zero_optimizer=runs_zero_optimizer(ds, bf16),
         grad_hooks=bool(zero.get("contiguous_gradients", True) or zero.get("overlap_comm", False)),
+        overlap_comm=bool(zero.get("overlap_comm", False)),
     )
 
 
@@ -296,6 +298,14 @@ class Plan:
     balanced_stage_tflop: list[float]
 
     @property
+    def checkpointing_label(self) -> str:
+        if not self.activation_checkpointing or self.recompute_num_layers == 0:
+            return "off"
+        if self.recompute_num_layers is None:
+            return "on"
+        return f"on for the first {self.recompute_num_layers} decoder layers per stage"
+
+    @property
     def warnings(self) -> list[str]:
         if not self.activation_checkpointing:
             fixes = "turn on train.activation_checkpointing, "
@@ -334,7 +344,7 @@ class Plan:
             f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs; {self.micro_batches} micro-batches of "
             f"{self.micro_batch_size} x {self.max_length} tokens per step and DP replica; {self.dtype}, "
             f"ZeRO-{self.zero_stage}, {self.attn_implementation}, "
-            f"activation checkpointing {'off' if not self.activation_checkpointing else 'on' if self.recompute_num_layers is None else f'on for the first {self.recompute_num_layers} decoder layers per stage'}",
+            f"activation checkpointing {self.checkpointing_label}",
             "",
             f"{'stage':>5}  {'decoder layers':<15} {'holds':<28} {'params/GPU':>11} {'trainable':>10} {'in-flight':>9}"
             f"  {'weights':>7} {'grads':>6} {'optim':>6} {'bucket':>6} {'activ':>6} {'reduce':>6} {'step':>6} {'overhd':>6}"
@@ -557,32 +567,40 @@ def stage_specs(config: Gemma4Config, pp: int, stage_layers: Sequence[int] = ())
     return [specs[parts[s]:parts[s + 1]] for s in range(pp)]
 
 
-def split_cost(layer_cost: Sequence[float], head_cost: float, counts: Sequence[int]) -> list[float]:
+def _range_cost(layer_fwd: Sequence[float], recompute: int) -> Callable[[int, int], float]:
+    """Compute of a stage running decoder layers a..b-1: forward + backward (3 forwards) of each, and
+    one more forward of its first `recompute` layers (activation checkpointing)."""
+    prefix = [0.0, *itertools.accumulate(layer_fwd)]
+    return lambda a, b: 3 * (prefix[b] - prefix[a]) + prefix[min(b, a + recompute)] - prefix[a]
+
+
+def split_cost(layer_fwd: Sequence[float], head_cost: float, counts: Sequence[int], recompute: int = 0) -> list[float]:
     """Each stage's compute when stage s runs the next `counts[s]` decoder layers, the last also the head."""
+    cost = _range_cost(layer_fwd, recompute)
     bounds = [0, *itertools.accumulate(counts)]
-    costs = [sum(layer_cost[a:b]) for a, b in zip(bounds, bounds[1:])]
+    costs = [cost(a, b) for a, b in zip(bounds, bounds[1:])]
     costs[-1] += head_cost
     return [round(c, 2) for c in costs]
 
 
-def balanced_stage_layers(layer_cost: Sequence[float], head_cost: float, pp: int) -> list[int]:
+def balanced_stage_layers(layer_fwd: Sequence[float], head_cost: float, pp: int, recompute: int = 0) -> list[int]:
     """Decoder layers per stage (contiguous, at least one each) that make the slowest stage fastest:
     a 1F1B pipeline steps at its slowest stage's pace. The last stage also runs the LM head; the
     frozen vision tower's forward on the first stage and the elementwise softcap/cross-entropy work
     are not counted (FLOPs only)."""
-    prefix = [0.0, *itertools.accumulate(layer_cost)]
-    n = len(layer_cost)
+    cost = _range_cost(layer_fwd, recompute)
+    n = len(layer_fwd)
 
     @functools.cache
     def best(end: int, stages: int) -> tuple[float, tuple[int, ...]]:
         """The first `end` layers over `stages` stages: (slowest stage, layers per stage)."""
         head = head_cost if end == n else 0.0
         if stages == 1:
-            return prefix[end] + head, (end,)
+            return cost(0, end) + head, (end,)
         options = []
         for start in range(stages - 1, end):
             slowest, counts = best(start, stages - 1)
-            options.append((max(slowest, prefix[end] - prefix[start] + head), (*counts, end - start)))
+            options.append((max(slowest, cost(start, end) + head), (*counts, end - start)))
         return min(options)
 
     return list(best(n, pp)[1])
@@ -647,7 +665,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "grads": trainable * grad_bytes / GIB,
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
             # beside the activations: the ZeRO hooks' bucket, or the BF16 optimizer's bf16 copy of the gradients
-            "zero_bucket": (trainable if comm_copy else bucket if ds.grad_hooks else 0) * dtype_bytes / GIB,
+            "zero_bucket": (trainable if comm_copy else bucket * ds.grad_hooks * (1 + ds.overlap_comm)) * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
             "reduce": reduce / GIB,
             "step": step / GIB,
@@ -670,13 +688,11 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
 
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
     layer_fwd, head_fwd = forward_flops_per_token(tc, cfg.data.max_length)
-    # forward, recompute (of the share of layers checkpointed, taken as even over the stages), backward = 2 forwards
-    per_stage = len(layer_fwd) // dims.pp
-    passes = 3 + recomputed_layers(cfg.train, per_stage) / per_stage
-    layer_cost = [f * passes * tokens / dims.tp / 1e12 for f in layer_fwd]
+    layer_cost = [f * tokens / dims.tp / 1e12 for f in layer_fwd]  # forward; split_cost adds backward, recompute
+    recompute = recomputed_layers(cfg.train, len(layer_fwd))
     head_passes = 3 if not cfg.freeze.embeddings else 2  # the tied weight's gradient only when trained
     head_cost = head_fwd * head_passes * tokens / dims.tp / 1e12
-    balanced = balanced_stage_layers(layer_cost, head_cost, dims.pp)
+    balanced = balanced_stage_layers(layer_cost, head_cost, dims.pp, recompute)
     return Plan(
         model=cfg.model.path,
         source=source,
@@ -693,9 +709,9 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         vision_params=counts.vision_tower + counts.embed_vision,
         gpu_mem_gib=gpu_mem_gib,
         stages=stages,
-        stage_tflop=split_cost(layer_cost, head_cost, [len(st.decoder_layers) for st in stages]),
+        stage_tflop=split_cost(layer_cost, head_cost, [len(st.decoder_layers) for st in stages], recompute),
         balanced_stage_layers=balanced,
-        balanced_stage_tflop=split_cost(layer_cost, head_cost, balanced),
+        balanced_stage_tflop=split_cost(layer_cost, head_cost, balanced, recompute),
         assumptions={
             "overhead_gib": OVERHEAD_GIB,
             "images_per_sample": IMAGES_PER_SAMPLE,

@@ -48,6 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def use_expandable_segments() -> None:
+    """Before CUDA's allocator starts: segments that grow in place instead of fixed blocks. Near the
+    card's limit the full 31B otherwise OOMed with 8-11 GiB reserved but unallocated (4x H200).
+    A setting of the user's own wins."""
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def init_distributed() -> None:
     """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU."""
     if not dist.is_initialized():
@@ -56,9 +64,7 @@ def init_distributed() -> None:
                                "MASTER_PORT": "29500"}.items():
                 os.environ.setdefault(key, value)
         cpu = get_accelerator().device_name() == "cpu"
-        # before CUDA's allocator starts: segments that grow in place instead of fixed blocks. Near the
-        # card's limit the full 31B otherwise OOMed with 8-11 GiB reserved but unallocated (4x H200)
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        use_expandable_segments()
         if not cpu:  # before building anything: each rank its own GPU, not GPU 0
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name())
@@ -94,6 +100,9 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
     if zero >= 2 or ds.get("fp16", {}).get("enabled"):
         raise UserError(f"DeepSpeed config {path}: the pipeline engine supports ZeRO stage 0 or 1 and bf16/fp32, "
                         f"not {'fp16' if zero < 2 else f'ZeRO stage {zero}'}; use ds_configs/gpu_bf16_zero1.json")
+    if ds.get("pipeline", {}).get("activation_checkpoint_interval", 0):
+        raise UserError(f"DeepSpeed config {path}: pipeline.activation_checkpoint_interval overrides the recipe's "
+                        f"checkpointing; remove it and set train.activation_checkpointing / train.recompute_num_layers")
     fp32_path = not bf16 and zero == 0
     fills = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,20 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"zero_optimization": {"stage": 2}}, ["ZeRO stage 2", "gpu_bf16_zero1.json"]),
+    ({"pipeline": {"activation_checkpoint_interval": 2}}, ["pipeline.activation_checkpoint_interval",
+                                                           "train.recompute_num_layers"]),
+])
+def test_deepspeed_configs_the_pipeline_cannot_take_give_one_line(tmp_path, change, words):
+    """DeepSpeed settings that would break the pipeline or silently override the recipe are refused."""
+    from runner.parallel.topology import ParallelDims
+    from runner.train import deepspeed_config
+
+    ds = {**json.loads((ROOT / "ds_configs/gpu_bf16_zero1.json").read_text()), **change}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(UserError) as err:
+        deepspeed_config(load_config(_recipe(tmp_path)), ParallelDims(1, 1, 1), 1, str(tmp_path / "ds.json"))
+    assert_one_line(str(err.value), words)

@@ -86,15 +86,18 @@ def test_stage_layers_split_the_decoder_unevenly():
 
 
 def test_balanced_stage_layers_is_the_best_contiguous_split():
-    """Against brute force over every split with at least one layer per stage."""
+    """Against brute force over every split with at least one layer per stage, with no, partial
+    (train.recompute_num_layers: each stage's first 2) and full recompute."""
     gen = torch.Generator().manual_seed(0)
-    for n, pp in [(6, 2), (7, 3), (9, 4), (5, 5)]:
+    for (n, pp), recompute in itertools.product([(6, 2), (7, 3), (9, 4), (5, 5)], [0, 2, 99]):
         cost = torch.rand(n, generator=gen).tolist()
         head = float(torch.rand(1, generator=gen)) * 3
         splits = [c for c in itertools.product(range(1, n + 1), repeat=pp) if sum(c) == n]
-        best = min(max(split_cost(cost, head, c)) for c in splits)
-        got = balanced_stage_layers(cost, head, pp)
-        assert sum(got) == n and min(got) >= 1 and max(split_cost(cost, head, got)) == best, (n, pp, got)
+        best = min(max(split_cost(cost, head, c, recompute)) for c in splits)
+        got = balanced_stage_layers(cost, head, pp, recompute)
+        assert sum(got) == n and min(got) >= 1 and max(split_cost(cost, head, got, recompute)) == best, (n, pp, got)
+    # a stage pays one more forward for each of its first `recompute` layers, and only those
+    assert split_cost([1.0, 2.0, 4.0], 0.0, [3], 2) == [3 * 7 + 3] and split_cost([1.0, 2.0], 1.0, [1, 1], 0) == [3, 7]
 
 
 def test_plan_suggests_a_split_that_unloads_the_head_stage():
