@@ -49,65 +49,98 @@ WORDS = ("the patient scan shows a small lesion in the left lung with no sign of
          "and the bone looks normal while the liver has a bright spot that may need a follow up").split()
 
 
-def build_checkpoint(out: Path, depth: int) -> Path:
-    """Random bf16 31B-shaped slice, built on the GPU, saved as an HF checkpoint with processor."""
-    from transformers import Gemma4ForConditionalGeneration
+def bench_config(depth: int):
+    """The 31B's shape at `depth` decoder layers, with the tiny tokenizer's special-token ids."""
+    from runner.models.gemma4.presets import gemma4_31b_config
+    from runner.models.gemma4.tiny import TINY_TOKEN_IDS
 
-    from runner.models.gemma4.presets import GEMMA4_31B_IMAGE_SOFT_TOKENS, gemma4_31b_config
-    from runner.models.gemma4.tiny import TINY_TOKEN_IDS, tiny_processor, tiny_tokenizer
-
-    ckpt = out / f"gemma4-31b-d{depth}"
-    if (ckpt / "config.json").exists():
-        return ckpt
     config = gemma4_31b_config(depth)
     ids = TINY_TOKEN_IDS  # the tiny tokenizer's special tokens stand in for the 31B's
     config.image_token_id, config.boi_token_id, config.eoi_token_id = ids["image"], ids["boi"], ids["eoi"]
     config.audio_token_id, config.boa_token_id, config.eoa_token_index = ids["audio"], ids["boa"], ids["eoa"]
     config.video_token_id = ids["video"]
+    return config
+
+
+def _write_shards(rank: int, workers: int, config, out: Path, shard_size: str) -> None:
+    """One writer: build the random model on its own GPU and write every `workers`-th shard of the
+    layout save_pretrained uses (each tensor comes from exactly one writer; rank 0 adds the index)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers import Gemma4ForConditionalGeneration
+
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
         model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():  # a tied tensor once, under its first name (no lm_head)
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor
+    split = split_torch_state_dict_into_shards(state, max_shard_size=shard_size)
+    for i, (filename, names) in enumerate(sorted(split.filename_to_tensors.items())):
+        if i % workers == rank:
+            save_file({n: state[n].contiguous().cpu() for n in names}, out / filename, metadata={"format": "pt"})
+    if rank == 0:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}, indent=2))
+        model.config.save_pretrained(out)
+
+
+def build_checkpoint(out: Path, config, name: str, workers: int) -> Path:
+    """A random bf16 checkpoint of `config` with the processor, written as save_pretrained would (shards
+    of 5 GB, an index, no tied lm_head) by `workers` processes at once: transformers writes shards one
+    by one (~70 s for the full 31B on the GPU machine)."""
+    from runner.models.gemma4.presets import GEMMA4_31B_IMAGE_SOFT_TOKENS
+    from runner.models.gemma4.tiny import tiny_processor, tiny_tokenizer
+
+    ckpt = out / name
+    if (ckpt / "config.json").exists():
+        return ckpt
     partial = ckpt.with_name(ckpt.name + ".partial")  # renamed when complete: a killed call leaves no half checkpoint
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, max_shard_size="5GB")
-    del model
-    torch.cuda.empty_cache()  # else this process keeps ~18 GiB cached on GPU 0 through every run (OOM on 80 GB)
+    partial.mkdir(parents=True)
+    torch.multiprocessing.spawn(_write_shards, args=(workers, config, partial, "5GB"), nprocs=workers)
     tiny_processor(config, tiny_tokenizer(), soft_tokens=GEMMA4_31B_IMAGE_SOFT_TOKENS).save_pretrained(partial)
     shutil.rmtree(ckpt, ignore_errors=True)  # a half one from before this rule
     partial.rename(ckpt)
     return ckpt
 
 
-def build_data(out: Path, n: int, text_tokens: int) -> dict[str, Path]:
-    """Chat JSONL workloads; images are PNGs beside the file. The text answers are sized in tokens
-    of the tokenizer the checkpoint carries."""
+def build_data(out: Path, n: int, text_tokens: int, workloads: list[str]) -> dict[str, Path]:
+    """Chat JSONL workloads (only those asked for; kept for the next call on the same machine);
+    images are PNGs beside the file. The text answers are sized in tokens of the tokenizer the
+    checkpoint carries."""
     from PIL import Image
 
     from runner.models.gemma4.tiny import tiny_tokenizer
 
-    per_word = len(tiny_tokenizer()(" ".join(WORDS * 10)).input_ids) / (10 * len(WORDS))
-    n_words = int(text_tokens / per_word)
-    rng = random.Random(0)
     data = out / "data"
     (data / "img").mkdir(parents=True, exist_ok=True)
-    text, medpix = data / "text.jsonl", data / "medpix.jsonl"
-    with text.open("w") as f:
-        for i in range(n):
-            answer = " ".join(rng.choice(WORDS) for _ in range(n_words))
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": [{"type": "text", "text": f"Write report {i}."}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}) + "\n")
-    with medpix.open("w") as f:
+    paths = {"text": data / f"text_{n}x{text_tokens}.jsonl", "medpix": data / f"medpix_{n}.jsonl"}
+    if "text" in workloads and not paths["text"].exists():
+        per_word = len(tiny_tokenizer()(" ".join(WORDS * 10)).input_ids) / (10 * len(WORDS))
+        n_words, rng = int(text_tokens / per_word), random.Random(0)
+        lines = [json.dumps({"messages": [
+            {"role": "user", "content": [{"type": "text", "text": f"Write report {i}."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": " ".join(rng.choice(WORDS) for _ in range(n_words))}]},
+        ]}) for i in range(n)]
+        paths["text"].write_text("\n".join(lines) + "\n")
+    if "medpix" in workloads and not paths["medpix"].exists():
+        rng, lines = random.Random(1), []
         for i in range(n):
             name = f"img/{i}.png"
             pixels = torch.randint(0, 255, (3, 64, 64), generator=torch.Generator().manual_seed(i)).to(torch.uint8)
-            Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((768, 768)).save(data / name)
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((768, 768)).save(data / name, compress_level=1)
             question = " ".join(rng.choice(WORDS) for _ in range(20))
             answer = " ".join(rng.choice(WORDS) for _ in range(40))
-            f.write(json.dumps({"messages": [
+            lines.append(json.dumps({"messages": [
                 {"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": question}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}) + "\n")
-    return {"text": text, "medpix": medpix}
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}))
+        paths["medpix"].write_text("\n".join(lines) + "\n")
+    return paths
 
 
 WORKLOADS = {  # micro-batch, max_length
@@ -201,8 +234,8 @@ def main() -> int:
             make_tiny(ckpt)
         WORKLOADS.update(text=(1, args.text_tokens + 64), medpix=(2, 512))
     else:
-        ckpt = build_checkpoint(work, args.depth)
-    data = build_data(work, args.samples, args.text_tokens)
+        ckpt = build_checkpoint(work, bench_config(args.depth), f"gemma4-31b-d{args.depth}", max(1, gpus))
+    data = build_data(work, args.samples, args.text_tokens, args.workloads.split(","))
     print(f"checkpoint + data ready in {time.time() - t0:.0f}s on {gpus} devices", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": gpus, "depth": args.depth,
