@@ -32,7 +32,8 @@ from runner.plan import (
     split_cost,
 )
 
-RECIPES = {"tp4_pp2": ROOT / "recipes/gemma4_31b_tp4_pp2.yaml", "tp4_pp4_dp2": ROOT / "recipes/gemma4_31b_tp4_pp4_dp2.yaml"}
+RECIPES = {"tp4_pp2": ROOT / "recipes/gemma4_31b_tp4_pp2.yaml", "tp4_pp4_dp2": ROOT / "recipes/gemma4_31b_tp4_pp4_dp2.yaml",
+           "tp2_pp2": ROOT / "recipes/gemma4_31b_tp2_pp2.yaml"}  # the last for 141 GB cards
 # google/gemma-4-31B-it, counted by transformers on the meta device (tied head counted once)
 PARAMS_31B = 31_273_086_512
 VISION_31B = 569_548_080 + 6_193_152  # vision tower + embed_vision (the projector into the text width)
@@ -59,7 +60,7 @@ def test_31b_preset_matches_the_published_shape(meta_31b):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_31b_recipes_plan_like_deepspeed_partitions(name):
     cfg = load_config(RECIPES[name])
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, gpu_mem_gib=140 if name == "tp2_pp2" else 80)
     tp, pp, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp
     assert (plan.dims.tp, plan.dims.pp, plan.dims.dp) == (tp, pp, dp)
     assert plan.micro_batches >= 4 * pp  # enough micro-batches to fill the pipeline
