@@ -63,6 +63,9 @@ IMAGES_PER_SAMPLE = 1  # MedPix-VQA: one image per question
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 MASTER_BYTES = 4  # fp32 master weights
+# suggestions keep 10% of the card free: the plan's own error (-4% .. +1% on measured peaks) and the
+# allocator's fragmentation (8-11 GiB reserved but unused near the limit without expandable segments)
+SUGGESTION_HEADROOM = 0.9
 STEP_BYTES = 6  # ZeRO step: a group's gradients flattened (bf16) and converted to fp32, per parameter
 # Largest head dim PyTorch's fused SDPA (memory-efficient kernel: it takes the arbitrary masks the
 # stages pass) is assumed to run without materializing scores; `--fused-attn-max-head-dim 256`
@@ -296,6 +299,11 @@ class Plan:
     stage_tflop: list[float]
     balanced_stage_layers: list[int]
     balanced_stage_tflop: list[float]
+    # the fewest decoder layers per stage that must recompute for every stage to fit 90% of gpu_mem_gib (None:
+    # not even with all), with the largest total and the per-stage compute it gives
+    least_recompute: int | None
+    least_recompute_gib: float
+    least_recompute_tflop: list[float]
 
     @property
     def checkpointing_label(self) -> str:
@@ -357,6 +365,17 @@ class Plan:
                 f"{_count(s.trainable_params):>10} {s.in_flight:>9}  {m['weights']:>7.2f} {m['grads']:>6.2f} "
                 f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['reduce']:>6.2f} "
                 f"{m['step']:>6.2f} {m['overhead']:>6.2f} {m['total']:>6.2f}"
+            )
+        most = max(len(s.decoder_layers) for s in self.stages)
+        current = 0 if not self.activation_checkpointing else min(most, most if self.recompute_num_layers is None
+                                                                    else self.recompute_num_layers)
+        if self.least_recompute is not None and self.least_recompute < current:
+            setting = ("train.activation_checkpointing: false" if self.least_recompute == 0
+                       else f"train.recompute_num_layers: {self.least_recompute}")
+            lines.append(
+                f"fits {SUGGESTION_HEADROOM:.0%} of --gpu-mem-gib {self.gpu_mem_gib:g} with less recompute: {setting} "
+                f"({self.least_recompute_gib:.1f} GiB; compute per micro-batch and GPU "
+                f"{' / '.join(f'{t:.1f}' for t in self.least_recompute_tflop)} TFLOP; plan figures, not measured)"
             )
         if d.pp > 1:
             lines.append(
@@ -637,17 +656,17 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
 
     all_specs = stage_specs(config, dims.pp, cfg.parallel.stage_layers)
     groups = matrix_group_count([sum(map(is_decoder_spec, specs)) for specs in all_specs], not cfg.freeze.language_model)
-    stages = []
+    stages, totals = [], []  # totals: per stage, GiB on the card as a function of the layers recomputed
     for stage, specs in enumerate(all_specs):
         parts = counter.count(specs)
         params = sum(p.local for p in parts)
         trainable = sum(p.trainable for p in parts)
         layers = [p.layer for p in parts if p.layer is not None]
         in_flight = min(dims.pp - stage, gas)
-        activations = memory.activations(
-            [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
-            recomputed_layers(cfg.train, len(layers)), next((p.vision for p in parts if p.vision), None), dims.pp,
-        )
+        stage_activations = functools.partial(
+            memory.activations, [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
+            vision=next((p.vision for p in parts if p.vision), None), pp=dims.pp)
+        activations = stage_activations(recomputed_layers(cfg.train, len(layers)))
         # DeepSpeed's ZeRO step (bf16 accumulation) flattens one optimizer group's gradient partition
         # and converts it to fp32 (2 + 4 bytes per parameter) while the bf16 gradients still exist and
         # the activations are gone; runner/optim.py cuts a stage's matrices into `groups` equal groups
@@ -670,10 +689,17 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "reduce": reduce / GIB,
             "step": step / GIB,
         }
-        gib["allocated"] = (gib["weights"] + gib["grads"] + gib["optimizer"]
-                            + max(gib["zero_bucket"] + gib["activations"], gib["reduce"], gib["step"]))
+
+        def total(recomputed: int, gib: dict[str, float] = gib, stage_activations=stage_activations) -> float:
+            a = stage_activations(recomputed)
+            activ = (a["stored"] + a["working_set"] + a["p2p_buffers"]) / GIB
+            return (gib["weights"] + gib["grads"] + gib["optimizer"] + OVERHEAD_GIB
+                    + max(gib["zero_bucket"] + activ, gib["reduce"], gib["step"]))
+
+        totals.append(total)
         gib["overhead"] = OVERHEAD_GIB
-        gib["total"] = gib["allocated"] + OVERHEAD_GIB
+        gib["total"] = total(recomputed_layers(cfg.train, len(layers)))
+        gib["allocated"] = gib["total"] - OVERHEAD_GIB
         stages.append(StagePlan(
             stage=stage,
             decoder_layers=layers,
@@ -693,6 +719,9 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     head_passes = 3 if not cfg.freeze.embeddings else 2  # the tied weight's gradient only when trained
     head_cost = head_fwd * head_passes * tokens / dims.tp / 1e12
     balanced = balanced_stage_layers(layer_cost, head_cost, dims.pp, recompute)
+    layer_counts = [len(st.decoder_layers) for st in stages]
+    room = SUGGESTION_HEADROOM * gpu_mem_gib
+    least = next((r for r in range(max(layer_counts) + 1) if all(t(r) <= room for t in totals)), None)
     return Plan(
         model=cfg.model.path,
         source=source,
@@ -709,9 +738,12 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         vision_params=counts.vision_tower + counts.embed_vision,
         gpu_mem_gib=gpu_mem_gib,
         stages=stages,
-        stage_tflop=split_cost(layer_cost, head_cost, [len(st.decoder_layers) for st in stages], recompute),
+        stage_tflop=split_cost(layer_cost, head_cost, layer_counts, recompute),
         balanced_stage_layers=balanced,
         balanced_stage_tflop=split_cost(layer_cost, head_cost, balanced, recompute),
+        least_recompute=least,
+        least_recompute_gib=round(max(t(least or 0) for t in totals), 2),
+        least_recompute_tflop=split_cost(layer_cost, head_cost, layer_counts, least or 0),
         assumptions={
             "overhead_gib": OVERHEAD_GIB,
             "images_per_sample": IMAGES_PER_SAMPLE,

@@ -330,3 +330,19 @@ def test_matrices_are_cut_into_equal_groups_of_at_least_one():
     assert [(len(g["params"]), g["weight_decay"]) for g in only_norms] == [(9, 0.0)]
     assert matrix_group_count([3, 2, 4], layers_trained=True) == 2
     assert matrix_group_count([3, 2, 4], layers_trained=False) == 1
+
+
+def test_plan_suggests_the_least_recompute_that_fits():
+    """`least_recompute` is the fewest decoder layers per stage that must recompute for the plan to
+    fit 90% of the card: the plan of that setting fits, one layer fewer does not, and it costs less
+    compute than recomputing every layer."""
+    recipe = RECIPES["tp4_pp2"]
+    full = make_plan(load_config(recipe))
+    least = full.least_recompute
+    assert least is not None and 0 < least < 30, least
+    total = lambda n: max(s.memory_gib["total"] for s in make_plan(  # noqa: E731
+        load_config(recipe, [f"train.recompute_num_layers={n}"])).stages)
+    assert total(least) <= 0.9 * 80 < total(least - 1)
+    assert total(least) == pytest.approx(full.least_recompute_gib, abs=0.01)
+    assert all(a < b for a, b in zip(full.least_recompute_tflop, full.stage_tflop))
+    assert f"train.recompute_num_layers: {least}" in full.table()
