@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,5 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:  # one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        if _reports(err):
+            print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _reports(err: UserError) -> bool:
+    """One line per job rather than one per process: before the process group exists every process
+    of a node reads the same recipe, data and checkpoint, so the node's local rank 0 speaks for it;
+    after, an error all ranks raise together is printed by rank 0, any other by the ranks that hit it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return not err.on_every_rank or dist.get_rank() == 0
+    return os.environ.get("LOCAL_RANK", "0") == "0"

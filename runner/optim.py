@@ -108,11 +108,11 @@ def check_stage_groups(groups: list[dict], ps: ParallelState, device: str, *, sa
     fix = "lower parallel.pp, or unfreeze more (freeze.language_model, freeze.embeddings)"
     if 0 in counts:
         raise UserError(f"pipeline stage {counts.index(0)} trains nothing (the freeze settings freeze all it "
-                        f"holds): {fix}")
+                        f"holds): {fix}", on_every_rank=True)
     if same_count and len(set(counts)) > 1:
         raise UserError(f"DeepSpeed's ZeRO optimizer needs the same number of optimizer groups on every pipeline "
                         f"stage, but the freeze settings give the stages {counts} (a stage without a trainable "
-                        f"norm or bias has no no-decay group): {fix}")
+                        f"norm or bias has no no-decay group): {fix}", on_every_rank=True)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool, zero_optimizer: bool,
