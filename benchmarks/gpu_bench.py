@@ -257,6 +257,8 @@ def main() -> int:
             shutil.rmtree(run_dir, ignore_errors=True)  # a kept BENCH_WORK must not add an earlier call's metrics
             rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas, overrides,
                               profile_step)
+            train = yaml.safe_load(rec_path.read_text())["train"]  # an override may change the micro-batch count
+            gas = train["global_batch_size"] // (train["micro_batch_size"] * dp)
             plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
                                    "--json"], cwd=ROOT, capture_output=True, text=True)
             print(f"{workload} tp={tp} pp={pp} dp={dp}", flush=True)
@@ -266,8 +268,8 @@ def main() -> int:
                 with profiles.open("a") as f:
                     f.write(f"===== {run_dir.name}/{report.name}\n{report.read_text()}\n")
             entry = {"workload": workload, "tp": tp, "pp": pp, "dp": dp, "overrides": overrides, "rc": rc,
-                     "micro_batch": WORKLOADS[workload][0], "micro_batches_per_step": args.gas,
-                     "bubble_share": (pp - 1) / (args.gas + pp - 1)}
+                     "micro_batch": WORKLOADS[workload][0], "micro_batches_per_step": gas,
+                     "bubble_share": (pp - 1) / (gas + pp - 1)}
             if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak
                 planned = json.loads(plan.stdout)
                 entry["plan_gib"], entry["plan_total_gib"] = planned["max_gib_per_gpu"], planned["max_total_gib_per_gpu"]

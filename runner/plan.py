@@ -66,7 +66,6 @@ MASTER_BYTES = 4  # fp32 master weights
 # suggestions keep 10% of the card free: the plan's own error (-4% .. +1% on measured peaks) and the
 # allocator's fragmentation (8-11 GiB reserved but unused near the limit without expandable segments)
 SUGGESTION_HEADROOM = 0.9
-STEP_BYTES = 6  # ZeRO step: a group's gradients flattened (bf16) and converted to fp32, per parameter
 # Largest head dim PyTorch's fused SDPA (memory-efficient kernel: it takes the arbitrary masks the
 # stages pass) is assumed to run without materializing scores; `--fused-attn-max-head-dim 256`
 # models a fallback to the math kernel on the 31B's 512-dim full layers.
@@ -667,11 +666,12 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             memory.activations, [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
             vision=next((p.vision for p in parts if p.vision), None), pp=dims.pp)
         activations = stage_activations(recomputed_layers(cfg.train, len(layers)))
-        # DeepSpeed's ZeRO step (bf16 accumulation) flattens one optimizer group's gradient partition
-        # and converts it to fp32 (2 + 4 bytes per parameter) while the bf16 gradients still exist and
-        # the activations are gone; runner/optim.py cuts a stage's matrices into `groups` equal groups
+        # DeepSpeed's ZeRO step flattens one optimizer group's gradient partition and converts it to
+        # fp32 (bf16: 2 + 4 bytes per parameter; fp32: 4, no conversion) while the gradients still
+        # exist and the activations are gone; runner/optim.py cuts a stage's matrices into `groups`
         largest_group = trainable / groups
-        step = STEP_BYTES * largest_group / optim_shards if ds.zero_optimizer else 0
+        step_bytes = grad_bytes + (4 if grad_bytes != 4 else 0)
+        step = step_bytes * largest_group / optim_shards if ds.zero_optimizer else 0
         # its reduce after the last backward (activations gone): with contiguous_gradients a flat copy
         # of the partition's gradients (freed again by the step) beside the hooks' bucket and one more;
         # without, one bucket-sized flat chunk at a time
