@@ -30,8 +30,14 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4VisionModel,
 )
 
-from runner.config import (FreezeConfig, RunConfig, TrainConfig, load_deepspeed_json, micro_batches_per_step,
-                           runs_zero_optimizer)
+from runner.config import (
+    FreezeConfig,
+    RunConfig,
+    TrainConfig,
+    load_deepspeed_json,
+    micro_batches_per_step,
+    runs_zero_optimizer,
+)
 from runner.errors import UserError
 from runner.metrics import forward_flops_per_token
 from runner.models.gemma4.pipeline import (

@@ -23,6 +23,7 @@ from runner.checkpoint.engine import Gemma4CheckpointEngine, install  # noqa: E4
 from runner.checkpoint.export import export_after_training  # noqa: E402
 from runner.checkpoint.native import resume, save  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
+
 from synthetic import ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
 

@@ -17,6 +17,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm  # noqa: E4
 
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
+
 from synthetic import ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
 

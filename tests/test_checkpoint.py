@@ -16,13 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText
 
-from conftest import torchrun_worker
 from runner.checkpoint.hf_load import INDEX_NAME
 from runner.checkpoint.native import latest_complete, resume
 from runner.cli import main as cli
 from runner.errors import UserError
 from runner.models.gemma4.tiny import make_tiny
 from runner.parallel.topology import ParallelDims
+
+from conftest import torchrun_worker
 from synthetic import global_batch
 
 EMBED = "model.language_model.embed_tokens.weight"

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
-from conftest import assert_one_line
 from runner.checkpoint.engine import check_layer_state
 from runner.checkpoint.export import parse_size
 from runner.checkpoint.hf_load import INDEX_NAME, HFCheckpoint, resolve_model_dir
 from runner.errors import UserError
+
+from conftest import assert_one_line
 
 NAME = "model.language_model.layers.1.mlp.up_proj.weight"
 

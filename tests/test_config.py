@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, assert_one_line
 from runner.config import load_config
 from runner.errors import UserError
+
+from conftest import ROOT, assert_one_line
 
 
 def _recipe(tmp_path: Path, **sections) -> Path:

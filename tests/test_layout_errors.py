@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_one_line
 from runner.errors import UserError
 from runner.models.gemma4.pipeline import check_supported, validate_layout
 from runner.models.gemma4.tiny import tiny_config
 from runner.parallel.topology import ParallelDims
+
+from conftest import assert_one_line
 
 
 def _config(**text):

@@ -8,6 +8,7 @@ import torch
 from runner.models.gemma4 import stages
 from runner.models.gemma4.stages import MaskCache, build_masks
 from runner.models.gemma4.tiny import tiny_config
+
 from synthetic import global_batch
 
 

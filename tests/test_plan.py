@@ -13,14 +13,13 @@ from deepspeed.runtime.utils import partition_balanced
 from transformers import Gemma4ForConditionalGeneration
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer, Gemma4TextRotaryEmbedding
 
-from conftest import ROOT, assert_one_line
 from runner.cli import main
 from runner.config import load_config
 from runner.errors import UserError
-from runner.optim import matrix_group_count, param_groups
 from runner.models.gemma4.pipeline import attention_shapes
 from runner.models.gemma4.presets import gemma4_31b_config
 from runner.models.gemma4.tiny import tiny_config
+from runner.optim import matrix_group_count, param_groups
 from runner.plan import (
     GIB,
     OVERHEAD_GIB,
@@ -31,6 +30,8 @@ from runner.plan import (
     make_plan,
     split_cost,
 )
+
+from conftest import ROOT, assert_one_line
 
 RECIPES = {"tp4_pp2": ROOT / "recipes/gemma4_31b_tp4_pp2.yaml", "tp4_pp4_dp2": ROOT / "recipes/gemma4_31b_tp4_pp4_dp2.yaml",
            "tp2_pp2": ROOT / "recipes/gemma4_31b_tp2_pp2.yaml"}  # the last for 141 GB cards

@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, TESTS, assert_one_error_line, assert_one_line, free_port, run, subprocess_env, torchrun,
-                      torchrun_cmd)
+from conftest import (
+    ROOT,
+    TESTS,
+    assert_one_error_line,
+    assert_one_line,
+    free_port,
+    run,
+    subprocess_env,
+    torchrun,
+    torchrun_cmd,
+)
 
 DEMO = ROOT / "recipes" / "tiny_demo.yaml"
 TRAIN = ["-m", "runner", "train", str(DEMO)]

@@ -28,9 +28,9 @@ from transformers.models.gemma4.modeling_gemma4 import (
 from runner.errors import UserError
 from runner.parallel.tensor_parallel import (
     ColumnParallelLinear,
-    copy_to_group,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_group,
     mark_sharded,
 )
 from runner.parallel.topology import ParallelState
