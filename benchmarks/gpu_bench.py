@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from runner.config import apply_overrides
+from runner.metrics import peak_flops_per_device
 from runner.train import use_expandable_segments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +200,9 @@ def steady(records: list[dict], warmup: int, profile_step: int) -> dict:
     rest = timed or records[-1:]
     med = {k: statistics.median(r[k] for r in rest) for k in ("tokens_per_sec_per_gpu", "step_time", "data_time")}
     mfu = [r["mfu"] for r in rest if r.get("mfu") is not None]
+    peak = peak_flops_per_device()
     return {**med, "mfu": statistics.median(mfu) if mfu else None,
+            "model_tflops_per_gpu": statistics.median(mfu) * peak / 1e12 if mfu and peak else None,
             "mem_gib": max(r["mem_gib"] for r in records), "steps_timed": len(rest)}
 
 
@@ -299,6 +302,8 @@ def main() -> int:
         for entry in results["runs"]:
             if entry["workload"] == workload and entry.get("tokens_per_sec_per_gpu"):
                 entry["ratio_vs_zero3"] = entry["tokens_per_sec_per_gpu"] / base["tokens_per_sec_per_gpu"]
+                if entry.get("model_tflops_per_gpu"):  # the same model FLOPs per token as the runner counts
+                    base["model_tflops_per_gpu"] = entry["model_tflops_per_gpu"] / entry["ratio_vs_zero3"]
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)
     return 0
