@@ -176,3 +176,21 @@ def test_which_deepspeed_config_accumulates_gradients_in_fp32(tmp_path, config, 
     result = json.loads(out.read_text())
     assert result["finer_than_bf16"], result
     assert all(result["finer_than_bf16"]) if fp32_grads else not any(result["finer_than_bf16"]), result
+
+
+def test_expandable_segments_unless_the_user_chose_an_allocator_setting(monkeypatch):
+    """runner train asks PyTorch for expandable segments (the full 31B OOMed with 8-11 GiB fragmented
+    without them); an allocator setting of the user's own, under either variable name, wins."""
+    import os
+
+    from runner.train import use_expandable_segments
+
+    for env, want in [({}, "expandable_segments:True"),
+                      ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}, "max_split_size_mb:64"),
+                      ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, None)]:
+        for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        use_expandable_segments()
+        assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == want, env
