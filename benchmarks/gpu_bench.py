@@ -72,6 +72,8 @@ def _write_shards(rank: int, workers: int, config, out: Path, shard_size: str) -
 
     torch.manual_seed(0)
     device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)
     with torch.device(device):
         model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     state, seen = {}, set()
@@ -110,6 +112,13 @@ def build_checkpoint(out: Path, config, name: str, workers: int) -> Path:
     return ckpt
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """A killed call leaves no truncated file for the next call to reuse."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.rename(path)
+
+
 def build_data(out: Path, n: int, text_tokens: int, workloads: list[str]) -> dict[str, Path]:
     """Chat JSONL workloads (only those asked for; kept for the next call on the same machine);
     images are PNGs beside the file. The text answers are sized in tokens of the tokenizer the
@@ -128,7 +137,7 @@ def build_data(out: Path, n: int, text_tokens: int, workloads: list[str]) -> dic
             {"role": "user", "content": [{"type": "text", "text": f"Write report {i}."}]},
             {"role": "assistant", "content": [{"type": "text", "text": " ".join(rng.choice(WORDS) for _ in range(n_words))}]},
         ]}) for i in range(n)]
-        paths["text"].write_text("\n".join(lines) + "\n")
+        _write_atomically(paths["text"], "\n".join(lines) + "\n")
     if "medpix" in workloads and not paths["medpix"].exists():
         rng, lines = random.Random(1), []
         for i in range(n):
@@ -140,7 +149,7 @@ def build_data(out: Path, n: int, text_tokens: int, workloads: list[str]) -> dic
             lines.append(json.dumps({"messages": [
                 {"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": question}]},
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}))
-        paths["medpix"].write_text("\n".join(lines) + "\n")
+        _write_atomically(paths["medpix"], "\n".join(lines) + "\n")
     return paths
 
 
@@ -271,7 +280,7 @@ def main() -> int:
                 with profiles.open("a") as f:
                     f.write(f"===== {run_dir.name}/{report.name}\n{report.read_text()}\n")
             entry = {"workload": workload, "tp": tp, "pp": pp, "dp": dp, "overrides": overrides, "rc": rc,
-                     "micro_batch": WORKLOADS[workload][0], "micro_batches_per_step": gas,
+                     "micro_batch": train["micro_batch_size"], "micro_batches_per_step": gas,
                      "bubble_share": (pp - 1) / (gas + pp - 1)}
             if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak
                 planned = json.loads(plan.stdout)
@@ -302,7 +311,8 @@ def main() -> int:
         for entry in results["runs"]:
             if entry["workload"] == workload and entry.get("tokens_per_sec_per_gpu"):
                 entry["ratio_vs_zero3"] = entry["tokens_per_sec_per_gpu"] / base["tokens_per_sec_per_gpu"]
-                if entry.get("model_tflops_per_gpu"):  # the same model FLOPs per token as the runner counts
+                if entry.get("model_tflops_per_gpu") and "model_tflops_per_gpu" not in base:  # the first run's
+                    # model FLOPs per token (they depend on the padded length, so one run decides)
                     base["model_tflops_per_gpu"] = entry["model_tflops_per_gpu"] / entry["ratio_vs_zero3"]
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)

@@ -10,9 +10,10 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from runner.errors import UserError
+from runner.errors import UserError, from_the_recipe
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -34,7 +35,8 @@ def _make_data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from runner.config import load_config
 
-    cfg = load_config(args.recipe, args.set)  # recipe errors before any process group exists
+    with from_the_recipe():
+        cfg = load_config(args.recipe, args.set)  # recipe errors before any process group exists
     from runner.train import train
 
     return train(cfg, ds_config_path=args.ds_config)
@@ -122,15 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # one clear line, no traceback
         if _reports(err):
             print(f"error: {err}", file=sys.stderr)
+        else:  # give the printing process time before the launcher stops the job on this exit
+            time.sleep(2)
         return 2
 
 
 def _reports(err: UserError) -> bool:
-    """One line per job rather than one per process: before the process group exists every process
-    of a node reads the same recipe, data and checkpoint, so the node's local rank 0 speaks for it;
-    after, an error all ranks raise together is printed by rank 0, any other by the ranks that hit it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return not err.on_every_rank or dist.get_rank() == 0
+    """One line per job for an error every process raises (`on_every_rank`): rank 0 prints it once
+    the process group exists, before that each node's local rank 0; any other error is printed by
+    every process that hits it (data or files may fail on one process only)."""
+    if not err.on_every_rank:
+        return True
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group either
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
     return os.environ.get("LOCAL_RANK", "0") == "0"

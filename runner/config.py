@@ -294,7 +294,11 @@ def runs_zero_optimizer(ds: dict[str, Any], bf16: bool) -> bool:
     gradient norm over the pipeline stages, and only it has ZeRO's gradient buckets."""
     zero_cfg = ds.get("zero_optimization", {})
     zero = int(zero_cfg.get("stage", 0))
-    fp32_accum = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower().removeprefix("torch.") in (
-        "fp32", "float32", "float")
     cpu_offload = (zero_cfg.get("offload_optimizer") or {}).get("device") == "cpu"
-    return zero >= 1 and not (bf16 and fp32_accum and zero == 1 and not cpu_offload)
+    return zero >= 1 and not (bf16 and fp32_grad_accum(ds) and zero == 1 and not cpu_offload)
+
+
+def fp32_grad_accum(ds: dict[str, Any]) -> bool:
+    """data_types.grad_accum_dtype is fp32 (any spelling DeepSpeed takes)."""
+    dtype = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower().removeprefix("torch.")
+    return dtype in ("fp32", "float32", "float")

@@ -34,6 +34,7 @@ from runner.config import (
     FreezeConfig,
     RunConfig,
     TrainConfig,
+    fp32_grad_accum,
     load_deepspeed_json,
     micro_batches_per_step,
     runs_zero_optimizer,
@@ -116,7 +117,7 @@ class DeepSpeedSettings:
     contiguous_gradients: bool  # ZeRO copies the partition's gradients into one flat buffer (DeepSpeed's default)
     zero_optimizer: bool  # DeepSpeed steps with its ZeRO optimizer (config.runs_zero_optimizer)
     grad_hooks: bool  # that optimizer reduces through per-parameter hooks and a bucket during backward
-    overlap_comm: bool  # two such buckets, so one reduces while the other fills
+    two_buckets: bool  # overlap_comm with contiguous_gradients: one bucket reduces while the other fills
 
 
 def deepspeed_settings(ds_config: str | None, bf16: bool) -> DeepSpeedSettings:
@@ -132,13 +133,13 @@ def deepspeed_settings(ds_config: str | None, bf16: bool) -> DeepSpeedSettings:
     return DeepSpeedSettings(
         zero_stage=int(zero.get("stage", 0)),
         bucket=int(float(zero.get("reduce_bucket_size", 5e8))),
-        fp32_grad_accum=str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in fp32,
+        fp32_grad_accum=fp32_grad_accum(ds),
         immediate_grad_update=bool(ds.get("bf16", ds.get("bfloat16", {})).get("immediate_grad_update", False)),
         fp32_communication=str(ds.get("communication_data_type", "")).lower() in fp32,
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
         zero_optimizer=runs_zero_optimizer(ds, bf16),
         grad_hooks=bool(zero.get("contiguous_gradients", True) or zero.get("overlap_comm", False)),
-        overlap_comm=bool(zero.get("overlap_comm", False)),
+        two_buckets=bool(zero.get("overlap_comm", False) and zero.get("contiguous_gradients", True)),
     )
 
 
@@ -307,8 +308,8 @@ class Plan:
     # the fewest decoder layers per stage that must recompute for every stage to fit 90% of gpu_mem_gib (None:
     # not even with all), with the largest total and the per-stage compute it gives
     least_recompute: int | None
-    least_recompute_gib: float
-    least_recompute_tflop: list[float]
+    least_recompute_gib: float | None
+    least_recompute_tflop: list[float] | None
 
     @property
     def checkpointing_label(self) -> str:
@@ -690,7 +691,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "grads": trainable * grad_bytes / GIB,
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
             # beside the activations: the ZeRO hooks' bucket, or the BF16 optimizer's bf16 copy of the gradients
-            "zero_bucket": (trainable if comm_copy else bucket * ds.grad_hooks * (1 + ds.overlap_comm)) * dtype_bytes / GIB,
+            "zero_bucket": (trainable if comm_copy else bucket * ds.grad_hooks * (1 + ds.two_buckets)) * dtype_bytes / GIB,
             "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
             "reduce": reduce / GIB,
             "step": step / GIB,
@@ -748,8 +749,8 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         balanced_stage_layers=balanced,
         balanced_stage_tflop=split_cost(layer_cost, head_cost, balanced, recompute),
         least_recompute=least,
-        least_recompute_gib=round(max(t(least or 0) for t in totals), 2),
-        least_recompute_tflop=split_cost(layer_cost, head_cost, layer_counts, least or 0),
+        least_recompute_gib=None if least is None else round(max(t(least) for t in totals), 2),
+        least_recompute_tflop=None if least is None else split_cost(layer_cost, head_cost, layer_counts, least),
         assumptions={
             "overhead_gib": OVERHEAD_GIB,
             "images_per_sample": IMAGES_PER_SAMPLE,

@@ -29,7 +29,7 @@ from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource, load_source
-from runner.errors import UserError
+from runner.errors import UserError, from_the_recipe
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -172,12 +172,13 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     model_dir = resolve_model_dir(cfg.model.path)
     config = AutoConfig.from_pretrained(model_dir)
     config.text_config._attn_implementation = cfg.model.attn_implementation
-    if cfg.model.attn_implementation == "flex_attention" and get_accelerator().device_name() == "cpu":
-        raise UserError("model.attn_implementation: flex_attention needs CUDA GPUs (PyTorch has no CPU "
-                        "FlexAttention backward); use sdpa on CPU")
-    check_supported(config)
-    validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
-    stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # refuses a bad split
+    with from_the_recipe():
+        if cfg.model.attn_implementation == "flex_attention" and get_accelerator().device_name() == "cpu":
+            raise UserError("model.attn_implementation: flex_attention needs CUDA GPUs (PyTorch has no CPU "
+                            "FlexAttention backward); use sdpa on CPU")
+        check_supported(config)
+        validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
+        stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # a bad split
     train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data
     eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
     init_distributed()

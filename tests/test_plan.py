@@ -260,6 +260,9 @@ def test_fp32_gradient_accumulation_counts_fp32_grads(tmp_path, immediate, grad_
         assert b.memory_gib["grads"] == pytest.approx(a.memory_gib["grads"] * grad_bytes / 2, abs=2e-3)  # GiB to 3 places
         assert b.memory_gib["zero_bucket"] == b.memory_gib["reduce"] == 0 < a.memory_gib["reduce"]
     assert fp32_accum.assumptions["grad_bytes_per_trainable_param"] == grad_bytes
+    (tmp_path / "torch.json").write_text(json.dumps({**fp32, "data_types": {"grad_accum_dtype": "torch.float32"}}))
+    spelled = make_plan(cfg, ds_config=str(tmp_path / "torch.json"))  # DeepSpeed takes this spelling too
+    assert [s.memory_gib for s in spelled.stages] == [s.memory_gib for s in fp32_accum.stages]
     shipped = make_plan(cfg, ds_config=str(ROOT / "ds_configs/gpu_bf16_zero1_fp32_grads.json"))
     assert shipped.assumptions["grad_bytes_per_trainable_param"] == 4 and not shipped.warnings
     # reduced in bf16 (DeepSpeed's default), all gradients pass through one bf16 copy
