@@ -160,7 +160,8 @@ WORKLOADS = {  # micro-batch, max_length
 
 
 def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, dp: int, steps: int, gas: int,
-           overrides: dict[str, str], profile_step: int) -> Path:
+           overrides: dict[str, str], profile_step: int) -> tuple[Path, dict]:
+    """The run's recipe file, and its `train` section after the overrides."""
     micro, max_length = WORKLOADS[workload]
     cfg = {
         "model": {"path": str(ckpt), "dtype": "bfloat16", "attn_implementation": "sdpa"},
@@ -177,7 +178,7 @@ def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, d
     apply_overrides(cfg, [f"{key}={value}" for key, value in overrides.items()])
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
-    return path
+    return path, cfg["train"]
 
 
 def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
@@ -267,9 +268,8 @@ def main() -> int:
             dp = gpus // (tp * pp)
             run_dir = work / f"run_{workload}_{index}_tp{tp}pp{pp}dp{dp}"
             shutil.rmtree(run_dir, ignore_errors=True)  # a kept BENCH_WORK must not add an earlier call's metrics
-            rec_path = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas, overrides,
-                              profile_step)
-            train = yaml.safe_load(rec_path.read_text())["train"]  # an override may change the micro-batch count
+            rec_path, train = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas,
+                                     overrides, profile_step)
             gas = train["global_batch_size"] // (train["micro_batch_size"] * dp)
             plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
                                    "--json"], cwd=ROOT, capture_output=True, text=True)

@@ -299,6 +299,10 @@ def runs_zero_optimizer(ds: dict[str, Any], bf16: bool) -> bool:
 
 
 def fp32_grad_accum(ds: dict[str, Any]) -> bool:
-    """data_types.grad_accum_dtype is fp32 (any spelling DeepSpeed takes)."""
-    dtype = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower().removeprefix("torch.")
-    return dtype in ("fp32", "float32", "float")
+    """data_types.grad_accum_dtype is fp32."""
+    return is_fp32_name(ds.get("data_types", {}).get("grad_accum_dtype", ""))
+
+
+def is_fp32_name(name: object) -> bool:
+    """A DeepSpeed config's dtype value names fp32 (any spelling DeepSpeed takes)."""
+    return str(name).lower().removeprefix("torch.") in ("fp32", "float32", "float")

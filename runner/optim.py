@@ -96,6 +96,9 @@ def matrix_group_count(stage_layers: Sequence[int], layers_trained: bool) -> int
     return min(stage_layers) if layers_trained else 1
 
 
+FREEZE_FIX = "lower parallel.pp, or unfreeze more (freeze.language_model, freeze.embeddings)"
+
+
 def check_stage_groups(groups: list[dict], ps: ParallelState, device: str, *, same_count: bool) -> None:
     """Every stage must train something, and under DeepSpeed's ZeRO optimizer (`same_count`) every
     stage needs the same number of groups: it all-reduces each group's gradient norm over the
@@ -105,14 +108,13 @@ def check_stage_groups(groups: list[dict], ps: ParallelState, device: str, *, sa
     counts[ps.pp_rank] = len(groups)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # a stage's ranks hold the same parameters
     counts = [int(n) for n in counts.tolist()]
-    fix = "lower parallel.pp, or unfreeze more (freeze.language_model, freeze.embeddings)"
     if 0 in counts:
         raise UserError(f"pipeline stage {counts.index(0)} trains nothing (the freeze settings freeze all it "
-                        f"holds): {fix}", on_every_rank=True)
+                        f"holds): {FREEZE_FIX}", on_every_rank=True)
     if same_count and len(set(counts)) > 1:
         raise UserError(f"DeepSpeed's ZeRO optimizer needs the same number of optimizer groups on every pipeline "
                         f"stage, but the freeze settings give the stages {counts} (a stage without a trainable "
-                        f"norm or bias has no no-decay group): {fix}", on_every_rank=True)
+                        f"norm or bias has no no-decay group): {FREEZE_FIX}", on_every_rank=True)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ps: ParallelState, *, fp32_path: bool, zero_optimizer: bool,

@@ -33,8 +33,8 @@ from transformers.models.gemma4.modeling_gemma4 import (
 from runner.config import (
     FreezeConfig,
     RunConfig,
-    TrainConfig,
     fp32_grad_accum,
+    is_fp32_name,
     load_deepspeed_json,
     micro_batches_per_step,
     runs_zero_optimizer,
@@ -58,7 +58,7 @@ from runner.models.gemma4.stages import (
     Gemma4TokenEmbedding,
     Gemma4VisionStage,
 )
-from runner.optim import matrix_group_count
+from runner.optim import FREEZE_FIX, matrix_group_count
 from runner.parallel.topology import ParallelDims
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,17 +129,17 @@ def deepspeed_settings(ds_config: str | None, bf16: bool) -> DeepSpeedSettings:
         path = ROOT / path
     ds = load_deepspeed_json(path)
     zero = ds.get("zero_optimization", {})
-    fp32 = ("fp32", "float32", "float")
+    contiguous, overlap = bool(zero.get("contiguous_gradients", True)), bool(zero.get("overlap_comm", False))
     return DeepSpeedSettings(
         zero_stage=int(zero.get("stage", 0)),
         bucket=int(float(zero.get("reduce_bucket_size", 5e8))),
         fp32_grad_accum=fp32_grad_accum(ds),
         immediate_grad_update=bool(ds.get("bf16", ds.get("bfloat16", {})).get("immediate_grad_update", False)),
-        fp32_communication=str(ds.get("communication_data_type", "")).lower() in fp32,
-        contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+        fp32_communication=is_fp32_name(ds.get("communication_data_type", "")),
+        contiguous_gradients=contiguous,
         zero_optimizer=runs_zero_optimizer(ds, bf16),
-        grad_hooks=bool(zero.get("contiguous_gradients", True) or zero.get("overlap_comm", False)),
-        two_buckets=bool(zero.get("overlap_comm", False) and zero.get("contiguous_gradients", True)),
+        grad_hooks=contiguous or overlap,
+        two_buckets=contiguous and overlap,
     )
 
 
@@ -333,7 +333,7 @@ class Plan:
             if s.memory_gib["total"] > self.gpu_mem_gib
         ] + [
             f"WARNING: stage {s.stage} trains nothing (the freeze settings freeze all it holds), which runner train "
-            f"refuses; lower parallel.pp, or unfreeze more (freeze.language_model, freeze.embeddings)"
+            f"refuses; {FREEZE_FIX}"
             for s in self.stages
             if s.trainable_params == 0
         ]
@@ -372,9 +372,8 @@ class Plan:
                 f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['reduce']:>6.2f} "
                 f"{m['step']:>6.2f} {m['overhead']:>6.2f} {m['total']:>6.2f}"
             )
-        most = max(len(s.decoder_layers) for s in self.stages)
-        current = 0 if not self.activation_checkpointing else min(most, most if self.recompute_num_layers is None
-                                                                    else self.recompute_num_layers)
+        current = recomputed_layers(self.activation_checkpointing, self.recompute_num_layers,
+                                    max(len(s.decoder_layers) for s in self.stages))
         if self.least_recompute is not None and self.least_recompute < current:
             setting = ("train.activation_checkpointing: false" if self.least_recompute == 0
                        else f"train.recompute_num_layers: {self.least_recompute}")
@@ -528,11 +527,11 @@ class MemoryModel:
         }
 
 
-def recomputed_layers(train: TrainConfig, layers: int) -> int:
+def recomputed_layers(checkpointing: bool, recompute_num_layers: int | None, layers: int) -> int:
     """How many of a stage's `layers` decoder layers activation checkpointing recomputes (its first ones)."""
-    if not train.activation_checkpointing:
+    if not checkpointing:
         return 0
-    return layers if train.recompute_num_layers is None else min(train.recompute_num_layers, layers)
+    return layers if recompute_num_layers is None else min(recompute_num_layers, layers)
 
 
 def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_head_dim: int) -> MemoryModel:
@@ -590,6 +589,11 @@ def stage_specs(config: Gemma4Config, pp: int, stage_layers: Sequence[int] = ())
     specs = gemma4_layer_specs(config, None)
     parts = stage_boundaries(specs, pp, stage_layers)
     return [specs[parts[s]:parts[s + 1]] for s in range(pp)]
+
+
+def _activations_gib(parts: dict[str, int]) -> float:
+    """A stage's activation memory from `MemoryModel.activations`' parts."""
+    return (parts["stored"] + parts["working_set"] + parts["p2p_buffers"]) / GIB
 
 
 def _range_cost(layer_fwd: Sequence[float], recompute: int) -> Callable[[int, int], float]:
@@ -672,7 +676,8 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         stage_activations = functools.partial(
             memory.activations, [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
             vision=next((p.vision for p in parts if p.vision), None), pp=dims.pp)
-        activations = stage_activations(recomputed_layers(cfg.train, len(layers)))
+        recomputed = recomputed_layers(cfg.train.activation_checkpointing, cfg.train.recompute_num_layers, len(layers))
+        activations = stage_activations(recomputed)
         # DeepSpeed's ZeRO step flattens one optimizer group's gradient partition and converts it to
         # fp32 (bf16: 2 + 4 bytes per parameter; fp32: 4, no conversion) while the gradients still
         # exist and the activations are gone; runner/optim.py cuts a stage's matrices into `groups`
@@ -692,20 +697,19 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "optimizer": trainable * optim_bytes / optim_shards / GIB,
             # beside the activations: the ZeRO hooks' bucket, or the BF16 optimizer's bf16 copy of the gradients
             "zero_bucket": (trainable if comm_copy else bucket * ds.grad_hooks * (1 + ds.two_buckets)) * dtype_bytes / GIB,
-            "activations": (activations["stored"] + activations["working_set"] + activations["p2p_buffers"]) / GIB,
+            "activations": _activations_gib(activations),
             "reduce": reduce / GIB,
             "step": step / GIB,
         }
 
         def total(recomputed: int, gib: dict[str, float] = gib, stage_activations=stage_activations) -> float:
-            a = stage_activations(recomputed)
-            activ = (a["stored"] + a["working_set"] + a["p2p_buffers"]) / GIB
+            activ = _activations_gib(stage_activations(recomputed))
             return (gib["weights"] + gib["grads"] + gib["optimizer"] + OVERHEAD_GIB
                     + max(gib["zero_bucket"] + activ, gib["reduce"], gib["step"]))
 
         totals.append(total)
         gib["overhead"] = OVERHEAD_GIB
-        gib["total"] = total(recomputed_layers(cfg.train, len(layers)))
+        gib["total"] = total(recomputed)
         gib["allocated"] = gib["total"] - OVERHEAD_GIB
         stages.append(StagePlan(
             stage=stage,
@@ -722,7 +726,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
     layer_fwd, head_fwd = forward_flops_per_token(tc, cfg.data.max_length)
     layer_cost = [f * tokens / dims.tp / 1e12 for f in layer_fwd]  # forward; split_cost adds backward, recompute
-    recompute = recomputed_layers(cfg.train, len(layer_fwd))
+    recompute = recomputed_layers(cfg.train.activation_checkpointing, cfg.train.recompute_num_layers, len(layer_fwd))
     head_passes = 3 if not cfg.freeze.embeddings else 2  # the tied weight's gradient only when trained
     head_cost = head_fwd * head_passes * tokens / dims.tp / 1e12
     balanced = balanced_stage_layers(layer_cost, head_cost, dims.pp, recompute)
