@@ -300,12 +300,13 @@ def main() -> int:
             micro, max_length = WORKLOADS[workload]
             print(f"{workload} ZeRO-3 baseline dp={gpus}", flush=True)
             base_out = work / f"zero3_{workload}.json"
+            base_out.unlink(missing_ok=True)  # a kept BENCH_WORK must not give an earlier call's figures
             rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
                                  "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
-            if rc == 0:
-                results["baseline"][workload] = json.loads(base_out.read_text())
+            if base_out.exists():  # also a run stopped at --timeout after its timed steps
+                results["baseline"][workload] = {**json.loads(base_out.read_text()), "rc": rc}
         (out / "results.json").write_text(json.dumps(results, indent=1))
     for workload, base in results["baseline"].items():
         for entry in results["runs"]:

@@ -92,21 +92,23 @@ def main() -> None:
         dist.all_reduce(count)
         times.append(time.time() - t0)
         tokens.append(int(count))
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank == 0:
             print(f"zero3 step {len(times)}: {times[-1]:.2f}s {tokens[-1] / times[-1] / world:.0f} tok/s/gpu "
                   f"loss {float(loss):.3f}", flush=True)
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    rest = list(zip(times, tokens))[args.warmup:]
-    if rank == 0:
-        result = {
-            "tokens_per_sec_per_gpu": statistics.median(t / s / world for s, t in rest),
-            "step_time": statistics.median(s for s, _ in rest),
-            "mem_gib": float(peak),
-            "dp": world, "micro_batch": args.micro, "micro_batches_per_step": args.gas,
-        }
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        rest = list(zip(times, tokens))[args.warmup:]
+        if rank == 0 and rest:  # rewritten every step: a run the bench stops at its time limit keeps its figures
+            result = {
+                "tokens_per_sec_per_gpu": statistics.median(t / s / world for s, t in rest),
+                "step_time": statistics.median(s for s, _ in rest),
+                "mem_gib": float(peak), "steps_timed": len(rest),
+                "dp": world, "micro_batch": args.micro, "micro_batches_per_step": args.gas,
+            }
+            tmp = f"{args.out}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""Attention kernels for the 31B's two layer types, one GPU, one TP rank's heads: time and error.
+
+Why: the full-depth profile (TP2×PP2, FlexAttention) puts FlexAttention's backward at 16% of a stage's GPU
+time, 4.3× its forward. PyTorch's default backward tiles for head_dim > 256 are 16×16 with one
+pipeline stage; this script times those against larger tiles, transformers' eager attention and
+SDPA on the full layers (head_dim 512, 2 KV heads per rank at TP2, causal) and the sliding layers
+(head_dim 256, 8 KV heads per rank, window 1024), each checked against an fp32 reference.
+
+    python -m benchmarks.attention_bench --out results.json [--tp 2] [--seq 4224] [--budget-s 300]
+
+Writes one JSON record per variant as it goes (a killed run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
+
+from runner.models.gemma4.presets import gemma4_31b_config
+
+# kernel_options per FlexAttention variant; "fwd" 32x32 tiles are what the runner passes for head_dim 512
+FULL_FLEX = {
+    "flex default bwd (16x16x16x16, 1 stage, 4 warps)": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32},
+    "flex bwd 32x32x32x32, 1 stage, 4 warps": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 32,
+                                               "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
+                                               "bwd_num_stages": 1, "bwd_num_warps": 4},
+    "flex bwd 32x64x64x32, 1 stage, 8 warps": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 32,
+                                               "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                                               "bwd_num_stages": 1, "bwd_num_warps": 8},
+    "flex bwd 64x64x64x64, 1 stage, 8 warps": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 64,
+                                               "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                                               "bwd_num_stages": 1, "bwd_num_warps": 8},
+    "flex unprefixed BLOCK_M1..N2 32, 1 stage, 4 warps": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32,
+                                                         "BLOCK_M2": 32, "BLOCK_N2": 32, "num_stages": 1,
+                                                         "num_warps": 4},
+}
+
+
+def shapes(tp: int) -> dict[str, dict]:
+    """One TP rank's attention shapes for each layer type of the 31B, read off the attention modules
+    transformers builds (on meta) for its first layer of each type, as the pipeline stages do."""
+    tc = gemma4_31b_config(6).text_config
+    out = {}
+    for layer in ("full_attention", "sliding_attention"):
+        with torch.device("meta"):
+            attn = Gemma4TextAttention(tc, tc.layer_types.index(layer))
+        heads, kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+        out[layer] = {"heads": heads // tp, "kv_heads": max(kv // tp, 1), "head_dim": attn.head_dim,
+                      "window": tc.sliding_window if layer == "sliding_attention" else None}
+    return out
+
+
+def bool_mask(seq: int, window: int | None, device) -> torch.Tensor:
+    """True where a query may attend: causal, and within `window` keys on sliding layers."""
+    q = torch.arange(seq, device=device)[:, None]
+    k = torch.arange(seq, device=device)[None, :]
+    allowed = k <= q
+    return allowed & (q - k < window) if window else allowed
+
+
+def eager(q, k, v, mask, groups: int) -> torch.Tensor:
+    """transformers' eager attention (Gemma4: scaling 1.0, softmax in fp32)."""
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.matmul(q, k.transpose(2, 3)).masked_fill(~mask, torch.finfo(q.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def variants(layer: str, shape: dict, seq: int, device) -> dict:
+    mask = bool_mask(seq, shape["window"], device)
+    groups = shape["heads"] // shape["kv_heads"]
+    window = shape["window"]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        return allowed & (q_idx - kv_idx < window) if window else allowed
+
+    block = create_block_mask(mask_mod, 1, 1, seq, seq, device=device)
+    compiled = torch.compile(flex_attention)
+    flex_options = FULL_FLEX if layer == "full_attention" else {"flex default": {}}
+    out: dict = {name: (lambda q, k, v, o=opts: compiled(q, k, v, block_mask=block, scale=1.0, enable_gqa=True,
+                                                          kernel_options=o or None))
+                 for name, opts in flex_options.items()}
+    out["eager (transformers)"] = lambda q, k, v: eager(q, k, v, mask, groups)
+    out["sdpa, bool mask (transformers: KV repeated)"] = lambda q, k, v: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask, scale=1.0)
+    return out
+
+
+def timed(fn, q, k, v, grad, iters: int) -> tuple[float, float]:
+    """Median forward and forward+backward milliseconds."""
+    fwd, both = [], []
+    for _ in range(iters):
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        o = fn(q, k, v)
+        mid.record()
+        o.backward(grad)
+        end.record()
+        torch.cuda.synchronize()
+        fwd.append(start.elapsed_time(mid))
+        both.append(start.elapsed_time(end))
+        q.grad = k.grad = v.grad = None
+    return sorted(fwd)[len(fwd) // 2], sorted(both)[len(both) // 2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=4224)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=300, help="skip the variants left after this long")
+    args = ap.parse_args()
+    torch._dynamo.config.cache_size_limit = 64  # one compile per kernel_options variant
+    device = torch.device("cuda")
+    t0 = time.time()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tp": args.tp, "seq": args.seq,
+               "runs": []}
+    for layer, shape in shapes(args.tp).items():
+        gen = torch.Generator(device=device).manual_seed(0)
+        h, kv, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
+        q0, k0, v0 = (torch.randn(1, n, args.seq, d, device=device, generator=gen) / d**0.25 for n in (h, kv, kv))
+        grad = torch.randn(1, h, args.seq, d, device=device, generator=gen, dtype=torch.bfloat16)
+        leaves = [x.clone().requires_grad_() for x in (q0, k0, v0)]  # fp32 reference
+        ref = eager(*leaves, bool_mask(args.seq, shape["window"], device), h // kv)
+        ref.backward(grad.float())
+        refs = [ref.detach()] + [x.grad for x in leaves]
+        del leaves, ref
+        pairs = int(bool_mask(args.seq, shape["window"], device).sum())
+        flops_fwd = 4 * pairs * d * h  # QK^T and PV over the allowed pairs
+        for name, fn in variants(layer, shape, args.seq, device).items():
+            record = {"layer": layer, **shape, "variant": name}
+            if time.time() - t0 > args.budget_s:
+                record["skipped"] = "time budget"
+            else:
+                q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in (q0, k0, v0))
+                try:
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    c0 = time.time()
+                    o = fn(q, k, v)
+                    o.backward(grad)
+                    record["first_call_s"] = round(time.time() - c0, 1)  # compile, for flex
+                    errs = [(a.float() - b).abs().max().item() / b.abs().max().item()
+                            for a, b in zip((o, q.grad, k.grad, v.grad), refs)]
+                    record["max_rel_err_out_dq_dk_dv"] = [float(f"{e:.2e}") for e in errs]
+                    q.grad = k.grad = v.grad = None
+                    del o
+                    fwd_ms, both_ms = timed(fn, q, k, v, grad, args.iters)
+                    record.update(fwd_ms=round(fwd_ms, 3), bwd_ms=round(both_ms - fwd_ms, 3),
+                                  fwd_tflops=round(flops_fwd / fwd_ms / 1e9, 1),
+                                  bwd_tflops=round(2.5 * flops_fwd / (both_ms - fwd_ms) / 1e9, 1),
+                                  peak_extra_gib=round((torch.cuda.max_memory_allocated() - base) / 2**30, 2))
+                except Exception as e:  # a variant the kernel refuses (shared memory, tile rules) is a result too
+                    record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(json.dumps(record), flush=True)
+            results["runs"].append(record)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
