@@ -4,7 +4,8 @@ Why: the full-depth profile (TP2×PP2, FlexAttention) puts FlexAttention's backw
 time, 4.3× its forward. PyTorch's default backward tiles for head_dim > 256 are 16×16 with one
 pipeline stage; this script times those against larger tiles, transformers' eager attention and
 SDPA on the full layers (head_dim 512, 2 KV heads per rank at TP2, causal) and the sliding layers
-(head_dim 256, 8 KV heads per rank, window 1024), each checked against an fp32 reference.
+(head_dim 256, 8 KV heads per rank, window 1024), each checked against an fp32 reference; and the
+runner's `model.wide_head_backward: gemm` (FlexAttention forward, a backward of batched GEMMs).
 
     python -m benchmarks.attention_bench --out results.json [--tp 2] [--seq 4224] [--budget-s 300]
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
+from runner.models.gemma4.attention import FlexForwardGemmBackward
 from runner.models.gemma4.presets import gemma4_31b_config
 
 # kernel_options per FlexAttention variant; "fwd" 32x32 tiles are what the runner passes for head_dim 512
@@ -88,6 +90,10 @@ def variants(layer: str, shape: dict, seq: int, device) -> dict:
     out: dict = {name: (lambda q, k, v, o=opts: compiled(q, k, v, block_mask=block, scale=1.0, enable_gqa=True,
                                                           kernel_options=o or None))
                  for name, opts in flex_options.items()}
+    if layer == "full_attention":  # the runner's model.wide_head_backward: gemm, timed right after flex's default
+        gemm = {"flex forward + GEMM backward (wide_head_backward: gemm)": lambda q, k, v: FlexForwardGemmBackward.apply(
+            q, k, v, block, 1.0, {"BLOCK_M": 32, "BLOCK_N": 32})}
+        out = dict([next(iter(out.items())), *gemm.items(), *list(out.items())[1:]])
     out["eager (transformers)"] = lambda q, k, v: eager(q, k, v, mask, groups)
     out["sdpa, bool mask (transformers: KV repeated)"] = lambda q, k, v: F.scaled_dot_product_attention(
         q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask, scale=1.0)

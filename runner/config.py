@@ -28,6 +28,9 @@ class ModelConfig:
     # CUDA only, compiled on first use
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     fused_rms_norm: bool = True  # PyTorch's fused RMSNorm kernel; false: transformers' op-by-op RMSNorm
+    # under flex_attention, the backward of heads wider than 256 (the 31B's full layers): FlexAttention's own
+    # kernel, or batched GEMMs from its log-sum-exp (runner/models/gemma4/attention.py)
+    wide_head_backward: Literal["flex", "gemm"] = "flex"
 
 
 @dataclass
@@ -244,6 +247,8 @@ def validate(cfg: RunConfig, source: str) -> None:
          "train.recompute_num_layers must be >= 0, or null to recompute every decoder layer"),
         (cfg.train.recompute_num_layers is None or cfg.train.activation_checkpointing,
          "train.recompute_num_layers needs train.activation_checkpointing: true"),
+        (cfg.model.wide_head_backward == "flex" or cfg.model.attn_implementation == "flex_attention",
+         "model.wide_head_backward: gemm needs model.attn_implementation: flex_attention"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas must be two numbers in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),

@@ -41,6 +41,7 @@ from runner.config import (
 )
 from runner.errors import UserError
 from runner.metrics import forward_flops_per_token
+from runner.models.gemma4.attention import WIDE_HEAD_DIM
 from runner.models.gemma4.pipeline import (
     attention_shapes,
     check_supported,
@@ -448,6 +449,13 @@ def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: 
     return batch * seq * (common + 4 * seen_kv + 4 * s.q_heads) + 2 * batch * seq * seq
 
 
+def gemm_backward_bytes(s: LayerShape, batch: int, seq: int) -> int:
+    """Scratch of `model.wide_head_backward: gemm` while one layer's attention runs backward: per KV
+    head, its G = q/kv query heads' scores as fp32 probabilities and fp32 dP (4 + 4), their bf16 copies
+    for the GEMMs (2 + 2) and the mask expanded to the group (1): 13 bytes x G x seq^2 per sequence."""
+    return 13 * batch * (s.q_heads // s.kv_heads) * seq * seq
+
+
 def layer_grad_bytes(s: LayerShape, tokens: int) -> int:
     """Gradient temporaries while one layer runs backward (bf16): the hidden gradient in and out,
     the MLP's two intermediate gradients, and the q/k/v gradients (at query width)."""
@@ -467,7 +475,9 @@ class MemoryModel:
                      on the first stage] + A [stage output, not on the last stage]
                      + trainable vision tower's saved tensors)
         + max(one checkpointed layer's saved tensors (if R > 0) + a layer's gradient temporaries
-              [recompute during backward], head peak, frozen vision tower working set)
+              [recompute during backward] + the GEMM backward's scratch on wide heads
+              (`gemm_backward_bytes`, with model.wide_head_backward: gemm), head peak, frozen vision
+              tower working set)
       + DeepSpeed's p2p receive buffers where pp > 1: one A for activations, one A for gradients.
 
     head peak (last stage, which has one micro-batch in flight): the final norm's fp32 copies and
@@ -489,6 +499,7 @@ class MemoryModel:
     vocab_local: int
     softcap: bool
     materialized: dict[str, bool]  # layer type -> attention scores materialized
+    backward_scratch: dict[str, int]  # layer type -> bytes the attention's backward adds for itself
     shapes: dict[str, LayerShape]  # layer type -> local shape
     vision_shape: LayerShape
     vision_layers: int
@@ -512,7 +523,8 @@ class MemoryModel:
         grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in set(layer_types)), default=0)
         checkpointed, kept = layer_types[:recomputed], layer_types[recomputed:]
         stored = len(checkpointed) * a + sum(self.layer_saved(t) for t in kept) + (0 if first or checkpointed else a)
-        transient = max((self.layer_saved(t) for t in set(checkpointed)), default=0) + grads
+        transient = max(((self.layer_saved(t) if t in checkpointed else 0) + self.backward_scratch[t]
+                         for t in set(layer_types)), default=0) + grads
         stored += (0 if last else a) + (self.vision_saved() if vision == "trainable" else 0)
         candidates = [transient]
         if vision == "frozen":
@@ -542,6 +554,7 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
         for layer_type, (q, kv, d) in attention_shapes(tc).items()
     }
     eager = cfg.model.attn_implementation == "eager"
+    gemm = cfg.model.attn_implementation == "flex_attention" and cfg.model.wide_head_backward == "gemm"
     return MemoryModel(
         tokens=cfg.train.micro_batch_size * cfg.data.max_length,
         batch=cfg.train.micro_batch_size,
@@ -550,6 +563,8 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
         vocab_local=tc.vocab_size // tp,
         softcap=tc.final_logit_softcapping is not None,
         materialized={t: eager or s.head_dim > fused_attn_max_head_dim for t, s in shapes.items()},
+        backward_scratch={t: gemm_backward_bytes(s, cfg.train.micro_batch_size, cfg.data.max_length)
+                          if gemm and s.head_dim > WIDE_HEAD_DIM else 0 for t, s in shapes.items()},
         shapes=shapes,
         vision_shape=LayerShape(
             vc.hidden_size, vc.num_attention_heads, vc.num_key_value_heads, vc.head_dim, vc.intermediate_size
@@ -742,7 +757,8 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         micro_batches=gas,
         activation_checkpointing=cfg.train.activation_checkpointing,
         recompute_num_layers=cfg.train.recompute_num_layers,
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=cfg.model.attn_implementation + (
+            " (GEMM backward on wide heads)" if any(memory.backward_scratch.values()) else ""),
         dtype=cfg.model.dtype,
         zero_stage=zero_stage,
         total_params=counts.total,

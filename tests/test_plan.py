@@ -26,6 +26,7 @@ from runner.plan import (
     LayerShape,
     balanced_stage_layers,
     cluster_world_size,
+    gemm_backward_bytes,
     layer_saved_bytes,
     make_plan,
     split_cost,
@@ -350,3 +351,18 @@ def test_plan_suggests_the_least_recompute_that_fits():
     assert total(least) == pytest.approx(full.least_recompute_gib, abs=0.01)
     assert all(a < b for a, b in zip(full.least_recompute_tflop, full.stage_tflop))
     assert f"train.recompute_num_layers: {least}" in full.table()
+
+
+def test_gemm_wide_head_backward_counts_its_scratch():
+    """`model.wide_head_backward: gemm` adds its per-KV-head scratch (13 bytes x group x seq^2) to the
+    working set of a stage whose peak is a full layer's backward, and nothing where the head's logits
+    set the peak (the last stage)."""
+    base = ["model.attn_implementation=flex_attention", "data.max_length=4224"]
+    flex = make_plan(load_config(RECIPES["tp2_pp2"], base), gpu_mem_gib=140)
+    gemm = make_plan(load_config(RECIPES["tp2_pp2"], [*base, "model.wide_head_backward=gemm"]), gpu_mem_gib=140)
+    scratch = gemm_backward_bytes(LayerShape(5376, 16, 2, 512, 21504 // 2), 1, 4224) / 2**30  # 31B, TP2
+    assert scratch == pytest.approx(1.73, abs=0.01)
+    first = [plan.stages[0].memory_gib["activations"] for plan in (flex, gemm)]
+    assert first[1] - first[0] == pytest.approx(scratch, abs=0.01)
+    assert gemm.stages[1].memory_gib == flex.stages[1].memory_gib
+    assert "GEMM backward on wide heads" in gemm.table() and "GEMM" not in flex.table()

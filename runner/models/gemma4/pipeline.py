@@ -92,7 +92,8 @@ def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
     )
 
 
-def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms_norm: bool = True) -> list[LayerSpec]:
+def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms_norm: bool = True,
+                       wide_head_backward: str = "flex") -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, in forward order (`ps=None`: only to list them, as
     `runner plan` does; nothing is built)."""
     pp = ps.dims.pp if ps is not None else 1
@@ -107,7 +108,7 @@ def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms
     return [
         LayerSpec(Gemma4VisionStage, config, ps),
         embed,
-        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks, fused_rms_norm)
+        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks, fused_rms_norm, wide_head_backward)
           for i in range(config.text_config.num_hidden_layers)],
         LayerSpec(Gemma4FinalNorm, config, ps, fused_rms_norm),
         head,
@@ -184,6 +185,7 @@ class Gemma4Pipeline(PipelineModule):
         *,
         activation_checkpoint_interval: int = 0,
         fused_rms_norm: bool = True,
+        wide_head_backward: str = "flex",
         stage_layers: Sequence[int] = (),
         recompute_num_layers: int | None = None,
     ) -> None:
@@ -194,7 +196,7 @@ class Gemma4Pipeline(PipelineModule):
         self.stage_layers = tuple(stage_layers)
         loss = TokenWeightedLoss(ps, config.text_config.vocab_size)
         super().__init__(
-            layers=gemma4_layer_specs(config, ps, fused_rms_norm),
+            layers=gemma4_layer_specs(config, ps, fused_rms_norm, wide_head_backward),
             topology=ps.topology,
             loss_fn=loss,
             activation_checkpoint_interval=activation_checkpoint_interval,

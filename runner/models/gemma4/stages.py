@@ -12,6 +12,8 @@ layer's linears are swapped for column/row-parallel ones.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 )
 
 from runner.errors import UserError
+from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, WIDE_HEAD_DIM
 from runner.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -188,7 +191,7 @@ class MaskCache:
 def flex_kernel_options(text_config: Gemma4TextConfig, head_dim: int) -> dict[str, dict[str, int]]:
     """FlexAttention's default forward tiles for head_dim 512 (the full layers) need more shared
     memory than an H100/H200 SM has; 32×32 forward tiles fit (the backward picks its own)."""
-    if text_config._attn_implementation != "flex_attention" or head_dim <= 256:
+    if text_config._attn_implementation != "flex_attention" or head_dim <= WIDE_HEAD_DIM:
         return {}
     return {"kernel_options": {"BLOCK_M": 32, "BLOCK_N": 32}}
 
@@ -203,7 +206,8 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
     """
 
     def __init__(
-        self, config: Gemma4Config, layer_idx: int, ps: ParallelState, masks: MaskCache, fused_rms_norm: bool = True
+        self, config: Gemma4Config, layer_idx: int, ps: ParallelState, masks: MaskCache, fused_rms_norm: bool = True,
+        wide_head_backward: str = "flex",
     ) -> None:
         with torch.device("meta"):
             super().__init__(config.text_config, layer_idx)
@@ -214,6 +218,10 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
         self.attn_kwargs = flex_kernel_options(config.text_config, self.self_attn.head_dim)
         self.flex = config.text_config._attn_implementation == "flex_attention"
+        if self.flex and wide_head_backward == "gemm" and self.self_attn.head_dim > WIDE_HEAD_DIM:
+            # this layer's attention alone calls `wide_head_attention` (masks stay FlexAttention's)
+            self.self_attn.config = copy.copy(config.text_config)
+            self.self_attn.config._attn_implementation = WIDE_HEAD_ATTENTION
         _mark_replicated(self, ps)
 
     def train(self, mode: bool = True) -> Gemma4DecoderLayerPipe:

@@ -1,0 +1,99 @@
+"""`model.wide_head_backward: gemm`: FlexAttention's forward with a backward of GEMMs on the full
+layers' wide heads, against autograd through transformers' eager attention (CPU, fp32; PyTorch's
+unfused FlexAttention stands in for the GPU kernel)."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runner.config import load_config
+from runner.errors import UserError
+from runner.models.gemma4 import stages
+from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, attention_backward
+from runner.models.gemma4.stages import Gemma4DecoderLayerPipe, MaskCache
+from runner.models.gemma4.tiny import tiny_config
+from runner.parallel.topology import ParallelDims
+
+
+def _eager(q, k, v, allowed, scale):
+    g = q.shape[1] // k.shape[1]
+    scores = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return probs @ v.repeat_interleave(g, 1)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_gemm_backward_equals_autograd(kv_heads):
+    """dq, dk, dv from the output and LSE equal autograd's, GQA groups of 4, 2 and 1, causal with
+    padded keys on one of two sequences."""
+    torch.manual_seed(0)
+    b, hq, s, d, scale = 2, 4, 40, 16, 0.7
+    q = torch.randn(b, hq, s, d, requires_grad=True)
+    k, v = (torch.randn(b, kv_heads, s, d, requires_grad=True) for _ in range(2))
+    allowed = torch.ones(s, s, dtype=torch.bool).tril().expand(b, 1, s, s).clone()
+    allowed[1, :, :, 30:] = False  # the second sequence's last 10 tokens are padding
+    allowed[1, :, 30:, 0] = True  # (pad queries still see a real key, as transformers' masks do)
+    out = _eager(q, k, v, allowed, scale)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    scores = (q @ k.repeat_interleave(hq // kv_heads, 1).transpose(-1, -2)) * scale
+    lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1).detach()
+    dq, dk, dv = attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse, grad, allowed, scale)
+    for mine, ref in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_full_heads_are_wide(monkeypatch):
+    """The tiny model's full layers (32-wide heads) stand in for the 31B's 512-wide ones."""
+    monkeypatch.setattr(stages, "WIDE_HEAD_DIM", 16)
+
+
+def _layer(attn: str, layer_idx: int, wide_head_backward: str = "flex") -> Gemma4DecoderLayerPipe:
+    config = tiny_config()
+    config.text_config._attn_implementation = attn
+    ps = SimpleNamespace(dims=ParallelDims(), tp_group=None, tp_rank=0, replica_groups={})
+    return Gemma4DecoderLayerPipe(config, layer_idx, ps, MaskCache(config, 2), wide_head_backward=wide_head_backward)
+
+
+def test_only_wide_flex_layers_switch():
+    full = tiny_config().text_config.layer_types.index("full_attention")
+    sliding = tiny_config().text_config.layer_types.index("sliding_attention")
+    assert _layer("flex_attention", full, "gemm").self_attn.config._attn_implementation == WIDE_HEAD_ATTENTION
+    assert _layer("flex_attention", sliding, "gemm").self_attn.config._attn_implementation == "flex_attention"
+    assert _layer("flex_attention", full).self_attn.config._attn_implementation == "flex_attention"
+
+
+def test_full_layer_equals_eager():
+    """A whole full-attention decoder layer with the GEMM backward
+    gives transformers' eager layer's output and every gradient, with padding in the micro-batch (to
+    fp32 noise: the largest error is 8e-7 of a tensor's largest entry, as for sdpa against eager)."""
+    torch.manual_seed(0)
+    full = tiny_config().text_config.layer_types.index("full_attention")
+    wide, eager = _layer("flex_attention", full, "gemm"), _layer("eager", full)
+    eager.load_state_dict(wide.state_dict())
+    s = 48
+    attention_mask = torch.ones(1, s, dtype=torch.long)
+    attention_mask[0, 40:] = 0
+    side = (attention_mask, torch.arange(s)[None], torch.zeros(1, s, dtype=torch.long))
+    results = []
+    for layer in (wide, eager):
+        hidden = torch.randn(1, s, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch: FlexAttention uncompiled on CPU
+            out = layer((hidden, *side))[0]
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
+        results.append([out, hidden.grad] + [p.grad for p in layer.parameters()])
+    for mine, ref in zip(*results):  # errors relative to each tensor's largest entry (sdpa vs eager: <= 9e-7)
+        assert (mine - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_gemm_backward_needs_flex(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {attn_implementation: sdpa, wide_head_backward: gemm}\n")
+    with pytest.raises(UserError, match="wide_head_backward: gemm needs model.attn_implementation: flex_attention"):
+        load_config(recipe)
