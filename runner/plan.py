@@ -41,7 +41,7 @@ from runner.config import (
 )
 from runner.errors import UserError
 from runner.metrics import forward_flops_per_token
-from runner.models.gemma4.attention import WIDE_HEAD_DIM
+from runner.models.gemma4.attention import ROW_BLOCKS, WIDE_HEAD_DIM
 from runner.models.gemma4.pipeline import (
     attention_shapes,
     check_supported,
@@ -450,10 +450,13 @@ def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: 
 
 
 def gemm_backward_bytes(s: LayerShape, batch: int, seq: int) -> int:
-    """Scratch of `model.wide_head_backward: gemm` while one layer's attention runs backward: per KV
-    head, its G = q/kv query heads' scores as fp32 probabilities and fp32 dP (4 + 4), their bf16 copies
-    for the GEMMs (2 + 2) and the mask expanded to the group (1): 13 bytes x G x seq^2 per sequence."""
-    return 13 * batch * (s.q_heads // s.kv_heads) * seq * seq
+    """Scratch of `model.wide_head_backward: gemm` while one layer's attention runs backward: for one
+    block of seq / ROW_BLOCKS query rows and one KV head, its G = q/kv query heads' scores as fp32
+    probabilities and fp32 dP (4 + 4), their bf16 copies for the GEMMs (2 + 2) and the mask expanded to
+    the group (1) against every key (the last block sees them all): 13 bytes x G x rows x seq; plus
+    the fp32 dK and dV accumulators, 8 bytes x KV heads x seq x head_dim."""
+    rows = -(-seq // ROW_BLOCKS)
+    return batch * (13 * (s.q_heads // s.kv_heads) * rows * seq + 8 * s.kv_heads * seq * s.head_dim)
 
 
 def layer_grad_bytes(s: LayerShape, tokens: int) -> int:

@@ -28,13 +28,14 @@ def _eager(q, k, v, allowed, scale):
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_gemm_backward_equals_autograd(kv_heads):
-    """dq, dk, dv from the output and LSE equal autograd's, GQA groups of 4, 2 and 1, causal with
-    padded keys on one of two sequences."""
+    """dq, dk, dv from the output and LSE equal autograd's, GQA groups of 4, 2 and 1, causal with a
+    bidirectional span on one sequence and padded keys on the other; row blocks of 5 and 40."""
     torch.manual_seed(0)
     b, hq, s, d, scale = 2, 4, 40, 16, 0.7
     q = torch.randn(b, hq, s, d, requires_grad=True)
     k, v = (torch.randn(b, kv_heads, s, d, requires_grad=True) for _ in range(2))
     allowed = torch.ones(s, s, dtype=torch.bool).tril().expand(b, 1, s, s).clone()
+    allowed[0, :, 8:14, 8:14] = True  # an image span attends both ways (keys past a row block's end)
     allowed[1, :, :, 30:] = False  # the second sequence's last 10 tokens are padding
     allowed[1, :, 30:, 0] = True  # (pad queries still see a real key, as transformers' masks do)
     out = _eager(q, k, v, allowed, scale)
@@ -42,9 +43,11 @@ def test_gemm_backward_equals_autograd(kv_heads):
     out.backward(grad)
     scores = (q @ k.repeat_interleave(hq // kv_heads, 1).transpose(-1, -2)) * scale
     lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1).detach()
-    dq, dk, dv = attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse, grad, allowed, scale)
-    for mine, ref in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
-        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+    for chunks in (8, 1):
+        dq, dk, dv = attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse, grad, allowed, scale,
+                                        chunks=chunks)
+        for mine, ref in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+            torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(autouse=True)

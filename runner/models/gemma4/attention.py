@@ -4,8 +4,8 @@ Why: above head_dim 256 PyTorch's FlexAttention backward runs 16×16 tiles (larg
 do not fit an SM's shared memory): 15.4 ms per full layer and micro-batch of 4224 tokens at TP2 on
 an H100, against 2.6 ms forward (`benchmarks/attention_bench.py`). This backward recomputes the
 probabilities from the forward's log-sum-exp, as flash attention's does, and runs attention's
-backward products as cuBLAS batched GEMMs, one KV head at a time with its query heads stacked
-(O(S²) fp32 scratch per KV head, for the span of one layer's backward).
+backward products as cuBLAS batched GEMMs over blocks of query rows, one KV head at a time with its
+query heads stacked (fp32 scratch of G x S²/8 per block, for the span of one layer's backward).
 
 transformers calls it through its attention-function registry: the full layers' attention module
 gets `WIDE_HEAD_ATTENTION` as its implementation; masks stay FlexAttention's BlockMasks.
@@ -22,6 +22,7 @@ from transformers.integrations.flex_attention import flex_attention_forward
 
 WIDE_HEAD_ATTENTION = "gemma4_flex_gemm_backward"
 WIDE_HEAD_DIM = 256  # heads wider than this get FlexAttention's slow tiles (both ways: see flex_kernel_options)
+ROW_BLOCKS = 8  # query-row blocks of the backward: scratch and wasted (masked) products shrink with more
 
 
 @functools.cache
@@ -44,31 +45,47 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def attention_backward(query, key, value, out, lse, grad_out, allowed: torch.Tensor, scale: float):
+def attention_backward(query, key, value, out, lse, grad_out, allowed: torch.Tensor, scale: float,
+                       chunks: int = ROW_BLOCKS):
     """dq, dk, dv of softmax(scale · q kᵀ, masked to `allowed`) v, from the forward's output and
     natural-log LSE. q, out, grad_out: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; lse: [B, Hq, S] fp32;
-    allowed: bool, broadcastable to [B, 1, S, S]. A KV head's G query heads are stacked along rows,
-    so each product is one bmm over the batch and the sums over the group come out of the GEMM."""
+    allowed: bool, broadcastable to [B, 1, S, S].
+
+    Query rows go in `chunks` blocks, each against the keys up to the last one any of its rows may see
+    (causal: about half the products of the full square; one host read per call finds the ends). A KV
+    head's G query heads are stacked along rows, so each product is one bmm over the batch and the
+    sums over the group come out of the GEMM; dk and dv add up over the row blocks in fp32."""
     b, hq, s, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
-    keep = allowed.expand(b, 1, s, s).repeat(1, g, 1, 1).reshape(b, g * s, s)
+    allowed = allowed.expand(b, 1, s, s)
+    rows = -(-s // chunks)
+    starts = range(0, s, rows)
+    cols = torch.arange(s, device=allowed.device)
+    reach = torch.where(allowed, cols, -1).amax(dim=(0, 1, 3))  # per query row, the last key it may see
+    ends = [int(end) + 1 for end in torch.stack([reach[r:r + rows].max() for r in starts]).tolist()]
     delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
-    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    for h in range(hkv):
-        heads = slice(h * g, (h + 1) * g)
-        q_h = query[:, heads].reshape(b, g * s, d)
-        do_h = grad_out[:, heads].reshape(b, g * s, d)
-        k_h, v_h = key[:, h], value[:, h]
-        p = _bmm_f32(q_h, k_h.transpose(1, 2)).mul_(scale)
-        p.sub_(lse[:, heads].reshape(b, g * s, 1)).exp_().masked_fill_(~keep, 0)
-        dv[:, h] = torch.bmm(p.to(value.dtype).transpose(1, 2), do_h)
-        dp = _bmm_f32(do_h, v_h.transpose(1, 2))
-        ds = p.mul_(dp.sub_(delta[:, heads].reshape(b, g * s, 1))).mul_(scale).to(query.dtype)
-        del dp
-        dq[:, heads] = torch.bmm(ds, k_h).view(b, g, s, d)
-        dk[:, h] = torch.bmm(ds.transpose(1, 2), q_h)
-    return dq, dk, dv
+    dq = torch.zeros_like(query)
+    dk, dv = (torch.zeros(b, hkv, s, d, dtype=torch.float32, device=query.device) for _ in range(2))
+    for r0, kend in zip(starts, ends):
+        n = min(r0 + rows, s) - r0
+        if kend == 0:  # rows that may see no key: their gradients stay zero
+            continue
+        keep = allowed[:, :, r0:r0 + n, :kend].expand(b, g, n, kend).reshape(b, g * n, kend)
+        for h in range(hkv):
+            heads = slice(h * g, (h + 1) * g)
+            q_h = query[:, heads, r0:r0 + n].reshape(b, g * n, d)
+            do_h = grad_out[:, heads, r0:r0 + n].reshape(b, g * n, d)
+            k_h, v_h = key[:, h, :kend], value[:, h, :kend]
+            p = _bmm_f32(q_h, k_h.transpose(1, 2)).mul_(scale)
+            p.sub_(lse[:, heads, r0:r0 + n].reshape(b, g * n, 1)).exp_().masked_fill_(~keep, 0)
+            dv[:, h, :kend] += _bmm_f32(p.to(value.dtype).transpose(1, 2), do_h)
+            dp = _bmm_f32(do_h, v_h.transpose(1, 2))
+            ds = p.mul_(dp.sub_(delta[:, heads, r0:r0 + n].reshape(b, g * n, 1))).mul_(scale).to(query.dtype)
+            del dp
+            dq[:, heads, r0:r0 + n] = torch.bmm(ds, k_h).view(b, g, n, d)
+            dk[:, h, :kend] += _bmm_f32(ds.transpose(1, 2), q_h)
+    return dq, dk.to(key.dtype), dv.to(value.dtype)
 
 
 class FlexForwardGemmBackward(torch.autograd.Function):
