@@ -133,7 +133,9 @@ def main() -> int:
     for layer, shape in shapes(args.tp).items():
         gen = torch.Generator(device=device).manual_seed(0)
         h, kv, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
-        q0, k0, v0 = (torch.randn(1, n, args.seq, d, device=device, generator=gen) / d**0.25 for n in (h, kv, kv))
+        # [B, S, heads, D] seen as [B, heads, S, D], the layout transformers' attention hands over
+        q0, k0, v0 = (torch.randn(1, args.seq, n, d, device=device, generator=gen).transpose(1, 2) / d**0.25
+                      for n in (h, kv, kv))
         grad = torch.randn(1, h, args.seq, d, device=device, generator=gen, dtype=torch.bfloat16)
         leaves = [x.clone().requires_grad_() for x in (q0, k0, v0)]  # fp32 reference
         ref = eager(*leaves, bool_mask(args.seq, shape["window"], device), h // kv)

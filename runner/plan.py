@@ -451,12 +451,13 @@ def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: 
 
 def gemm_backward_bytes(s: LayerShape, batch: int, seq: int) -> int:
     """Scratch of `model.wide_head_backward: gemm` while one layer's attention runs backward: for one
-    block of seq / ROW_BLOCKS query rows and one KV head, its G = q/kv query heads' scores as fp32
-    probabilities and fp32 dP (4 + 4), their bf16 copies for the GEMMs (2 + 2) and the mask expanded to
-    the group (1) against every key (the last block sees them all): 13 bytes x G x rows x seq; plus
-    the fp32 dK and dV accumulators, 8 bytes x KV heads x seq x head_dim."""
+    block of seq / ROW_BLOCKS query rows and one KV head, its G = q/kv query heads' probabilities and
+    dP in fp32 (4 + 4) and their bf16 copies for the GEMMs (2 + 2) against every key (the last block
+    sees them all): 12 bytes x G x rows x seq, the block's mask (rows x seq); the micro-batch's dense
+    mask (seq^2 bools, kept while its BlockMask lives); the fp32 dK and dV accumulators."""
     rows = -(-seq // ROW_BLOCKS)
-    return batch * (13 * (s.q_heads // s.kv_heads) * rows * seq + 8 * s.kv_heads * seq * s.head_dim)
+    per_block = 12 * (s.q_heads // s.kv_heads) * rows * seq + rows * seq
+    return batch * (per_block + seq * seq + 8 * s.kv_heads * seq * s.head_dim)
 
 
 def layer_grad_bytes(s: LayerShape, tokens: int) -> int:

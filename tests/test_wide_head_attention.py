@@ -9,35 +9,45 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 from runner.config import load_config
 from runner.errors import UserError
 from runner.models.gemma4 import stages
-from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, attention_backward
+from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, FlexForwardGemmBackward, attention_backward, row_blocks
 from runner.models.gemma4.stages import Gemma4DecoderLayerPipe, MaskCache
 from runner.models.gemma4.tiny import tiny_config
 from runner.parallel.topology import ParallelDims
 
 
 def _eager(q, k, v, allowed, scale):
+    """Masked softmax attention; a row that may see no key gives zeros (as FlexAttention does)."""
     g = q.shape[1] // k.shape[1]
     scores = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scale
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    probs = scores.masked_fill(~allowed, -1e30).softmax(-1) * allowed.any(-1, keepdim=True)
     return probs @ v.repeat_interleave(g, 1)
+
+
+def _mask(b: int, s: int) -> torch.Tensor:
+    """Causal; sequence 0 with a bidirectional span (keys past a row block's end), sequence 1 with its
+    last 10 tokens padding and one query row that may see no key at all (LSE -inf)."""
+    allowed = torch.ones(s, s, dtype=torch.bool).tril().expand(b, 1, s, s).clone()
+    allowed[0, :, 8:14, 8:14] = True
+    allowed[1, :, :, 30:] = False
+    allowed[1, :, 30:, 0] = True  # pad queries still see a real key, as transformers' masks do...
+    allowed[1, :, 35] = False  # ...except this one
+    return allowed
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_gemm_backward_equals_autograd(kv_heads):
-    """dq, dk, dv from the output and LSE equal autograd's, GQA groups of 4, 2 and 1, causal with a
-    bidirectional span on one sequence and padded keys on the other; row blocks of 5 and 40."""
+    """dq, dk, dv from the output and LSE equal autograd's, GQA groups of 4, 2 and 1; row blocks of 5
+    and of all 40 rows."""
     torch.manual_seed(0)
     b, hq, s, d, scale = 2, 4, 40, 16, 0.7
     q = torch.randn(b, hq, s, d, requires_grad=True)
     k, v = (torch.randn(b, kv_heads, s, d, requires_grad=True) for _ in range(2))
-    allowed = torch.ones(s, s, dtype=torch.bool).tril().expand(b, 1, s, s).clone()
-    allowed[0, :, 8:14, 8:14] = True  # an image span attends both ways (keys past a row block's end)
-    allowed[1, :, :, 30:] = False  # the second sequence's last 10 tokens are padding
-    allowed[1, :, 30:, 0] = True  # (pad queries still see a real key, as transformers' masks do)
+    allowed = _mask(b, s)
     out = _eager(q, k, v, allowed, scale)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -45,9 +55,32 @@ def test_gemm_backward_equals_autograd(kv_heads):
     lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1).detach()
     for chunks in (8, 1):
         dq, dk, dv = attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse, grad, allowed, scale,
-                                        chunks=chunks)
+                                        row_blocks(allowed, chunks))
         for mine, ref in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
             torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_function_with_a_per_sequence_block_mask():
+    """The autograd Function end to end on a BlockMask whose mask depends on the sequence (as
+    transformers' padding masks do): FlexAttention's forward and LSE, the dense mask rebuilt per
+    sequence, against autograd through the eager reference."""
+    torch.manual_seed(0)
+    b, hq, hkv, s, d = 2, 4, 1, 256, 16
+    allowed = _mask(b, s)
+    block = create_block_mask(lambda bi, h, qi, ki: allowed[bi, 0, qi, ki], b, 1, s, s, device="cpu")
+    q = torch.randn(b, hq, s, d, requires_grad=True)
+    k, v = (torch.randn(b, hkv, s, d, requires_grad=True) for _ in range(2))
+    grad = torch.randn(b, hq, s, d)
+    results = []
+    for run in (lambda: FlexForwardGemmBackward.apply(q, k, v, block, 1.0, None), lambda: _eager(q, k, v, allowed, 1.0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch: FlexAttention uncompiled on CPU
+            out = run()
+        out.backward(grad)
+        results.append([out.detach()] + [x.grad.clone() for x in (q, k, v)])
+        q.grad = k.grad = v.grad = None
+    for mine, ref in zip(*results):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(autouse=True)
@@ -64,11 +97,18 @@ def _layer(attn: str, layer_idx: int, wide_head_backward: str = "flex") -> Gemma
 
 
 def test_only_wide_flex_layers_switch():
-    full = tiny_config().text_config.layer_types.index("full_attention")
-    sliding = tiny_config().text_config.layer_types.index("sliding_attention")
-    assert _layer("flex_attention", full, "gemm").self_attn.config._attn_implementation == WIDE_HEAD_ATTENTION
-    assert _layer("flex_attention", sliding, "gemm").self_attn.config._attn_implementation == "flex_attention"
-    assert _layer("flex_attention", full).self_attn.config._attn_implementation == "flex_attention"
+    """Only the wide-head (full) layer's attention switches, on its own copy of the config: the shared
+    config and a sliding layer built from it stay on flex_attention."""
+    config = tiny_config()
+    config.text_config._attn_implementation = "flex_attention"
+    ps = SimpleNamespace(dims=ParallelDims(), tp_group=None, tp_rank=0, replica_groups={})
+    types = config.text_config.layer_types
+    layers = {t: Gemma4DecoderLayerPipe(config, types.index(t), ps, MaskCache(config, 2), wide_head_backward="gemm")
+              for t in ("full_attention", "sliding_attention")}
+    assert layers["full_attention"].self_attn.config._attn_implementation == WIDE_HEAD_ATTENTION
+    assert layers["sliding_attention"].self_attn.config._attn_implementation == "flex_attention"
+    assert config.text_config._attn_implementation == "flex_attention"
+    assert _layer("flex_attention", types.index("full_attention")).self_attn.config._attn_implementation == "flex_attention"
 
 
 def test_full_layer_equals_eager():

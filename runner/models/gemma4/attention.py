@@ -5,7 +5,7 @@ do not fit an SM's shared memory): 15.4 ms per full layer and micro-batch of 422
 an H100, against 2.6 ms forward (`benchmarks/attention_bench.py`). This backward recomputes the
 probabilities from the forward's log-sum-exp, as flash attention's does, and runs attention's
 backward products as cuBLAS batched GEMMs over blocks of query rows, one KV head at a time with its
-query heads stacked (fp32 scratch of G x S²/8 per block, for the span of one layer's backward).
+query heads stacked (fp32 scratch of G x S x S/8 per block, for the span of one layer's backward).
 
 transformers calls it through its attention-function registry: the full layers' attention module
 gets `WIDE_HEAD_ATTENTION` as its implementation; masks stay FlexAttention's BlockMasks.
@@ -14,8 +14,10 @@ gets `WIDE_HEAD_ATTENTION` as its implementation; masks stay FlexAttention's Blo
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_mask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.flex_attention import flex_attention_forward
@@ -38,54 +40,78 @@ def _flex_with_lse(query, key, value, block_mask: BlockMask, scale: float, kerne
     return out, aux.lse
 
 
-def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32: scores for exp() need more than bf16's 8 bits (cuBLAS accumulates in fp32 either way)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """add + alpha · a @ b in fp32: scores for exp() need more than bf16's 8 bits (cuBLAS accumulates in
+    fp32 either way); `add` broadcasts over the columns, so a per-row offset costs no extra pass."""
+    half = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+    if add is None:
+        c = torch.bmm(a, b, out_dtype=torch.float32) if half else torch.bmm(a.float(), b.float())
+        return c if alpha == 1.0 else c.mul_(alpha)
+    if half:
+        return torch.baddbmm(add.expand(a.shape[0], a.shape[1], b.shape[2]), a, b, alpha=alpha, out_dtype=torch.float32)
+    return torch.baddbmm(add.float(), a.float(), b.float(), alpha=alpha)
+
+
+def row_blocks(allowed: torch.Tensor, chunks: int = ROW_BLOCKS) -> list[tuple[int, int, int]]:
+    """(first row, rows, keys) per block of query rows: keys up to the last one any row of the block
+    may see under `allowed` [B, 1, S, S] (causal: the block's last row; 0 where no row sees a key).
+    One host read for all blocks."""
+    s = allowed.shape[-2]
+    rows = -(-s // chunks)
+    starts = range(0, s, rows)
+    cols = torch.arange(allowed.shape[-1], device=allowed.device)
+    ends = torch.stack([torch.where(allowed[:, :, r:r + rows].any(dim=(0, 1, 2)), cols, -1).max() for r in starts])
+    return [(r, min(rows, s - r), int(end) + 1) for r, end in zip(starts, ends.tolist())]
 
 
 def attention_backward(query, key, value, out, lse, grad_out, allowed: torch.Tensor, scale: float,
-                       chunks: int = ROW_BLOCKS):
+                       blocks: list[tuple[int, int, int]]):
     """dq, dk, dv of softmax(scale · q kᵀ, masked to `allowed`) v, from the forward's output and
     natural-log LSE. q, out, grad_out: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; lse: [B, Hq, S] fp32;
-    allowed: bool, broadcastable to [B, 1, S, S].
+    allowed: bool [B, 1, S, S]; `blocks` from `row_blocks(allowed)`.
 
-    Query rows go in `chunks` blocks, each against the keys up to the last one any of its rows may see
-    (causal: about half the products of the full square; one host read per call finds the ends). A KV
-    head's G query heads are stacked along rows, so each product is one bmm over the batch and the
-    sums over the group come out of the GEMM; dk and dv add up over the row blocks in fp32."""
-    b, hq, s, d = query.shape
+    Each block of query rows meets only the keys it may see (causal: about half the products of the
+    full square). A KV head's G query heads are stacked along rows, so each product is one bmm over the
+    batch and the sums over the group come out of the GEMM; dk and dv add up over the blocks in fp32.
+    P = exp(scale · q kᵀ − lse) and dP − rowsum(dO ∘ O) come out of the GEMMs with their row offsets;
+    the softmax scale goes on dq and dk afterwards, on D-wide rows instead of S-wide ones."""
+    b, hq, _, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
-    allowed = allowed.expand(b, 1, s, s)
-    rows = -(-s // chunks)
-    starts = range(0, s, rows)
-    cols = torch.arange(s, device=allowed.device)
-    reach = torch.where(allowed, cols, -1).amax(dim=(0, 1, 3))  # per query row, the last key it may see
-    ends = [int(end) + 1 for end in torch.stack([reach[r:r + rows].max() for r in starts]).tolist()]
-    delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
     dq = torch.zeros_like(query)
-    dk, dv = (torch.zeros(b, hkv, s, d, dtype=torch.float32, device=query.device) for _ in range(2))
-    for r0, kend in zip(starts, ends):
-        n = min(r0 + rows, s) - r0
+    dk, dv = (torch.zeros(b, hkv, key.shape[2], d, dtype=torch.float32, device=query.device) for _ in range(2))
+    for r0, n, kend in blocks:
         if kend == 0:  # rows that may see no key: their gradients stay zero
             continue
-        keep = allowed[:, :, r0:r0 + n, :kend].expand(b, g, n, kend).reshape(b, g * n, kend)
+        rows = slice(r0, r0 + n)
+        hidden = ~allowed[:, :, rows, :kend]  # [B, 1, n, keys], broadcast over the group's heads
         for h in range(hkv):
             heads = slice(h * g, (h + 1) * g)
-            q_h = query[:, heads, r0:r0 + n].reshape(b, g * n, d)
-            do_h = grad_out[:, heads, r0:r0 + n].reshape(b, g * n, d)
+            q_h = query[:, heads, rows].reshape(b, g * n, d)
+            o_h, do_h = out[:, heads, rows], grad_out[:, heads, rows]
+            delta = (do_h.float() * o_h.float()).sum(-1).reshape(b, g * n, 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+            do_h = do_h.reshape(b, g * n, d)
             k_h, v_h = key[:, h, :kend], value[:, h, :kend]
-            p = _bmm_f32(q_h, k_h.transpose(1, 2)).mul_(scale)
-            p.sub_(lse[:, heads, r0:r0 + n].reshape(b, g * n, 1)).exp_().masked_fill_(~keep, 0)
+            p = _bmm_f32(q_h, k_h.transpose(1, 2), add=-lse[:, heads, rows].reshape(b, g * n, 1), alpha=scale)
+            p.exp_().view(b, g, n, kend).masked_fill_(hidden, 0)
             dv[:, h, :kend] += _bmm_f32(p.to(value.dtype).transpose(1, 2), do_h)
-            dp = _bmm_f32(do_h, v_h.transpose(1, 2))
-            ds = p.mul_(dp.sub_(delta[:, heads, r0:r0 + n].reshape(b, g * n, 1))).mul_(scale).to(query.dtype)
-            del dp
-            dq[:, heads, r0:r0 + n] = torch.bmm(ds, k_h).view(b, g, n, d)
-            dk[:, h, :kend] += _bmm_f32(ds.transpose(1, 2), q_h)
+            ds = p.mul_(_bmm_f32(do_h, v_h.transpose(1, 2), add=-delta)).to(query.dtype)  # dS / scale
+            dq[:, heads, rows] = _bmm_f32(ds, k_h, alpha=scale).view(b, g, n, d)
+            dk[:, h, :kend] += _bmm_f32(ds.transpose(1, 2), q_h, alpha=scale)
     return dq, dk.to(key.dtype), dv.to(value.dtype)
+
+
+_DENSE_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def dense_mask(block_mask: BlockMask, batch: int, device) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The element mask FlexAttention applied (its mask_mod, evaluated at every batch index) and its
+    row blocks, once per BlockMask: a stage's full layers share one per micro-batch (MaskCache)."""
+    if block_mask not in _DENSE_MASKS:
+        q_len, kv_len = block_mask.seq_lengths
+        allowed = create_mask(block_mask.mask_mod, batch, 1, q_len, kv_len, device=device)
+        _DENSE_MASKS[block_mask] = allowed, row_blocks(allowed)
+    return _DENSE_MASKS[block_mask]
 
 
 class FlexForwardGemmBackward(torch.autograd.Function):
@@ -99,18 +125,19 @@ class FlexForwardGemmBackward(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
-        q_len, kv_len = ctx.block_mask.seq_lengths
-        allowed = create_mask(ctx.block_mask.mask_mod, ctx.block_mask.shape[0], 1, q_len, kv_len, device=query.device)
-        dq, dk, dv = attention_backward(query, key, value, out, lse, grad_out.contiguous(), allowed, ctx.scale)
+        allowed, blocks = dense_mask(ctx.block_mask, query.shape[0], query.device)
+        dq, dk, dv = attention_backward(query, key, value, out, lse, grad_out, allowed, ctx.scale, blocks)
         return dq, dk, dv, None, None, None
 
 
 def wide_head_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
     """transformers' attention-function signature; anything but a plain BlockMask-masked attention
     (logit softcapping, attention sinks, a tensor mask, dropout) goes to transformers' own FlexAttention."""
-    plain = (isinstance(attention_mask, BlockMask) and softcap is None and kwargs.get("s_aux") is None
+    plain = (isinstance(attention_mask, BlockMask) and attention_mask.shape[1] == 1  # no per-head mask
+             and query.shape[2] == key.shape[2] and softcap is None and kwargs.get("s_aux") is None
              and kwargs.get("position_bias") is None and not kwargs.get("dropout"))
     if not plain:
         return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
