@@ -15,15 +15,14 @@ Writes one JSON record per variant as it goes (a killed run keeps what it measur
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
+from benchmarks.kernel_timing import add_record, fwd_bwd_ms
 from runner.models.gemma4.attention import FlexForwardGemmBackward
 from runner.models.gemma4.presets import gemma4_31b_config
 
@@ -100,23 +99,6 @@ def variants(layer: str, shape: dict, seq: int, device) -> dict:
     return out
 
 
-def timed(fn, q, k, v, grad, iters: int) -> tuple[float, float]:
-    """Median forward and forward+backward milliseconds."""
-    fwd, both = [], []
-    for _ in range(iters):
-        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
-        o = fn(q, k, v)
-        mid.record()
-        o.backward(grad)
-        end.record()
-        torch.cuda.synchronize()
-        fwd.append(start.elapsed_time(mid))
-        both.append(start.elapsed_time(end))
-        q.grad = k.grad = v.grad = None
-    return sorted(fwd)[len(fwd) // 2], sorted(both)[len(both) // 2]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -162,16 +144,14 @@ def main() -> int:
                     record["max_rel_err_out_dq_dk_dv"] = [float(f"{e:.2e}") for e in errs]
                     q.grad = k.grad = v.grad = None
                     del o
-                    fwd_ms, both_ms = timed(fn, q, k, v, grad, args.iters)
+                    fwd_ms, both_ms = fwd_bwd_ms(fn, (q, k, v), grad, args.iters)
                     record.update(fwd_ms=round(fwd_ms, 3), bwd_ms=round(both_ms - fwd_ms, 3),
                                   fwd_tflops=round(flops_fwd / fwd_ms / 1e9, 1),
                                   bwd_tflops=round(2.5 * flops_fwd / (both_ms - fwd_ms) / 1e9, 1),
                                   peak_extra_gib=round((torch.cuda.max_memory_allocated() - base) / 2**30, 2))
                 except Exception as e:  # a variant the kernel refuses (shared memory, tile rules) is a result too
                     record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            print(json.dumps(record), flush=True)
-            results["runs"].append(record)
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            add_record(results, record, args.out)
     return 0
 
 

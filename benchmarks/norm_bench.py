@@ -9,13 +9,12 @@ from the fp32-copy path.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
+from benchmarks.kernel_timing import add_record, fwd_bwd_ms
 from runner.models.gemma4.stages import FusedRMSNorm
 
 # (what, trailing shape, with_scale, calls per decoder layer and micro-batch in forward) at TP2
@@ -34,22 +33,6 @@ def fp32_copy_path(norm: FusedRMSNorm):
         scale = norm.weight.float() if norm.with_scale else None
         return F.rms_norm(x.float(), x.shape[-1:], scale, norm.eps).type_as(x)
     return fn
-
-
-def median_ms(fn, x: torch.Tensor, grad: torch.Tensor, iters: int) -> tuple[float, float]:
-    fwd, both = [], []
-    for _ in range(iters):
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        events[0].record()
-        y = fn(x)
-        events[1].record()
-        y.backward(grad)
-        events[2].record()
-        torch.cuda.synchronize()
-        fwd.append(events[0].elapsed_time(events[1]))
-        both.append(events[0].elapsed_time(events[2]))
-        x.grad = None
-    return sorted(fwd)[iters // 2], sorted(both)[iters // 2]
 
 
 def main() -> int:
@@ -82,15 +65,13 @@ def main() -> int:
             weight_grad = (fused if fn is not ref else ref).weight.grad.clone() if with_scale else None
             outs[name] = (y.detach(), x.grad.clone(), weight_grad)  # (the timed calls below accumulate into .grad)
             x.grad = None
-            fwd, both = median_ms(fn, x, grad, args.iters)
+            fwd, both = fwd_bwd_ms(fn, (x,), grad, args.iters)
             record[name] = {"fwd_ms": round(fwd, 4), "bwd_ms": round(both - fwd, 4)}
         now, before = outs["bf16 into the kernel (now)"], outs["fp32 copy + cast back (before)"]
         record["now_vs_before_max_abs_diff_out_dx_dw"] = [
             None if a is None else (a.float() - b.float()).abs().max().item() for a, b in zip(now, before)]
         record["now_vs_before_out_equal"] = bool(torch.equal(now[0], before[0]))
-        print(json.dumps(record), flush=True)
-        results["runs"].append(record)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+        add_record(results, record, args.out)
     return 0
 
 
