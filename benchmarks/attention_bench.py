@@ -23,25 +23,28 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
 from benchmarks.kernel_timing import add_record, fwd_bwd_ms
-from runner.models.gemma4.attention import FlexForwardGemmBackward
+from runner.models.gemma4.attention import WIDE_HEAD_FWD_TILES, FlexForwardGemmBackward
 from runner.models.gemma4.presets import gemma4_31b_config
 
-# kernel_options per FlexAttention variant; "fwd" 32x32 tiles are what the runner passes for head_dim 512
+FWD = {f"fwd_{k}": v for k, v in WIDE_HEAD_FWD_TILES.items()}  # the runner's forward tiles for head_dim 512
+
+
+def _bwd_tiles(m1: int, n1: int, m2: int, n2: int, warps: int) -> dict:
+    return {**FWD, "bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2, "bwd_BLOCK_N2": n2,
+            "bwd_num_stages": 1, "bwd_num_warps": warps}
+
+
+# kernel_options per FlexAttention variant on the full layers (the runner's is the first)
 FULL_FLEX = {
-    "flex default bwd (16x16x16x16, 1 stage, 4 warps)": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32},
-    "flex bwd 32x32x32x32, 1 stage, 4 warps": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 32,
-                                               "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
-                                               "bwd_num_stages": 1, "bwd_num_warps": 4},
-    "flex bwd 32x64x64x32, 1 stage, 8 warps": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 32,
-                                               "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
-                                               "bwd_num_stages": 1, "bwd_num_warps": 8},
-    "flex bwd 64x64x64x64, 1 stage, 8 warps": {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 64,
-                                               "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                                               "bwd_num_stages": 1, "bwd_num_warps": 8},
-    "flex unprefixed BLOCK_M1..N2 32, 1 stage, 4 warps": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 32,
+    "flex default bwd (16x16x16x16, 1 stage, 4 warps)": FWD,
+    "flex bwd 32x32x32x32, 1 stage, 4 warps": _bwd_tiles(32, 32, 32, 32, 4),
+    "flex bwd 32x64x64x32, 1 stage, 8 warps": _bwd_tiles(32, 64, 64, 32, 8),
+    "flex bwd 64x64x64x64, 1 stage, 8 warps": _bwd_tiles(64, 64, 64, 64, 8),
+    "flex unprefixed BLOCK_M1..N2 32, 1 stage, 4 warps": {**WIDE_HEAD_FWD_TILES, "BLOCK_M1": 32, "BLOCK_N1": 32,
                                                          "BLOCK_M2": 32, "BLOCK_N2": 32, "num_stages": 1,
                                                          "num_warps": 4},
 }
+GEMM = "flex forward + GEMM backward (wide_head_backward: gemm)"
 
 
 def shapes(tp: int) -> dict[str, dict]:
@@ -74,8 +77,7 @@ def eager(q, k, v, mask, groups: int) -> torch.Tensor:
     return torch.matmul(probs, v)
 
 
-def variants(layer: str, shape: dict, seq: int, device) -> dict:
-    mask = bool_mask(seq, shape["window"], device)
+def variants(layer: str, shape: dict, seq: int, mask: torch.Tensor, device) -> dict:
     groups = shape["heads"] // shape["kv_heads"]
     window = shape["window"]
 
@@ -85,14 +87,12 @@ def variants(layer: str, shape: dict, seq: int, device) -> dict:
 
     block = create_block_mask(mask_mod, 1, 1, seq, seq, device=device)
     compiled = torch.compile(flex_attention)
-    flex_options = FULL_FLEX if layer == "full_attention" else {"flex default": {}}
-    out: dict = {name: (lambda q, k, v, o=opts: compiled(q, k, v, block_mask=block, scale=1.0, enable_gqa=True,
-                                                          kernel_options=o or None))
-                 for name, opts in flex_options.items()}
-    if layer == "full_attention":  # the runner's model.wide_head_backward: gemm, timed right after flex's default
-        gemm = {"flex forward + GEMM backward (wide_head_backward: gemm)": lambda q, k, v: FlexForwardGemmBackward.apply(
-            q, k, v, block, 1.0, {"BLOCK_M": 32, "BLOCK_N": 32})}
-        out = dict([next(iter(out.items())), *gemm.items(), *list(out.items())[1:]])
+    out: dict = {}
+    for name, opts in (FULL_FLEX if layer == "full_attention" else {"flex default": {}}).items():
+        out[name] = lambda q, k, v, o=opts: compiled(q, k, v, block_mask=block, scale=1.0, enable_gqa=True,
+                                                     kernel_options=o or None)
+        if layer == "full_attention" and GEMM not in out:  # the runner's option, timed right after flex's default
+            out[GEMM] = lambda q, k, v: FlexForwardGemmBackward.apply(q, k, v, block, 1.0, WIDE_HEAD_FWD_TILES)
     out["eager (transformers)"] = lambda q, k, v: eager(q, k, v, mask, groups)
     out["sdpa, bool mask (transformers: KV repeated)"] = lambda q, k, v: F.scaled_dot_product_attention(
         q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask, scale=1.0)
@@ -119,14 +119,15 @@ def main() -> int:
         q0, k0, v0 = (torch.randn(1, args.seq, n, d, device=device, generator=gen).transpose(1, 2) / d**0.25
                       for n in (h, kv, kv))
         grad = torch.randn(1, h, args.seq, d, device=device, generator=gen, dtype=torch.bfloat16)
+        mask = bool_mask(args.seq, shape["window"], device)
         leaves = [x.clone().requires_grad_() for x in (q0, k0, v0)]  # fp32 reference
-        ref = eager(*leaves, bool_mask(args.seq, shape["window"], device), h // kv)
+        ref = eager(*leaves, mask, h // kv)
         ref.backward(grad.float())
         refs = [ref.detach()] + [x.grad for x in leaves]
         del leaves, ref
-        pairs = int(bool_mask(args.seq, shape["window"], device).sum())
+        pairs = int(mask.sum())
         flops_fwd = 4 * pairs * d * h  # QK^T and PV over the allowed pairs
-        for name, fn in variants(layer, shape, args.seq, device).items():
+        for name, fn in variants(layer, shape, args.seq, mask, device).items():
             record = {"layer": layer, **shape, "variant": name}
             if time.time() - t0 > args.budget_s:
                 record["skipped"] = "time budget"

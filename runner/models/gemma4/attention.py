@@ -24,6 +24,7 @@ from transformers.integrations.flex_attention import flex_attention_forward
 
 WIDE_HEAD_ATTENTION = "gemma4_flex_gemm_backward"
 WIDE_HEAD_DIM = 256  # heads wider than this get FlexAttention's slow tiles (both ways: see flex_kernel_options)
+WIDE_HEAD_FWD_TILES = {"BLOCK_M": 32, "BLOCK_N": 32}  # FlexAttention's default forward tiles there overflow an SM
 ROW_BLOCKS = 8  # query-row blocks of the backward: scratch and wasted (masked) products shrink with more
 
 

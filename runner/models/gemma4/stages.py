@@ -28,7 +28,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 )
 
 from runner.errors import UserError
-from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, WIDE_HEAD_DIM
+from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, WIDE_HEAD_DIM, WIDE_HEAD_FWD_TILES
 from runner.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -193,7 +193,7 @@ def flex_kernel_options(text_config: Gemma4TextConfig, head_dim: int) -> dict[st
     memory than an H100/H200 SM has; 32×32 forward tiles fit (the backward picks its own)."""
     if text_config._attn_implementation != "flex_attention" or head_dim <= WIDE_HEAD_DIM:
         return {}
-    return {"kernel_options": {"BLOCK_M": 32, "BLOCK_N": 32}}
+    return {"kernel_options": dict(WIDE_HEAD_FWD_TILES)}
 
 
 class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
@@ -264,11 +264,9 @@ class FusedRMSNorm(Gemma4RMSNorm):
         return self._scale_norm(hidden_states, self.weight if self.with_scale else None)
 
     def _scale_norm(self, hidden_states: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        if self.fused and (weight is None or weight.dtype == hidden_states.dtype):
+        if self.fused:  # the runner's weights and activations share one dtype (model.dtype)
             return F.rms_norm(hidden_states, hidden_states.shape[-1:], weight, self.eps)
         scale = None if weight is None else weight.float()
-        if self.fused:  # a weight in another dtype than the activations: computed in fp32 as transformers does
-            return F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], scale, self.eps).type_as(hidden_states)
         normed = self._norm(hidden_states.float())
         return (normed if scale is None else normed * scale).type_as(hidden_states)
 
