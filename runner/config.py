@@ -28,9 +28,15 @@ class ModelConfig:
     # CUDA only, compiled on first use
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     fused_rms_norm: bool = True  # PyTorch's fused RMSNorm kernel; false: transformers' op-by-op RMSNorm
-    # under flex_attention, the backward of heads wider than 256 (the 31B's full layers): FlexAttention's own
-    # kernel, or batched GEMMs from its log-sum-exp (runner/models/gemma4/attention.py)
-    wide_head_backward: Literal["flex", "gemm"] = "flex"
+    # under flex_attention, the backward of heads wider than 256 (the 31B's full layers): batched GEMMs from
+    # FlexAttention's log-sum-exp (runner/models/gemma4/attention.py; 2x faster on an H100) or FlexAttention's
+    # own kernel. auto: gemm under flex_attention (other attention implementations have their own backward)
+    wide_head_backward: Literal["auto", "flex", "gemm"] = "auto"
+
+    @property
+    def wide_head_gemm(self) -> bool:
+        """Whether the wide heads' backward runs as GEMMs (config validation ties `gemm` to flex_attention)."""
+        return self.attn_implementation == "flex_attention" and self.wide_head_backward != "flex"
 
 
 @dataclass
@@ -247,7 +253,7 @@ def validate(cfg: RunConfig, source: str) -> None:
          "train.recompute_num_layers must be >= 0, or null to recompute every decoder layer"),
         (cfg.train.recompute_num_layers is None or cfg.train.activation_checkpointing,
          "train.recompute_num_layers needs train.activation_checkpointing: true"),
-        (cfg.model.wide_head_backward == "flex" or cfg.model.attn_implementation == "flex_attention",
+        (cfg.model.wide_head_backward != "gemm" or cfg.model.attn_implementation == "flex_attention",
          "model.wide_head_backward: gemm needs model.attn_implementation: flex_attention"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas must be two numbers in [0, 1)"),

@@ -558,7 +558,7 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
         for layer_type, (q, kv, d) in attention_shapes(tc).items()
     }
     eager = cfg.model.attn_implementation == "eager"
-    gemm = cfg.model.wide_head_backward == "gemm"  # (config validation: only under flex_attention)
+    gemm = cfg.model.wide_head_gemm
     return MemoryModel(
         tokens=cfg.train.micro_batch_size * cfg.data.max_length,
         batch=cfg.train.micro_batch_size,

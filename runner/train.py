@@ -206,7 +206,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     device = get_accelerator().current_device_name()
     with torch.device(device):
         model = Gemma4Pipeline(config, ps, activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
-                               fused_rms_norm=cfg.model.fused_rms_norm, wide_head_backward=cfg.model.wide_head_backward,
+                               fused_rms_norm=cfg.model.fused_rms_norm, gemm_backward=cfg.model.wide_head_gemm,
                                stage_layers=cfg.parallel.stage_layers,
                                recompute_num_layers=cfg.train.recompute_num_layers)
     model.to(DTYPES[cfg.model.dtype])

@@ -354,12 +354,12 @@ def test_plan_suggests_the_least_recompute_that_fits():
 
 
 def test_gemm_wide_head_backward_counts_its_scratch():
-    """`model.wide_head_backward: gemm` adds its scratch (one row block of one KV head's group, and the
+    """The GEMM backward (flex_attention's default, `model.wide_head_backward: auto`) adds its scratch (one row block of one KV head's group, and the
     fp32 dK/dV) to the working set of a stage whose peak is a full layer's backward, and nothing where
     the head's logits set the peak (the last stage)."""
     base = ["model.attn_implementation=flex_attention", "data.max_length=4224"]
-    flex = make_plan(load_config(RECIPES["tp2_pp2"], base), gpu_mem_gib=140)
-    gemm = make_plan(load_config(RECIPES["tp2_pp2"], [*base, "model.wide_head_backward=gemm"]), gpu_mem_gib=140)
+    flex = make_plan(load_config(RECIPES["tp2_pp2"], [*base, "model.wide_head_backward=flex"]), gpu_mem_gib=140)
+    gemm = make_plan(load_config(RECIPES["tp2_pp2"], base), gpu_mem_gib=140)
     scratch = gemm_backward_bytes(LayerShape(5376, 16, 2, 512, 21504 // 2), 1, 4224) / 2**30  # 31B, TP2
     assert scratch == pytest.approx((12 * 8 * 528 * 4224 + 528 * 4224 + 4224**2 + 8 * 2 * 4224 * 512) / 2**30)  # 0.25
     first = [plan.stages[0].memory_gib["activations"] for plan in (flex, gemm)]

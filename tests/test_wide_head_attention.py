@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from runner.config import load_config
+from runner.config import ModelConfig, load_config
 from runner.errors import UserError
 from runner.models.gemma4 import stages
 from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, FlexForwardGemmBackward, attention_backward, row_blocks
@@ -89,11 +89,11 @@ def _tiny_full_heads_are_wide(monkeypatch):
     monkeypatch.setattr(stages, "WIDE_HEAD_DIM", 16)
 
 
-def _layer(attn: str, layer_idx: int, wide_head_backward: str = "flex") -> Gemma4DecoderLayerPipe:
+def _layer(attn: str, layer_idx: int, gemm_backward: bool = False) -> Gemma4DecoderLayerPipe:
     config = tiny_config()
     config.text_config._attn_implementation = attn
     ps = SimpleNamespace(dims=ParallelDims(), tp_group=None, tp_rank=0, replica_groups={})
-    return Gemma4DecoderLayerPipe(config, layer_idx, ps, MaskCache(config, 2), wide_head_backward=wide_head_backward)
+    return Gemma4DecoderLayerPipe(config, layer_idx, ps, MaskCache(config, 2), gemm_backward=gemm_backward)
 
 
 def test_only_wide_flex_layers_switch():
@@ -103,7 +103,7 @@ def test_only_wide_flex_layers_switch():
     config.text_config._attn_implementation = "flex_attention"
     ps = SimpleNamespace(dims=ParallelDims(), tp_group=None, tp_rank=0, replica_groups={})
     types = config.text_config.layer_types
-    layers = {t: Gemma4DecoderLayerPipe(config, types.index(t), ps, MaskCache(config, 2), wide_head_backward="gemm")
+    layers = {t: Gemma4DecoderLayerPipe(config, types.index(t), ps, MaskCache(config, 2), gemm_backward=True)
               for t in ("full_attention", "sliding_attention")}
     assert layers["full_attention"].self_attn.config._attn_implementation == WIDE_HEAD_ATTENTION
     assert layers["sliding_attention"].self_attn.config._attn_implementation == "flex_attention"
@@ -117,7 +117,7 @@ def test_full_layer_equals_eager():
     fp32 noise: the largest error is 8e-7 of a tensor's largest entry, as for sdpa against eager)."""
     torch.manual_seed(0)
     full = tiny_config().text_config.layer_types.index("full_attention")
-    wide, eager = _layer("flex_attention", full, "gemm"), _layer("eager", full)
+    wide, eager = _layer("flex_attention", full, gemm_backward=True), _layer("eager", full)
     eager.load_state_dict(wide.state_dict())
     s = 48
     attention_mask = torch.ones(1, s, dtype=torch.long)
@@ -140,3 +140,15 @@ def test_gemm_backward_needs_flex(tmp_path):
     recipe.write_text("model: {attn_implementation: sdpa, wide_head_backward: gemm}\n")
     with pytest.raises(UserError, match="wide_head_backward: gemm needs model.attn_implementation: flex_attention"):
         load_config(recipe)
+
+
+@pytest.mark.parametrize("attn, choice, gemm", [
+    ("flex_attention", "auto", True), ("flex_attention", "gemm", True), ("flex_attention", "flex", False),
+    ("sdpa", "auto", False), ("eager", "flex", False),
+])
+def test_wide_head_backward_choice(tmp_path, attn, choice, gemm):
+    """auto (the default) takes the GEMM backward wherever FlexAttention runs; `flex` keeps its kernel."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{attn_implementation: {attn}, wide_head_backward: {choice}}}\ndata: {{train: t.jsonl}}\n")
+    assert load_config(recipe).model.wide_head_gemm is gemm
+    assert ModelConfig().wide_head_backward == "auto"

@@ -93,7 +93,7 @@ def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
 
 
 def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms_norm: bool = True,
-                       wide_head_backward: str = "flex") -> list[LayerSpec]:
+                       gemm_backward: bool = False) -> list[LayerSpec]:
     """The model as DeepSpeed layer specs, in forward order (`ps=None`: only to list them, as
     `runner plan` does; nothing is built)."""
     pp = ps.dims.pp if ps is not None else 1
@@ -108,7 +108,7 @@ def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms
     return [
         LayerSpec(Gemma4VisionStage, config, ps),
         embed,
-        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks, fused_rms_norm, wide_head_backward)
+        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks, fused_rms_norm, gemm_backward)
           for i in range(config.text_config.num_hidden_layers)],
         LayerSpec(Gemma4FinalNorm, config, ps, fused_rms_norm),
         head,
@@ -185,7 +185,7 @@ class Gemma4Pipeline(PipelineModule):
         *,
         activation_checkpoint_interval: int = 0,
         fused_rms_norm: bool = True,
-        wide_head_backward: str = "flex",
+        gemm_backward: bool = False,
         stage_layers: Sequence[int] = (),
         recompute_num_layers: int | None = None,
     ) -> None:
@@ -196,7 +196,7 @@ class Gemma4Pipeline(PipelineModule):
         self.stage_layers = tuple(stage_layers)
         loss = TokenWeightedLoss(ps, config.text_config.vocab_size)
         super().__init__(
-            layers=gemma4_layer_specs(config, ps, fused_rms_norm, wide_head_backward),
+            layers=gemma4_layer_specs(config, ps, fused_rms_norm, gemm_backward),
             topology=ps.topology,
             loss_fn=loss,
             activation_checkpoint_interval=activation_checkpoint_interval,

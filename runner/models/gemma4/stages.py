@@ -207,7 +207,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
 
     def __init__(
         self, config: Gemma4Config, layer_idx: int, ps: ParallelState, masks: MaskCache, fused_rms_norm: bool = True,
-        wide_head_backward: str = "flex",
+        gemm_backward: bool = False,
     ) -> None:
         with torch.device("meta"):
             super().__init__(config.text_config, layer_idx)
@@ -218,7 +218,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
         self.attn_kwargs = flex_kernel_options(config.text_config, self.self_attn.head_dim)
         self.flex = config.text_config._attn_implementation == "flex_attention"
-        if self.flex and wide_head_backward == "gemm" and self.self_attn.head_dim > WIDE_HEAD_DIM:
+        if self.flex and gemm_backward and self.self_attn.head_dim > WIDE_HEAD_DIM:
             # this layer's attention alone calls `wide_head_attention` (masks stay FlexAttention's)
             self.self_attn.config = copy.copy(config.text_config)
             self.self_attn.config._attn_implementation = WIDE_HEAD_ATTENTION
