@@ -44,6 +44,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int | Literal["auto"] = "auto"  # auto: world size / (tp * pp)
+    # Megatron's sequence parallelism: between the TP blocks each TP rank keeps 1/tp of the sequence
+    # (norms, residuals and the activations sent between stages); needs sequences in multiples of tp
+    sequence_parallel: bool = False
     # decoder layers per pipeline stage, first to last (empty: even split); e.g. [7, 5]
     stage_layers: list[int] = field(default_factory=list)
 
@@ -262,6 +265,12 @@ def validate(cfg: RunConfig, source: str) -> None:
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.data.max_length >= 16, "data.max_length must be >= 16"),
         (cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1"),
+        (not cfg.parallel.sequence_parallel or cfg.data.pad_to_multiple_of % cfg.parallel.tp == 0,
+         f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices: set "
+         f"data.pad_to_multiple_of to a multiple of {cfg.parallel.tp} (now {cfg.data.pad_to_multiple_of})"),
+        (not cfg.parallel.sequence_parallel or all(b % cfg.parallel.tp == 0 for b in cfg.data.buckets),
+         f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices: make every "
+         f"data.buckets length a multiple of {cfg.parallel.tp} (now {cfg.data.buckets})"),
         (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

@@ -356,7 +356,8 @@ class Plan:
         lines = [
             f"model   {self.model} ({self.source}): {_count(self.total_params)} parameters "
             f"({_count(self.total_params - self.vision_params)} text + {_count(self.vision_params)} vision)",
-            f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs; {self.micro_batches} micro-batches of "
+            f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs"
+            f"{' (sequence parallel)' if d.sequence_parallel and d.tp > 1 else ''}; {self.micro_batches} micro-batches of "
             f"{self.micro_batch_size} x {self.max_length} tokens per step and DP replica; {self.dtype}, "
             f"ZeRO-{self.zero_stage}, {self.attn_implementation}, "
             f"activation checkpointing {self.checkpointing_label}",
@@ -418,14 +419,16 @@ class LayerShape:
     mlp: int
 
 
-def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: bool) -> int:
+def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: bool, seq_slices: int = 1) -> int:
     """Bytes a decoder layer keeps for backward, one micro-batch on one TP rank.
 
     What autograd saves in transformers' Gemma4TextDecoderLayer with the runner's TP linears (the
     test checks it against saved-tensor hooks), per token; h hidden, q = local query heads x head_dim,
     k = local KV heads x head_dim, m = intermediate / tp; bf16 activations, RMSNorm in fp32:
       hidden     4 RMSNorms x (fp32 input copy + fp32 normalized) = 32h, plus the bf16 outputs of the
-                 input and pre-FFN norms that the column-parallel linears read = 4h
+                 input and pre-FFN norms that the column-parallel linears read = 4h; under sequence
+                 parallelism (`seq_slices` = tp) the norms run on 1/tp of the tokens (32h / tp) and the
+                 linears read the gathered sequence (4h)
       q, k, v    q_norm 8q, k_norm 8k (the same two fp32 tensors), v_norm's fp32 input copy 4k; each
                  norm row's mean square and rsqrt, 8 bytes x (4 + q heads + 2 x KV heads) rows; RoPE
                  keeps cos and sin (4 x head_dim), not its input
@@ -442,7 +445,7 @@ def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: 
     """
     h, q, k, m = s.hidden, s.q_heads * s.head_dim, s.kv_heads * s.head_dim, s.mlp
     norm_rows = 4 + s.q_heads + 2 * s.kv_heads
-    common = 36 * h + 8 * q + 12 * k + 2 * q + 2 * q + 8 * m + 4 * s.head_dim + 8 * norm_rows
+    common = 32 * h // seq_slices + 4 * h + 8 * q + 12 * k + 2 * q + 2 * q + 8 * m + 4 * s.head_dim + 8 * norm_rows
     if materialized_scores:
         return batch * seq * (common + 4 * q) + 6 * s.q_heads * batch * seq * seq
     seen_kv = q if s.q_heads > s.kv_heads > 1 else k
@@ -469,7 +472,8 @@ def layer_grad_bytes(s: LayerShape, tokens: int) -> int:
 @dataclass(frozen=True)
 class MemoryModel:
     """Peak activation bytes per GPU of one stage. T = micro_batch x max_length tokens; A = T x hidden
-    x 2 bytes, one bf16 hidden state; in_flight = min(pp - stage, micro-batches per step), the
+    x 2 bytes / seq_slices, one bf16 hidden state (this rank's 1/tp slice of the sequence under
+    sequence parallelism, where also the norms' saved tensors shrink tp-fold); in_flight = min(pp - stage, micro-batches per step), the
     micro-batches DeepSpeed's 1F1B TrainSchedule keeps forward-done-backward-pending on a stage.
 
       R of the stage's L decoder layers checkpointed (R = L with activation checkpointing, fewer
@@ -485,7 +489,7 @@ class MemoryModel:
       + DeepSpeed's p2p receive buffers where pp > 1: one A for activations, one A for gradients.
 
     head peak (last stage, which has one micro-batch in flight): the final norm's fp32 copies and
-    bf16 output (10 x hidden per token) + the vocab-parallel logits working set per token x vocab/tp:
+    bf16 output (10 x hidden per token, / seq_slices) + the vocab-parallel logits working set per token x vocab/tp:
     bf16 logits kept by tanh, bf16 softcapped logits, and inside the cross entropy the fp32 upcast,
     the max-shifted copy and exp/softmax (fp32, kept for backward) = 2 + 2 + 4 + 4 + 4 = 16 bytes
     (14 without softcapping). No rank ever holds full-vocab logits.
@@ -509,21 +513,23 @@ class MemoryModel:
     vision_layers: int
     patches: int
     images: int
+    seq_slices: int = 1  # tp under sequence parallelism
 
     def layer_saved(self, layer_type: str) -> int:
-        return layer_saved_bytes(self.shapes[layer_type], self.batch, self.seq, self.materialized[layer_type])
+        return layer_saved_bytes(self.shapes[layer_type], self.batch, self.seq, self.materialized[layer_type],
+                                 self.seq_slices)
 
     def vision_saved(self) -> int:
         return self.images * self.vision_layers * layer_saved_bytes(self.vision_shape, 1, self.patches, False)
 
     def head_peak(self) -> int:
-        return self.tokens * (10 * self.hidden + (16 if self.softcap else 14) * self.vocab_local)
+        return self.tokens * (10 * self.hidden // self.seq_slices + (16 if self.softcap else 14) * self.vocab_local)
 
     def activations(self, layer_types: list[str], first: bool, last: bool, in_flight: int,
                     recomputed: int, vision: str | None, pp: int) -> dict[str, int]:
         """The parts of a stage's peak, in bytes. `recomputed`: how many of the stage's first decoder
         layers are checkpointed; `vision`: None (not on this stage), 'trainable' or 'frozen'."""
-        a = self.tokens * self.hidden * 2
+        a = self.tokens * self.hidden * 2 // self.seq_slices
         grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in set(layer_types)), default=0)
         checkpointed, kept = layer_types[:recomputed], layer_types[recomputed:]
         stored = len(checkpointed) * a + sum(self.layer_saved(t) for t in kept) + (0 if first or checkpointed else a)
@@ -576,6 +582,7 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
         vision_layers=vc.num_hidden_layers,
         patches=_soft_tokens(config) * vc.pooling_kernel_size**2,
         images=cfg.train.micro_batch_size * IMAGES_PER_SAMPLE,
+        seq_slices=tp if cfg.parallel.sequence_parallel else 1,
     )
 
 
@@ -596,7 +603,7 @@ def resolve_dims(cfg: RunConfig, world_size: int | None) -> ParallelDims:
     if world_size is None:
         if cfg.parallel.dp == "auto":
             raise UserError("parallel.dp is 'auto': pass --cluster ACCELERATE_CONFIG.yaml or --world-size N to resolve it")
-        return ParallelDims(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp)
+        return ParallelDims(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
     from runner.train import parallel_dims  # the same rule `runner train` applies
 
     return parallel_dims(cfg, world_size)

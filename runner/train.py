@@ -81,9 +81,9 @@ def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
         if world_size % (tp * pp):
             raise UserError(f"{world_size} processes cannot be split into tp*pp = {tp}*{pp} groups; "
                             f"launch a multiple of {tp * pp} processes")
-        dims = ParallelDims(tp, pp, world_size // (tp * pp))
+        dims = ParallelDims(tp, pp, world_size // (tp * pp), cfg.parallel.sequence_parallel)
     else:
-        dims = ParallelDims(tp, pp, cfg.parallel.dp)
+        dims = ParallelDims(tp, pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
     dims.validate(world_size)
     return dims
 

@@ -53,8 +53,11 @@ def main() -> None:
                                       recompute_num_layers=args.recompute_num_layers)
     decoder = [f for f in model.forward_funcs if isinstance(f, Gemma4DecoderLayerPipe)]
     forwards = collections.Counter()  # forward calls per decoder layer: recompute runs one again
+    lengths = collections.Counter()  # (hidden tokens, whole sequence) per decoder-layer call
     for layer in decoder:
         layer.register_forward_hook(lambda module, inputs, output: forwards.update([id(module)]))
+        layer.register_forward_hook(lambda module, inputs, output: lengths.update([(inputs[0][0].shape[1],
+                                                                                     inputs[0][2].shape[1])]))
     if counts:  # this stage holds exactly its share, in order
         first = sum(counts[:ps.pp_rank])
         assert model.decoder_layers() == list(range(first, first + counts[ps.pp_rank])), model.decoder_layers()
@@ -66,6 +69,7 @@ def main() -> None:
     model.freeze(**{part: True for part in args.freeze.split(",") if part})
 
     kinds = args.batches.split(",")
+    multiple = args.tp if args.sequence_parallel else 1  # sequences split into tp slices
     n_micro = len(global_batch(config, kinds[0]))
     gas = n_micro // args.dp
     ds = ds_config(gas, args.dp)
@@ -75,7 +79,7 @@ def main() -> None:
 
     result: dict = {"losses": [], "grads": []}
     for kind in kinds:
-        result["losses"].append(train_step(engine, model, ps, global_batch(config, kind), gas))
+        result["losses"].append(train_step(engine, model, ps, global_batch(config, kind, multiple=multiple), gas))
         grads = optimizer.captured[-1]
         step_grads = {}
         for name, tensor, _ in model.hf_tensors():
@@ -89,6 +93,8 @@ def main() -> None:
     recomputed = len(decoder) if args.recompute_num_layers is None else args.recompute_num_layers
     want = [micro_batches * (2 if checkpointing and i < recomputed else 1) for i in range(len(decoder))]
     assert [forwards[id(layer)] for layer in decoder] == want, ([forwards[id(layer)] for layer in decoder], want)
+    slices = args.tp if args.sequence_parallel else 1  # sequence parallelism: each layer sees 1/tp of it
+    assert decoder and all(tokens * slices == seq for tokens, seq in lengths), lengths
     embed = model.tied_modules["embed"] if "embed" in model.tied_modules else None
     if embed is not None:
         result["embed_weight"] = gather_full(embed.weight, ps.tp_group)

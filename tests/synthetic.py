@@ -62,10 +62,10 @@ def _sample(gen, config: Gemma4Config, n_text: int, n_answer: int, images: list[
     return ids, types, labels, pix, pos
 
 
-def micro_batch(gen, config: Gemma4Config, samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Collate samples (dicts of n_text, n_answer, images) with right padding."""
+def micro_batch(gen, config: Gemma4Config, samples: list[dict], multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Collate samples (dicts of n_text, n_answer, images) with right padding to a multiple of `multiple`."""
     built = [_sample(gen, config, s["n_text"], s["n_answer"], s.get("images", [])) for s in samples]
-    seq = max(len(b[0]) for b in built)
+    seq = -(-max(len(b[0]) for b in built) // multiple) * multiple
     pad = config.text_config.pad_token_id
     out = {
         "input_ids": torch.full((len(built), seq), pad, dtype=torch.long),
@@ -107,9 +107,9 @@ GLOBAL_BATCHES = {
 }
 
 
-def global_batch(config: Gemma4Config, kind: str, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def global_batch(config: Gemma4Config, kind: str, seed: int = 0, multiple: int = 1) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [micro_batch(gen, config, samples) for samples in GLOBAL_BATCHES[kind]]
+    return [micro_batch(gen, config, samples, multiple) for samples in GLOBAL_BATCHES[kind]]
 
 
 def ds_config(gas: int, dp: int, clipping: float = 0.0, **extra) -> dict:
@@ -133,6 +133,7 @@ def worker_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ckpt", required=True)
     for dim in ("tp", "pp", "dp"):
         ap.add_argument(f"--{dim}", type=int, default=1)
+    ap.add_argument("--sequence-parallel", action="store_true")
     return ap
 
 
@@ -141,7 +142,7 @@ def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
     """Join the process group and build this rank's part of the (args.tp, args.pp, args.dp) pipeline
     from the HF checkpoint args.ckpt, eager attention; `kwargs` go to Gemma4Pipeline."""
     deepspeed.init_distributed(dist_backend=backend)
-    ps = build_parallel_state(ParallelDims(tp=args.tp, pp=args.pp, dp=args.dp))
+    ps = build_parallel_state(ParallelDims(args.tp, args.pp, args.dp, args.sequence_parallel))
     config = AutoConfig.from_pretrained(args.ckpt)
     config.text_config._attn_implementation = "eager"
     model = Gemma4Pipeline(config, ps, **kwargs)

@@ -42,13 +42,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # every layout with the fused RMSNorm (the default) and the even split; one with transformers' own
-# RMSNorm; one uneven split (parallel.stage_layers): 5 + 1, the last stage holds only the full layer
-CASES = [(*layout, True, "") for layout in LAYOUTS] + [(2, 2, 1, False, ""), (2, 2, 1, True, "5,1")]
+# RMSNorm; one uneven split (parallel.stage_layers): 5 + 1, the last stage holds only the full layer;
+# sequence parallelism where TP > 1 (micro-batches padded to a multiple of tp, as the config demands)
+CASES = ([(*layout, True, "", False) for layout in LAYOUTS] + [(2, 2, 1, False, "", False), (2, 2, 1, True, "5,1", False)]
+         + [(2, 1, 1, True, "", True), (2, 2, 1, True, "", True), (4, 1, 1, True, "", True)])
 
 
-@pytest.mark.parametrize("tp,pp,dp,fused,stage_layers", CASES, ids=lambda v: str(v))
-def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp, dp, fused, stage_layers):
-    extra = ("--stage-layers", stage_layers) + (() if fused else ("--no-fused-rms-norm",))
+@pytest.mark.parametrize("tp,pp,dp,fused,stage_layers,sp", CASES, ids=lambda v: str(v))
+def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp, dp, fused, stage_layers, sp):
+    extra = (("--stage-layers", stage_layers) + (() if fused else ("--no-fused-rms-norm",))
+             + (("--sequence-parallel",) if sp else ()))
     _assert_matches_transformers(tmp_path, tiny_ckpt, (tp, pp, dp), extra)
 
 

@@ -235,7 +235,7 @@ def test_cli_resolves_dp_from_the_cluster_and_refuses_bad_input(capsys, tmp_path
     recipe = str(RECIPES["tp4_pp4_dp2"])
     cluster = str(ROOT / "accelerate_configs/4x8_gpu.yaml")
     assert main(["plan", recipe, "--cluster", cluster, "--set", "parallel.dp=auto", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["dims"] == {"tp": 4, "pp": 4, "dp": 2, "world_size": 32}
+    assert json.loads(capsys.readouterr().out)["dims"] == {"tp": 4, "pp": 4, "dp": 2, "sequence_parallel": False, "world_size": 32}
     for args, message in [
         (["--set", "parallel.dp=auto"], "pass --cluster"),
         (["--set", f"model.path={tmp_path}/missing/model"], "neither a local model directory nor a hub id"),
@@ -366,3 +366,21 @@ def test_gemm_wide_head_backward_counts_its_scratch():
     assert first[1] - first[0] == pytest.approx(scratch, abs=0.01)
     assert gemm.stages[1].memory_gib == flex.stages[1].memory_gib
     assert "GEMM backward on wide heads" in gemm.table() and "GEMM" not in flex.table()
+
+
+def test_sequence_parallel_slices_what_lies_between_blocks():
+    """parallel.sequence_parallel at TP2: with every layer recomputed, a stage keeps only hidden states
+    between blocks (each layer's input, the stage output) and DeepSpeed's p2p buffers; all are this
+    rank's half of the sequence, so they halve exactly; the last stage's working set (the logits)
+    does not."""
+    base = ["model.attn_implementation=flex_attention", "data.max_length=4224", "data.pad_to_multiple_of=4224"]
+    plain = make_plan(load_config(RECIPES["tp2_pp2"], base), gpu_mem_gib=140)
+    sp = make_plan(load_config(RECIPES["tp2_pp2"], [*base, "parallel.sequence_parallel=true"]), gpu_mem_gib=140)
+    for a, b in zip(plain.stages, sp.stages):
+        for part in ("stored", "p2p_buffers"):
+            assert b.activations_gib[part] == pytest.approx(a.activations_gib[part] / 2, abs=1e-3), part  # (rounded)
+        assert b.memory_gib["total"] < a.memory_gib["total"]
+    assert sp.stages[0].activations_gib["working_set"] < plain.stages[0].activations_gib["working_set"]
+    assert "(sequence parallel)" in sp.table() and "(sequence parallel)" not in plain.table()
+    with pytest.raises(UserError, match="pad_to_multiple_of to a multiple of 2"):
+        load_config(RECIPES["tp2_pp2"], ["parallel.sequence_parallel=true", "data.pad_to_multiple_of=7"])

@@ -1,4 +1,5 @@
-"""The TP ops on two CPU ranks: gather forward/backward, vocab-parallel cross entropy vs full."""
+"""The TP ops on two CPU ranks: gather forward/backward, the sequence-parallel ops, vocab-parallel
+cross entropy vs full."""
 
 from conftest import TESTS, torchrun
 

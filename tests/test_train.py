@@ -51,8 +51,8 @@ def _first_step(out: Path) -> dict:
 
 
 def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medpix):
-    """(1,1,1) under torchrun, (2,2,1) under accelerate launch, (1,2,2) under the deepspeed launcher:
-    one global batch, so loss and grad norm must agree."""
+    """(1,1,1) under torchrun, (2,2,1) with sequence parallelism under accelerate launch, (1,2,2) under
+    the deepspeed launcher: one global batch, so loss and grad norm must agree."""
     runs = {
         (1, 1, 1): torchrun_cmd(1, *TRAIN),
         (2, 2, 1): [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -63,7 +63,8 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
     for (tp, pp, dp), cmd in runs.items():
         out = tmp_path / f"run_{tp}{pp}{dp}"
         profile = "logging.profile_step=1" if tp * pp * dp == 1 else "logging.profile_step=0"
-        run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", profile))
+        sp = f"parallel.sequence_parallel={tp > 1}"
+        run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", profile, sp))
         firsts[(tp, pp, dp)] = _first_step(out)
     profiled = tmp_path / "run_111"  # the profiled step is the same step, with its reports beside it
     assert "train_batch" in (profiled / "profile_rank0_python.txt").read_text()

@@ -1,6 +1,7 @@
 """Two-rank check of the TP kernel pieces the parity tests do not isolate: gather_last_dim forward
-and backward, and vocab-parallel cross entropy (loss and gradient, ignore_index) against the
-full-vocabulary computation."""
+and backward, the sequence-parallel ops (split, gather, reduce-scatter over the sequence; micro-batch
+of 3 so the sequence-first views are real copies), and vocab-parallel cross entropy (loss and
+gradient, ignore_index) against the full-vocabulary computation."""
 
 from __future__ import annotations
 
@@ -12,13 +13,56 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
-from runner.parallel.tensor_parallel import gather_last_dim, vocab_parallel_cross_entropy  # noqa: E402
+from runner.errors import UserError  # noqa: E402
+from runner.parallel.tensor_parallel import (  # noqa: E402
+    gather_last_dim,
+    gather_seq,
+    reduce_scatter_seq,
+    split_seq,
+    vocab_parallel_cross_entropy,
+)
+
+
+def check_sequence_ops(group, rank: int, world: int) -> None:
+    """Each op and its backward against the whole-sequence arithmetic: rank r's upstream gradient
+    is (r + 1) · w, so every sum over ranks is visible."""
+    gen = torch.Generator().manual_seed(1)
+    full = torch.randn(3, 4 * world, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(full.shape, generator=gen, dtype=torch.float64)
+    mine = slice(4 * rank, 4 * (rank + 1))
+    ranks_sum = sum(range(1, world + 1))
+
+    x = full.clone().requires_grad_(True)
+    part = split_seq(x, group)
+    assert torch.equal(part, full[:, mine])
+    (part * (rank + 1) * w[:, mine]).sum().backward()
+    assert torch.equal(x.grad, torch.cat([(r + 1) * w[:, 4 * r:4 * (r + 1)] for r in range(world)], dim=1))
+
+    sliced = full[:, mine].clone().requires_grad_(True)
+    whole = gather_seq(sliced, group)
+    assert torch.equal(whole, full)
+    (whole * (rank + 1) * w).sum().backward()
+    assert torch.allclose(sliced.grad, ranks_sum * w[:, mine])
+
+    partial = ((rank + 1) * full).requires_grad_(True)
+    reduced = reduce_scatter_seq(partial, group)
+    assert torch.allclose(reduced, ranks_sum * full[:, mine])
+    (reduced * (rank + 1) * w[:, mine]).sum().backward()
+    assert torch.allclose(partial.grad, torch.cat([(r + 1) * w[:, 4 * r:4 * (r + 1)] for r in range(world)], dim=1))
+
+    try:
+        split_seq(full[:, :4 * world - 1], group)
+    except UserError as e:
+        assert "data.pad_to_multiple_of" in str(e)
+    else:
+        raise AssertionError("an odd sequence length split without an error")
 
 
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(list(range(world)))
+    check_sequence_ops(group, rank, world)
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(3, 5, 8 * world, generator=gen, dtype=torch.float64)
     target = torch.randint(0, 8 * world, (3, 5), generator=gen)

@@ -5,6 +5,12 @@ region, `reduce_from_group` (all-reduce forward, identity backward) leaves it. C
 linears shard their outputs, row-parallel linears shard their inputs, so an attention block or an
 MLP costs one all-reduce forward and one backward.
 
+Sequence parallelism (Megatron's, `parallel.sequence_parallel`) splits each all-reduce in two around
+the per-token work: `reduce_scatter_seq` leaves a block with each rank holding its slice of the
+sequence, the norms and residual adds run on that slice only, and `gather_seq` enters the next block
+(all-gather forward, reduce-scatter backward). Same bytes on the wire, 1/tp of the token-wise work and
+of the activations between blocks (and between pipeline stages).
+
 Every sharded parameter records how it was cut (`tp_dim`, `tp_shards`, `tp_index`, `tp_replicas`),
 which is what checkpoint loading slices by and what gathering for export or tests undoes.
 """
@@ -12,11 +18,14 @@ which is what checkpoint loading slices by and what gathering for export or test
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from runner.errors import UserError
 
 
 def _group_size(group) -> int:
@@ -67,6 +76,73 @@ class _GatherLastDim(torch.autograd.Function):
         size = dist.get_world_size(group=ctx.group)
         rank = dist.get_rank(group=ctx.group)
         return grad.chunk(size, dim=-1)[rank].contiguous(), None
+
+
+def _check_slices(x: torch.Tensor, size: int) -> None:
+    if x.shape[1] % size:
+        raise UserError(f"sequence parallelism: a micro-batch of {x.shape[1]} tokens does not split into "
+                        f"tp={size} equal slices; set data.pad_to_multiple_of to a multiple of {size}")
+
+
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, S/tp, …] slices → [B, S, …], rank order; the collective runs on the sequence-first view
+    (no copy at micro-batch size 1)."""
+    x = x.transpose(0, 1).contiguous()
+    out = x.new_empty((x.shape[0] * _group_size(group), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out.transpose(0, 1).contiguous()
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum [B, S, …] over the group and keep this rank's [B, S/tp, …] slice."""
+    size = _group_size(group)
+    _check_slices(x, size)
+    x = x.transpose(0, 1).contiguous()
+    out = x.new_empty((x.shape[0] // size, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out.transpose(0, 1).contiguous()
+
+
+def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    size, rank = _coords(group)
+    _check_slices(x, size)
+    return x.chunk(size, dim=1)[rank].contiguous()
+
+
+def _sequence_op(name: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """An autograd op of the sequence-parallel conjugate pairs: `forward` on the way in, `backward`
+    on the gradient (split ↔ gather, gather ↔ reduce-scatter, reduce-scatter ↔ gather)."""
+
+    def fwd(ctx, x, group):
+        ctx.group = group
+        return forward(x, group)
+
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
+_GatherSeq = _sequence_op("_GatherSeq", _all_gather_seq, _reduce_scatter_seq)
+_ReduceScatterSeq = _sequence_op("_ReduceScatterSeq", _reduce_scatter_seq, _all_gather_seq)
+_SplitSeq = _sequence_op("_SplitSeq", _split_seq, _all_gather_seq)
+
+
+def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Sequence slices → the whole sequence (all-gather forward, reduce-scatter backward): enter a
+    parallel region under sequence parallelism, where `copy_to_group` would otherwise."""
+    return x if _group_size(group) == 1 else _GatherSeq.apply(x, group)
+
+
+def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial sums → this rank's sequence slice of their total (reduce-scatter forward, all-gather
+    backward): leave a parallel region under sequence parallelism, where `reduce_from_group` would."""
+    return x if _group_size(group) == 1 else _ReduceScatterSeq.apply(x, group)
+
+
+def split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """A tensor identical on every rank → this rank's sequence slice (backward: all-gather)."""
+    return x if _group_size(group) == 1 else _SplitSeq.apply(x, group)
 
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
@@ -172,7 +248,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
 class RowParallelLinear(_ParallelLinear):
     """y = x Wᵀ with W's input columns split over the TP group; the input arrives sharded (the
-    output of a column-parallel layer) and the partial products are all-reduced."""
+    output of a column-parallel layer) and the partial products are all-reduced, or under
+    `sequence_parallel` reduce-scattered over the sequence."""
 
     def __init__(
         self,
@@ -181,11 +258,15 @@ class RowParallelLinear(_ParallelLinear):
         tp_group,
         *,
         bias: bool = False,
+        sequence_parallel: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         tp, tp_rank = _coords(tp_group)
+        if bias and sequence_parallel:
+            raise ValueError("a row-parallel bias under sequence parallelism is not supported (Gemma4 has none)")
+        self.reduce = reduce_scatter_seq if sequence_parallel else reduce_from_group
         if in_features % tp:
             raise ValueError(f"in_features={in_features} not divisible by tp={tp}")
         self.in_features = in_features // tp
@@ -201,7 +282,7 @@ class RowParallelLinear(_ParallelLinear):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = reduce_from_group(F.linear(x, self.weight), self.tp_group)
+        out = self.reduce(F.linear(x, self.weight), self.tp_group)
         return out if self.bias is None else out + self.bias
 
 
@@ -210,7 +291,8 @@ class VocabParallelEmbedding(nn.Module):
 
     Each rank looks up the ids in its row range, zeros the rest, and the all-reduce assembles the
     full embedding. `padding_idx` keeps nn.Embedding's rule (no gradient into the pad row), which
-    transformers' Gemma4 embedding uses. The same weight serves as the tied LM head (`logits`).
+    transformers' Gemma4 embedding uses. The same weight serves as the tied LM head (`logits`), whose
+    input arrives in sequence slices under `sequence_parallel`.
     """
 
     def __init__(
@@ -221,11 +303,13 @@ class VocabParallelEmbedding(nn.Module):
         *,
         padding_idx: int | None = None,
         embed_scale: float = 1.0,
+        sequence_parallel: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         tp, tp_rank = _coords(tp_group)
+        self.sequence_parallel = sequence_parallel
         if num_embeddings % tp:
             raise ValueError(f"vocab size {num_embeddings} not divisible by tp={tp}")
         self.num_embeddings = num_embeddings
@@ -257,7 +341,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary slice of the LM-head logits: (…, vocab / tp)."""
-        return F.linear(copy_to_group(hidden, self.tp_group), self.weight)
+        enter = gather_seq if self.sequence_parallel else copy_to_group
+        return F.linear(enter(hidden, self.tp_group), self.weight)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

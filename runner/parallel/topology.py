@@ -18,11 +18,13 @@ from runner.errors import UserError
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Degrees of tensor, pipeline and data parallelism."""
+    """Degrees of tensor, pipeline and data parallelism, and whether the TP group also splits the
+    sequence between its blocks (Megatron's sequence parallelism)."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    sequence_parallel: bool = False
 
     @property
     def world_size(self) -> int:

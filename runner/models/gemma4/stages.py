@@ -34,7 +34,9 @@ from runner.parallel.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_group,
+    gather_seq,
     mark_sharded,
+    split_seq,
 )
 from runner.parallel.topology import ParallelState
 
@@ -101,7 +103,8 @@ class Gemma4TokenEmbedding(VocabParallelEmbedding):
     def __init__(self, config: Gemma4Config, ps: ParallelState) -> None:
         tc = config.text_config
         super().__init__(
-            tc.vocab_size, tc.hidden_size, ps.tp_group, padding_idx=tc.pad_token_id, embed_scale=tc.hidden_size**0.5
+            tc.vocab_size, tc.hidden_size, ps.tp_group, padding_idx=tc.pad_token_id, embed_scale=tc.hidden_size**0.5,
+            sequence_parallel=ps.dims.sequence_parallel,
         )
         self.image_token_id = config.image_token_id
         self.placeholder_ids = [i for i in (config.image_token_id, config.video_token_id, config.audio_token_id) if i is not None]
@@ -122,6 +125,8 @@ class Gemma4TokenEmbedding(VocabParallelEmbedding):
         if n_rows:
             mask = image_rows.unsqueeze(-1).expand_as(hidden)
             hidden = hidden.masked_scatter(mask, image_features.to(hidden.dtype))
+        if self.sequence_parallel:  # the decoder layers take this rank's slice of the sequence
+            hidden = split_seq(hidden, self.tp_group)
         batch, seq = input_ids.shape
         position_ids = torch.arange(seq, device=input_ids.device).repeat(batch, 1)
         return hidden, attention_mask, position_ids, mm_token_type_ids
@@ -218,6 +223,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
         self.attn_kwargs = flex_kernel_options(config.text_config, self.self_attn.head_dim)
         self.flex = config.text_config._attn_implementation == "flex_attention"
+        self.sequence_parallel = ps.dims.sequence_parallel
         if self.flex and gemm_backward and self.self_attn.head_dim > WIDE_HEAD_DIM:
             # this layer's attention alone calls `wide_head_attention` (masks stay FlexAttention's)
             self.self_attn.config = copy.copy(config.text_config)
@@ -236,7 +242,9 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, attention_mask, position_ids, mm_token_type_ids = inputs
-        masks = self.masks.get(hidden, attention_mask, position_ids, mm_token_type_ids)
+        # under sequence parallelism `hidden` is this rank's slice; the masks span the whole sequence
+        whole = hidden[:, :1].expand(-1, position_ids.shape[1], -1) if self.sequence_parallel else hidden
+        masks = self.masks.get(whole, attention_mask, position_ids, mm_token_type_ids)
         hidden = super().forward(
             hidden,
             None,
@@ -275,9 +283,26 @@ class _GroupRMSNorm(FusedRMSNorm):
     """An RMSNorm that knows its TP group."""
 
     def __init__(self, dim: int, eps: float, tp_group: dist.ProcessGroup | None, fused: bool,
-                 with_scale: bool = True) -> None:
+                 with_scale: bool = True, sequence_parallel: bool = False) -> None:
         super().__init__(dim, eps=eps, with_scale=with_scale, fused=fused)
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
+
+    def _local_scale(self) -> torch.Tensor | None:
+        """The scale as this rank's tokens use it: under sequence parallelism each rank normalizes its
+        own slice of the sequence, so the scale's gradient is summed over TP (Megatron's
+        `sequence_parallel` parameters), which keeps the replicated copies equal."""
+        if not self.with_scale:
+            return None
+        return copy_to_group(self.weight, self.tp_group) if self.sequence_parallel else self.weight
+
+
+class SequenceSliceRMSNorm(_GroupRMSNorm):
+    """A per-token norm outside the TP blocks (after attention, after the MLP, the final norm); under
+    sequence parallelism it runs on this rank's slice of the sequence."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._scale_norm(hidden_states, self._local_scale())
 
 
 class HeadSharedRMSNorm(_GroupRMSNorm):
@@ -294,16 +319,18 @@ class HeadSharedRMSNorm(_GroupRMSNorm):
 class BlockInputRMSNorm(_GroupRMSNorm):
     """The norm in front of the attention block or the MLP: its output enters the TP group here, once,
     for all the block's column-parallel linears (built with `copy_input=False`), so backward
-    all-reduces one input gradient per block instead of one per linear (q, k, v; gate, up)."""
+    all-reduces one input gradient per block instead of one per linear (q, k, v; gate, up). Under
+    sequence parallelism it normalizes this rank's slice and all-gathers the sequence."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return copy_to_group(super().forward(hidden_states), self.tp_group)
+        normed = self._scale_norm(hidden_states, self._local_scale())
+        return (gather_seq if self.sequence_parallel else copy_to_group)(normed, self.tp_group)
 
 
 def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused_rms_norm: bool) -> None:
     """Swap the (meta) linears of a transformers decoder layer for TP ones and its RMSNorms for
     ones that run fused or transformers' ops (`fused_rms_norm`); materialize the rest."""
-    tp = ps.dims.tp
+    tp, sp = ps.dims.tp, ps.dims.sequence_parallel
     attn = layer.self_attn
     head_dim = attn.head_dim
     q_heads = attn.q_proj.out_features // head_dim
@@ -320,7 +347,7 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
             continue
         bias = old.bias is not None
         if style == "rowwise":
-            new = RowParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias)
+            new = RowParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias, sequence_parallel=sp)
         elif attr in ("k_proj", "v_proj"):
             new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, replicas=replicas,
                                        replica_group=kv_group, bias=bias, copy_input=False)
@@ -332,7 +359,9 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
             parent_name, _, attr = name.rpartition(".")
             dim = old.weight.shape[0] if old.with_scale else 1
             if name in BLOCK_INPUT_NORMS:
-                norm = BlockInputRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm, with_scale=old.with_scale)
+                norm = BlockInputRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm, old.with_scale, sp)
+            elif sp and "." not in name:  # the layer's own norms: per token, between the TP blocks
+                norm = SequenceSliceRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm, old.with_scale, sp)
             else:
                 norm = FusedRMSNorm(dim, old.eps, with_scale=old.with_scale, fused=fused_rms_norm)
             setattr(layer.get_submodule(parent_name), attr, norm)
@@ -353,13 +382,14 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
                 module.register_buffer(bname, torch.ones(b.shape, dtype=b.dtype))
 
 
-class Gemma4FinalNorm(FusedRMSNorm):
+class Gemma4FinalNorm(SequenceSliceRMSNorm):
     """The language model's final RMSNorm; drops the side tensors the head does not need."""
 
     hf_prefix = "model.language_model.norm."
 
     def __init__(self, config: Gemma4Config, ps: ParallelState, fused_rms_norm: bool = True) -> None:
-        super().__init__(config.text_config.hidden_size, eps=config.text_config.rms_norm_eps, fused=fused_rms_norm)
+        super().__init__(config.text_config.hidden_size, config.text_config.rms_norm_eps, ps.tp_group, fused_rms_norm,
+                         sequence_parallel=ps.dims.sequence_parallel)
         _mark_replicated(self, ps)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
