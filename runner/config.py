@@ -268,6 +268,9 @@ def validate(cfg: RunConfig, source: str) -> None:
         (not cfg.parallel.sequence_parallel or cfg.data.pad_to_multiple_of % cfg.parallel.tp == 0,
          f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices: set "
          f"data.pad_to_multiple_of to a multiple of {cfg.parallel.tp} (now {cfg.data.pad_to_multiple_of})"),
+        (not cfg.parallel.sequence_parallel or bool(cfg.data.buckets) or cfg.data.max_length % cfg.parallel.tp == 0,
+         f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices and samples are padded "
+         f"up to data.max_length at most: set it to a multiple of {cfg.parallel.tp} (now {cfg.data.max_length})"),
         (not cfg.parallel.sequence_parallel or all(b % cfg.parallel.tp == 0 for b in cfg.data.buckets),
          f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices: make every "
          f"data.buckets length a multiple of {cfg.parallel.tp} (now {cfg.data.buckets})"),

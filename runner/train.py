@@ -230,7 +230,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}, {gas} micro-batches of "
+        sp = " with sequence parallelism" if dims.sequence_parallel and dims.tp > 1 else ""
+        print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}{sp}, {gas} micro-batches of "
               f"{cfg.train.micro_batch_size} per step, steps {step + 1}..{total_steps}"
               + (f" (resumed from {resume_from})" if resuming else ""), flush=True)
         if cfg.model.attn_implementation == "flex_attention":

@@ -88,6 +88,10 @@ def main() -> None:
                 for attr in ("tp_dim", "tp_shards", "tp_index", "tp_replicas"):
                     setattr(g, attr, getattr(tensor, attr))
                 step_grads[name] = gather_full(g, ps.tp_group)
+                if tensor.tp_dim is None and ps.dims.tp > 1:  # replicated: every TP rank must hold the same gradient
+                    copies = [torch.empty_like(g) for _ in range(ps.dims.tp)]
+                    dist.all_gather(copies, g.contiguous(), group=ps.tp_group)
+                    assert all(torch.equal(c, g) for c in copies), f"{name}: TP ranks disagree on a replicated gradient"
         result["grads"].append(step_grads)
     micro_batches = gas * len(kinds)
     recomputed = len(decoder) if args.recompute_num_layers is None else args.recompute_num_layers

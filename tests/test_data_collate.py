@@ -171,8 +171,9 @@ def test_collate_contract_text_only_batches_and_buckets(processor) -> None:
     dynamic = Gemma4Collator(processor, pad_to_multiple_of=8)([_vqa(None)])
     assert dynamic["input_ids"].shape[1] % 8 == 0 and dynamic["input_ids"].shape[1] < 128
     assert Gemma4Collator(processor, max_length=100, pad_to_multiple_of=64).padded_length(90) == 100
-    empty = collator.collate([])
-    assert empty["input_ids"].shape == (1, 1) and (empty["labels"] == IGNORE_INDEX).all()
+    empty = collator.collate([])  # the shortest length it makes: the smallest bucket
+    assert empty["input_ids"].shape == (1, 128) and (empty["labels"] == IGNORE_INDEX).all()
+    assert Gemma4Collator(processor, pad_to_multiple_of=8).collate([])["input_ids"].shape == (1, 8)
     assert empty["pixel_values"].shape == (0, 630, 768)
     with pytest.raises(UserError, match="buckets"):
         Gemma4Collator(processor, max_length=1024, buckets=[128, 512])

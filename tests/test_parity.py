@@ -55,11 +55,13 @@ def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp,
     _assert_matches_transformers(tmp_path, tiny_ckpt, (tp, pp, dp), extra)
 
 
-def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("layout,sp", [((1, 2, 1), ()), ((2, 2, 1), ("--sequence-parallel",))], ids=str)
+def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt, layout, sp):
     """Activation checkpointing on the first decoder layer of each stage only
-    (train.recompute_num_layers: 1): the worker checks that exactly that layer runs its forward twice
-    per micro-batch and the others once; loss and gradients still equal transformers'."""
-    _assert_matches_transformers(tmp_path, tiny_ckpt, (1, 2, 1), ("--recompute-num-layers", "1"))
+    (train.recompute_num_layers: 1), also under sequence parallelism (the recompute repeats its
+    collectives): the worker checks that exactly that layer runs its forward twice per micro-batch
+    and the others once; loss and gradients still equal transformers'."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, ("--recompute-num-layers", "1", *sp))
 
 
 def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...]) -> None:

@@ -384,3 +384,6 @@ def test_sequence_parallel_slices_what_lies_between_blocks():
     assert "(sequence parallel)" in sp.table() and "(sequence parallel)" not in plain.table()
     with pytest.raises(UserError, match="pad_to_multiple_of to a multiple of 2"):
         load_config(RECIPES["tp2_pp2"], ["parallel.sequence_parallel=true", "data.pad_to_multiple_of=7"])
+    with pytest.raises(UserError, match="padded up to data.max_length at most: set it to a multiple of 2"):
+        load_config(RECIPES["tp2_pp2"], ["parallel.sequence_parallel=true", "data.max_length=1001"])
+    load_config(RECIPES["tp2_pp2"], ["parallel.sequence_parallel=true", "data.max_length=1001", "data.buckets=[512,1024]"])

@@ -64,7 +64,9 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
         out = tmp_path / f"run_{tp}{pp}{dp}"
         profile = "logging.profile_step=1" if tp * pp * dp == 1 else "logging.profile_step=0"
         sp = f"parallel.sequence_parallel={tp > 1}"
-        run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", profile, sp))
+        proc = run(cmd + _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}",
+                               profile, sp))
+        assert ("with sequence parallelism" in proc.stdout) == (tp > 1)
         firsts[(tp, pp, dp)] = _first_step(out)
     profiled = tmp_path / "run_111"  # the profiled step is the same step, with its reports beside it
     assert "train_batch" in (profiled / "profile_rank0_python.txt").read_text()

@@ -217,6 +217,6 @@ def resume(engine, root: str | Path) -> dict | None:
                         f"set parallel.stage_layers: {saved_split} to resume, or export and start fresh")
     install(engine)
     _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if saved == asdict(dims):
+    if (saved["tp"], saved["pp"], saved["dp"]) == (dims.tp, dims.pp, dims.dp):
         _set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
     return client[CLIENT_KEY]

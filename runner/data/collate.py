@@ -198,10 +198,12 @@ class Gemma4Collator:
 
     def collate(self, encoded: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """Right-pad to one length and concatenate images in sample order (the order the model
-        scatters image features into image tokens). No samples → one unlabeled pad token, so a
-        micro-batch whose samples were all bad keeps valid shapes and adds nothing to the loss."""
+        scatters image features into image tokens). No samples → one row of unlabeled pad tokens at
+        the shortest length this collator makes, so a micro-batch whose samples were all bad keeps
+        valid shapes (a length sequence parallelism can split, no new FlexAttention compile) and adds
+        nothing to the loss."""
         if not encoded:
-            one = torch.full((1, 1), self.pad_id, dtype=torch.long)
+            one = torch.full((1, self.padded_length(1)), self.pad_id, dtype=torch.long)
             return {
                 "input_ids": one,
                 "attention_mask": torch.ones_like(one),

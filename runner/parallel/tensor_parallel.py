@@ -81,7 +81,8 @@ class _GatherLastDim(torch.autograd.Function):
 def _check_slices(x: torch.Tensor, size: int) -> None:
     if x.shape[1] % size:
         raise UserError(f"sequence parallelism: a micro-batch of {x.shape[1]} tokens does not split into "
-                        f"tp={size} equal slices; set data.pad_to_multiple_of to a multiple of {size}")
+                        f"tp={size} equal slices; pad every micro-batch to a multiple of {size} "
+                        f"(data.pad_to_multiple_of, data.max_length, data.buckets)")
 
 
 def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
@@ -265,7 +266,8 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__()
         tp, tp_rank = _coords(tp_group)
         if bias and sequence_parallel:
-            raise ValueError("a row-parallel bias under sequence parallelism is not supported (Gemma4 has none)")
+            raise UserError("parallel.sequence_parallel does not support this model's row-parallel biases "
+                            "(attention_bias); set parallel.sequence_parallel: false")
         self.reduce = reduce_scatter_seq if sequence_parallel else reduce_from_group
         if in_features % tp:
             raise ValueError(f"in_features={in_features} not divisible by tp={tp}")
