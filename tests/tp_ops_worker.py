@@ -14,13 +14,28 @@ import torch.nn.functional as F
 torch.set_num_threads(1)
 
 from runner.errors import UserError  # noqa: E402
+from runner.models.gemma4.stages import HeadSharedRMSNorm  # noqa: E402
 from runner.parallel.tensor_parallel import (  # noqa: E402
+    ColumnParallelLinear,
     gather_last_dim,
     gather_seq,
     reduce_scatter_seq,
     split_seq,
     vocab_parallel_cross_entropy,
 )
+
+
+def check_partial_gradients_stay_local(group, rank: int) -> None:
+    """A q/k-norm scale and a replicated KV projection keep this rank's part of their gradient through
+    backward (no all-reduce per use); they are marked for the pipeline's once-per-step sum."""
+    norm = HeadSharedRMSNorm(4, 1e-6, group, fused=True)
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(rank))
+    norm(x).sum().backward()
+    expected = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).sum((0, 1))
+    assert torch.allclose(norm.weight.grad, expected, atol=1e-5) and norm.weight.grad_sum_group is group
+    kv = ColumnParallelLinear(4, 3, group, replicas=2, replica_group=group)
+    kv(x).sum().backward()
+    assert torch.allclose(kv.weight.grad, x.sum((0, 1)).expand(3, 4)) and kv.weight.grad_sum_group is group
 
 
 def check_sequence_ops(group, rank: int, world: int) -> None:
@@ -63,6 +78,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(list(range(world)))
     check_sequence_ops(group, rank, world)
+    check_partial_gradients_stay_local(group, rank)
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(3, 5, 8 * world, generator=gen, dtype=torch.float64)
     target = torch.randint(0, 8 * world, (3, 5), generator=gen)

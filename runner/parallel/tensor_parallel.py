@@ -161,6 +161,17 @@ def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     return x if _group_size(group) == 1 else _GatherLastDim.apply(x, group)
 
 
+def sum_grad_over(param: nn.Parameter, group) -> None:
+    """Mark a parameter whose copies on the ranks of `group` each get only part of its gradient (a
+    scale shared by heads split over TP, a norm fed one slice of the sequence, KV heads replicated
+    over ranks that see different query heads). The pipeline sums these gradients over `group` once
+    per step, after the last micro-batch's backward (DeepSpeed's tied-gradient reduce: see
+    `Gemma4Pipeline.get_tied_weights_and_groups`), instead of one all-reduce per use and micro-batch;
+    the copies stay identical."""
+    if _group_size(group) > 1:
+        param.grad_sum_group = group
+
+
 def mark_sharded(param: nn.Parameter, dim: int | None, tp: int, tp_rank: int, replicas: int = 1) -> None:
     """Record how `param` was cut from the full tensor (what loading slices and gathering undoes).
 
@@ -196,9 +207,9 @@ class ColumnParallelLinear(_ParallelLinear):
     """y = x Wᵀ with W's output rows split over the TP group; the output stays sharded.
 
     `replicas > 1` splits the rows into tp/replicas shards, each held by `replicas` consecutive TP
-    ranks (the rule for KV heads fewer than tp: rank r holds KV head r // (tp / num_kv_heads)); the
-    weight then enters the computation through `copy_to_group(replica_group)` so the replicas'
-    gradients are summed and stay identical.
+    ranks (the rule for KV heads fewer than tp: rank r holds KV head r // (tp / num_kv_heads)); each
+    replica's gradient covers its own query heads, so they are summed over `replica_group` once per
+    step (`sum_grad_over`) and the replicas stay identical.
 
     `copy_input=False` when the caller enters the group once for several linears that read the same
     input (q/k/v, gate/up): their input gradients are summed locally and all-reduced once, instead of
@@ -226,7 +237,6 @@ class ColumnParallelLinear(_ParallelLinear):
         self.in_features = in_features
         self.out_features = out_features // shards
         self.tp_group = tp_group
-        self.replica_group = replica_group if replicas > 1 else None
         self.copy_input = copy_input
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
         mark_sharded(self.weight, 0, tp, tp_rank, replicas)
@@ -235,16 +245,15 @@ class ColumnParallelLinear(_ParallelLinear):
             mark_sharded(self.bias, 0, tp, tp_rank, replicas)
         else:
             self.register_parameter("bias", None)
+        if replicas > 1:
+            for p in self.parameters():
+                sum_grad_over(p, replica_group)
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
             x = copy_to_group(x, self.tp_group)
-        weight, bias = self.weight, self.bias
-        if self.replica_group is not None:
-            weight = copy_to_group(weight, self.replica_group)
-            bias = None if bias is None else copy_to_group(bias, self.replica_group)
-        return F.linear(x, weight, bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(_ParallelLinear):

@@ -251,9 +251,14 @@ class Gemma4Pipeline(PipelineModule):
                     p.requires_grad_(False)
 
     def get_tied_weights_and_groups(self) -> list[tuple[torch.nn.Parameter, object]]:
-        """The tied weights whose gradients DeepSpeed sums over their stages — minus a frozen
-        embedding, which has no gradient (and under bf16 no `_hp_grad`) to sum."""
-        return [(w, g) for w, g in super().get_tied_weights_and_groups() if w.requires_grad]
+        """The weights whose gradients DeepSpeed sums over a group once per step, after the last
+        micro-batch's backward: the tied embedding/head over their stages, and the replicated weights
+        whose TP copies each hold part of the gradient (`sum_grad_over`: q/k norm scales, norms under
+        sequence parallelism, replicated KV heads). Frozen ones have no gradient (and under bf16 no
+        `_hp_grad`) to sum."""
+        tied = list(super().get_tied_weights_and_groups())
+        partial = [(p, p.grad_sum_group) for p in self.parameters() if hasattr(p, "grad_sum_group")]
+        return [(w, g) for w, g in tied + partial if w.requires_grad]
 
     def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor, nn.Module]]:
         """(HF name, local tensor, owning stage module) for every parameter and persistent buffer

@@ -37,6 +37,7 @@ from runner.parallel.tensor_parallel import (
     gather_seq,
     mark_sharded,
     split_seq,
+    sum_grad_over,
 )
 from runner.parallel.topology import ParallelState
 
@@ -280,40 +281,32 @@ class FusedRMSNorm(Gemma4RMSNorm):
 
 
 class _GroupRMSNorm(FusedRMSNorm):
-    """An RMSNorm that knows its TP group."""
+    """An RMSNorm that knows its TP group. Under sequence parallelism each rank normalizes its own
+    slice of the sequence, so the scale's gradient is summed over TP (Megatron's `sequence_parallel`
+    parameters)."""
 
     def __init__(self, dim: int, eps: float, tp_group: dist.ProcessGroup | None, fused: bool,
                  with_scale: bool = True, sequence_parallel: bool = False) -> None:
         super().__init__(dim, eps=eps, with_scale=with_scale, fused=fused)
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel
-
-    def _local_scale(self) -> torch.Tensor | None:
-        """The scale as this rank's tokens use it: under sequence parallelism each rank normalizes its
-        own slice of the sequence, so the scale's gradient is summed over TP (Megatron's
-        `sequence_parallel` parameters), which keeps the replicated copies equal."""
-        if not self.with_scale:
-            return None
-        return copy_to_group(self.weight, self.tp_group) if self.sequence_parallel else self.weight
+        if sequence_parallel and with_scale:
+            sum_grad_over(self.weight, tp_group)
 
 
 class SequenceSliceRMSNorm(_GroupRMSNorm):
     """A per-token norm outside the TP blocks (after attention, after the MLP, the final norm); under
     sequence parallelism it runs on this rank's slice of the sequence."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self._scale_norm(hidden_states, self._local_scale())
-
 
 class HeadSharedRMSNorm(_GroupRMSNorm):
-    """q_norm / k_norm: one scale shared by all heads, while each TP rank sees only its own heads.
+    """q_norm / k_norm: one scale shared by all heads, while each TP rank sees only its own heads, so
+    each rank's gradient covers its heads only and they are summed over TP (`sum_grad_over`;
+    transformers' plan calls this `replicated_with_grad_allreduce`)."""
 
-    Each rank's gradient covers its heads only, so the scale enters through `copy_to_group` and the
-    gradients are summed over TP (transformers' plan calls this `replicated_with_grad_allreduce`).
-    """
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self._scale_norm(hidden_states, copy_to_group(self.weight, self.tp_group))
+    def __init__(self, dim: int, eps: float, tp_group: dist.ProcessGroup | None, fused: bool) -> None:
+        super().__init__(dim, eps, tp_group, fused)
+        sum_grad_over(self.weight, tp_group)
 
 
 class BlockInputRMSNorm(_GroupRMSNorm):
@@ -323,7 +316,7 @@ class BlockInputRMSNorm(_GroupRMSNorm):
     sequence parallelism it normalizes this rank's slice and all-gathers the sequence."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normed = self._scale_norm(hidden_states, self._local_scale())
+        normed = super().forward(hidden_states)
         return (gather_seq if self.sequence_parallel else copy_to_group)(normed, self.tp_group)
 
 
