@@ -5,6 +5,7 @@ end, the tied embedding/head weights. Launched by tests through torchrun on CPU 
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import torch
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--freeze", default="", help="comma list of embeddings,vision_tower,language_model")
     ap.add_argument("--stage-layers", default="", help="comma list: decoder layers per stage (empty: even split)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--ds-config", default="", help="a GPU config of ds_configs/ instead of the fp32 one (bf16 model); "
+                    "its gradients are not captured, replicated weights are compared across TP ranks after the steps")
     args = ap.parse_args()
 
     counts = [int(n) for n in args.stage_layers.split(",") if n]
@@ -73,14 +76,18 @@ def main() -> None:
     n_micro = len(global_batch(config, kinds[0]))
     gas = n_micro // args.dp
     ds = ds_config(gas, args.dp)
+    if args.ds_config:
+        batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+        ds = {**json.load(open(args.ds_config)), **{k: ds[k] for k in batch_keys}}
+        model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = CapturingAdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    optimizer = (torch.optim.AdamW if args.ds_config else CapturingAdamW)(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
     result: dict = {"losses": [], "grads": []}
     for kind in kinds:
         result["losses"].append(train_step(engine, model, ps, global_batch(config, kind, multiple=multiple), gas))
-        grads = optimizer.captured[-1]
+        grads = {} if args.ds_config else optimizer.captured[-1]  # DeepSpeed's bf16 paths step flat copies
         step_grads = {}
         for name, tensor, _ in model.hf_tensors():
             if isinstance(tensor, torch.nn.Parameter) and id(tensor) in grads:
@@ -99,6 +106,11 @@ def main() -> None:
     assert [forwards[id(layer)] for layer in decoder] == want, ([forwards[id(layer)] for layer in decoder], want)
     slices = args.tp if args.sequence_parallel else 1  # sequence parallelism: each layer sees 1/tp of it
     assert decoder and all(tokens * slices == seq for tokens, seq in lengths), lengths
+    for name, tensor, _ in model.hf_tensors():  # replicated weights: one value on every TP rank after the steps
+        if isinstance(tensor, torch.nn.Parameter) and tensor.tp_dim is None and ps.dims.tp > 1:
+            copies = [torch.empty_like(tensor) for _ in range(ps.dims.tp)]
+            dist.all_gather(copies, tensor.detach().contiguous(), group=ps.tp_group)
+            assert all(torch.equal(c, copies[0]) for c in copies), f"{name}: TP copies diverged"
     embed = model.tied_modules["embed"] if "embed" in model.tied_modules else None
     if embed is not None:
         result["embed_weight"] = gather_full(embed.weight, ps.tp_group)

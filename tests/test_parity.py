@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from conftest import torchrun_worker
+from conftest import ROOT, torchrun_worker
 from reference import reference_run
 
 LOSS_RTOL = 1e-5
@@ -91,6 +91,21 @@ def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, in
         print(f"{(tp, pp, dp)} {kind}: loss rel {abs(loss - ref['losses'][step]) / ref['losses'][step]:.2e}, "
               f"worst grad rel {errors[worst]:.2e} ({worst})")
         assert errors[worst] <= GRAD_RTOL, (kind, worst, errors[worst])
+
+
+@pytest.mark.parametrize("ds_config", ["gpu_bf16_zero1_fp32_grads.json", "gpu_bf16_zero1.json"])
+def test_gpu_deepspeed_configs_sum_partial_gradients(tmp_path, tiny_ckpt, ds_config):
+    """Under both GPU DeepSpeed configs (the BF16 optimizer's fp32 `_hp_grad`, ZeRO-1's bf16 `.grad`)
+    the once-per-step sums of partial gradients (q/k norm scales, sequence-parallel norms) reach
+    the optimizer: after two AdamW steps at TP2 x PP2 with sequence parallelism every replicated
+    weight is still bit-identical across TP ranks (the worker checks), and the losses are the fp32
+    reference's up to bf16 rounding."""
+    kinds = "image,text"
+    stages = _run(tmp_path, tiny_ckpt, 2, 2, 1, kinds, 1e-3,
+                  extra=("--sequence-parallel", "--ds-config", str(ROOT / "ds_configs" / ds_config)))
+    ref = _reference(str(tiny_ckpt), kinds, 1e-3)
+    for got, want in zip(stages[-1]["losses"], ref["losses"]):
+        assert abs(got - want) <= 2e-2 * abs(want), (got, want)
 
 
 def test_tied_embedding_and_head_stay_identical_after_adamw_steps(tmp_path, tiny_ckpt):
