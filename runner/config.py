@@ -50,6 +50,11 @@ class ParallelConfig:
     # decoder layers per pipeline stage, first to last (empty: even split); e.g. [7, 5]
     stage_layers: list[int] = field(default_factory=list)
 
+    @property
+    def seq_slices(self) -> int:
+        """Into how many slices each sequence is cut between the TP blocks (tp under sequence parallelism)."""
+        return self.tp if self.sequence_parallel else 1
+
 
 @dataclass
 class TrainConfig:
@@ -243,6 +248,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def validate(cfg: RunConfig, source: str) -> None:
     """Value checks that need no model and no processes."""
+    slices = max(cfg.parallel.seq_slices, 1)  # (tp < 1 is refused below)
+    split = f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices"
     checks = [
         (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
         (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),
@@ -265,15 +272,13 @@ def validate(cfg: RunConfig, source: str) -> None:
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.data.max_length >= 16, "data.max_length must be >= 16"),
         (cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of must be >= 1"),
-        (not cfg.parallel.sequence_parallel or cfg.data.pad_to_multiple_of % cfg.parallel.tp == 0,
-         f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices: set "
-         f"data.pad_to_multiple_of to a multiple of {cfg.parallel.tp} (now {cfg.data.pad_to_multiple_of})"),
-        (not cfg.parallel.sequence_parallel or bool(cfg.data.buckets) or cfg.data.max_length % cfg.parallel.tp == 0,
-         f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices and samples are padded "
-         f"up to data.max_length at most: set it to a multiple of {cfg.parallel.tp} (now {cfg.data.max_length})"),
-        (not cfg.parallel.sequence_parallel or all(b % cfg.parallel.tp == 0 for b in cfg.data.buckets),
-         f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices: make every "
-         f"data.buckets length a multiple of {cfg.parallel.tp} (now {cfg.data.buckets})"),
+        (cfg.data.pad_to_multiple_of % slices == 0,
+         f"{split}: set data.pad_to_multiple_of to a multiple of {slices} (now {cfg.data.pad_to_multiple_of})"),
+        (bool(cfg.data.buckets) or cfg.data.max_length % slices == 0,
+         f"{split} and samples are padded up to data.max_length at most: set it to a multiple of {slices} "
+         f"(now {cfg.data.max_length})"),
+        (all(b % slices == 0 for b in cfg.data.buckets),
+         f"{split}: make every data.buckets length a multiple of {slices} (now {cfg.data.buckets})"),
         (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

@@ -582,7 +582,7 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
         vision_layers=vc.num_hidden_layers,
         patches=_soft_tokens(config) * vc.pooling_kernel_size**2,
         images=cfg.train.micro_batch_size * IMAGES_PER_SAMPLE,
-        seq_slices=tp if cfg.parallel.sequence_parallel else 1,
+        seq_slices=cfg.parallel.seq_slices,
     )
 
 

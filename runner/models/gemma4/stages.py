@@ -270,20 +270,17 @@ class FusedRMSNorm(Gemma4RMSNorm):
         self.fused = fused
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self._scale_norm(hidden_states, self.weight if self.with_scale else None)
-
-    def _scale_norm(self, hidden_states: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        weight = self.weight if self.with_scale else None
         if self.fused:  # the runner's weights and activations share one dtype (model.dtype)
             return F.rms_norm(hidden_states, hidden_states.shape[-1:], weight, self.eps)
-        scale = None if weight is None else weight.float()
         normed = self._norm(hidden_states.float())
-        return (normed if scale is None else normed * scale).type_as(hidden_states)
+        return (normed if weight is None else normed * weight.float()).type_as(hidden_states)
 
 
-class _GroupRMSNorm(FusedRMSNorm):
-    """An RMSNorm that knows its TP group. Under sequence parallelism each rank normalizes its own
-    slice of the sequence, so the scale's gradient is summed over TP (Megatron's `sequence_parallel`
-    parameters)."""
+class SequenceSliceRMSNorm(FusedRMSNorm):
+    """A per-token norm between the TP blocks (the layer's own norms, the final norm). Under sequence
+    parallelism it runs on this rank's slice of the sequence, so its scale's gradient is summed over
+    TP (Megatron's `sequence_parallel` parameters)."""
 
     def __init__(self, dim: int, eps: float, tp_group: dist.ProcessGroup | None, fused: bool,
                  with_scale: bool = True, sequence_parallel: bool = False) -> None:
@@ -294,22 +291,17 @@ class _GroupRMSNorm(FusedRMSNorm):
             sum_grad_over(self.weight, tp_group)
 
 
-class SequenceSliceRMSNorm(_GroupRMSNorm):
-    """A per-token norm outside the TP blocks (after attention, after the MLP, the final norm); under
-    sequence parallelism it runs on this rank's slice of the sequence."""
-
-
-class HeadSharedRMSNorm(_GroupRMSNorm):
+class HeadSharedRMSNorm(FusedRMSNorm):
     """q_norm / k_norm: one scale shared by all heads, while each TP rank sees only its own heads, so
     each rank's gradient covers its heads only and they are summed over TP (`sum_grad_over`;
     transformers' plan calls this `replicated_with_grad_allreduce`)."""
 
     def __init__(self, dim: int, eps: float, tp_group: dist.ProcessGroup | None, fused: bool) -> None:
-        super().__init__(dim, eps, tp_group, fused)
+        super().__init__(dim, eps=eps, fused=fused)
         sum_grad_over(self.weight, tp_group)
 
 
-class BlockInputRMSNorm(_GroupRMSNorm):
+class BlockInputRMSNorm(SequenceSliceRMSNorm):
     """The norm in front of the attention block or the MLP: its output enters the TP group here, once,
     for all the block's column-parallel linears (built with `copy_input=False`), so backward
     all-reduces one input gradient per block instead of one per linear (q, k, v; gate, up). Under
