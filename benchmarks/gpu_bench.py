@@ -181,6 +181,23 @@ def recipe(out: Path, ckpt: Path, data: Path, workload: str, tp: int, pp: int, d
     return path, cfg["train"]
 
 
+def descendants(root: int) -> list[int]:
+    """Every live process below `root`, read from /proc before any is killed. torchrun starts each
+    worker in a session of its own, so killing torchrun's process group left the workers of a
+    timed-out run holding the GPUs and the next run went out of memory."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
     """Run one job; its whole log stays in `log`, its last lines go to the shared `tails` file."""
     t0 = time.time()
@@ -191,8 +208,9 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
         except subprocess.TimeoutExpired:
             rc = 124
         finally:  # torchrun and its workers go with it (a timeout, or the bench itself killed), else they keep the GPUs
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
     status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
     print(f"  {status}: {log}", flush=True)

@@ -1,0 +1,48 @@
+"""The benchmark harness's own behaviour that a GPU call depends on, checked on CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.gpu_bench import run
+
+# a stand-in for torchrun: a parent that starts its worker in a session of its own, as torchrun does
+LAUNCHER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has let go of everything; only its parent's wait is missing
+
+
+def test_timed_out_run_leaves_no_worker_behind(tmp_path):
+    log = tmp_path / "log.txt"
+    t0 = time.time()
+    rc = run([sys.executable, "-c", LAUNCHER], log, timeout=3, tails=tmp_path / "tails.txt")
+    assert rc == 124 and time.time() - t0 < 30
+    worker = int(log.read_text().split()[0])
+    for _ in range(50):  # SIGKILL is delivered asynchronously
+        if not _alive(worker):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        raise AssertionError("the launcher's worker outlived the timed-out run")
+    assert "FAILED rc=124" in (tmp_path / "tails.txt").read_text()
+
+
+def test_finished_run_reports_its_exit_code(tmp_path):
+    rc = run([sys.executable, "-c", "import sys; print('done'); sys.exit(3)"], tmp_path / "log.txt", timeout=30,
+             tails=tmp_path / "tails.txt")
+    assert rc == 3 and "done" in (tmp_path / "log.txt").read_text()
