@@ -5,7 +5,10 @@ One command builds everything on the GPU machine itself (no hub there) and runs 
     python -m benchmarks.gpu_bench --out $OUT --depth 12 --layouts 2x2,4x1,1x4 --steps 6
 
 A layout may carry recipe overrides for a before/after pair in the same call, e.g.
-`--layouts 2x1,2x1:data.pad_to_multiple_of=128` (`;` between overrides; lists as `[7,5]`).
+`--layouts 2x1,2x1:data.pad_to_multiple_of=128` (`;` between overrides; lists as `[7,5]`). The key
+`code=DIR` runs that layout's `runner` from another source tree instead (the GPU machine has no git:
+carry `git archive OLD runner ds_configs pyproject.toml > old.tar` and unpack it there), so a code
+change gets its before/after on the same machine, checkpoint and data: `--layouts 2x2:code=/tmp/old,2x2`.
 `$OUT` gets three files only (results.json, logs.txt with each run's tail, profiles.txt with the
 profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under BENCH_WORK.
 
@@ -198,11 +201,18 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def run(cmd: list[str], log: Path, timeout: int, tails: Path) -> int:
-    """Run one job; its whole log stays in `log`, its last lines go to the shared `tails` file."""
+def code_env(code: Path) -> dict[str, str]:
+    """The environment that imports `runner` from `code` (a layout's `code=`, else this checkout)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
+
+
+def run(cmd: list[str], log: Path, timeout: int, tails: Path, code: Path = ROOT) -> int:
+    """Run one job from the source tree `code`; its whole log stays in `log`, its last lines go to
+    the shared `tails` file."""
     t0 = time.time()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=code, env=code_env(code), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -279,6 +289,7 @@ def main() -> int:
         for index, layout in enumerate(layouts):
             shape, *sets = layout.split(":")
             overrides = dict(kv.split("=", 1) for part in sets for kv in part.split(";"))
+            code = Path(overrides.pop("code", ROOT)).resolve()
             tp, pp = map(int, shape.split("x"))
             if gpus % (tp * pp):
                 print(f"{workload} tp={tp} pp={pp}: skipped, {gpus} GPUs are not a multiple of tp*pp", flush=True)
@@ -290,14 +301,15 @@ def main() -> int:
                                      overrides, profile_step)
             gas = train["global_batch_size"] // (train["micro_batch_size"] * dp)
             plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
-                                   "--json"], cwd=ROOT, capture_output=True, text=True)
+                                   "--json"], cwd=code, env=code_env(code), capture_output=True, text=True)
             print(f"{workload} tp={tp} pp={pp} dp={dp}", flush=True)
             rc = run(torchrun + ["-m", "runner", "train", str(rec_path)], work / f"log_{run_dir.name}.txt", args.timeout,
-                     tails)
+                     tails, code)
             for report in sorted(run_dir.glob("profile_rank0*.txt")):
                 with profiles.open("a") as f:
                     f.write(f"===== {run_dir.name}/{report.name}\n{report.read_text()}\n")
             entry = {"workload": workload, "tp": tp, "pp": pp, "dp": dp, "overrides": overrides, "rc": rc,
+                     **({} if code == ROOT else {"code": str(code)}),
                      "micro_batch": train["micro_batch_size"], "micro_batches_per_step": gas,
                      "bubble_share": (pp - 1) / (gas + pp - 1)}
             if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak

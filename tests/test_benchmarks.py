@@ -46,3 +46,15 @@ def test_finished_run_reports_its_exit_code(tmp_path):
     rc = run([sys.executable, "-c", "import sys; print('done'); sys.exit(3)"], tmp_path / "log.txt", timeout=30,
              tails=tmp_path / "tails.txt")
     assert rc == 3 and "done" in (tmp_path / "log.txt").read_text()
+
+
+def test_run_imports_runner_from_the_given_source_tree(tmp_path):
+    """A layout's `code=DIR` (the before of a before/after pair) must run DIR's `runner`, not this
+    checkout's, even where PYTHONPATH already names this checkout (as on the GPU machine)."""
+    old = tmp_path / "old"
+    (old / "runner").mkdir(parents=True)
+    (old / "runner" / "__init__.py").write_text("")
+    log = tmp_path / "log.txt"
+    rc = run([sys.executable, "-c", "import runner; print(runner.__file__)"], log, timeout=60,
+             tails=tmp_path / "tails.txt", code=old)
+    assert rc == 0 and log.read_text().strip() == str(old / "runner" / "__init__.py")
