@@ -217,11 +217,12 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path, code: Path = ROOT)
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = 124
-        finally:  # torchrun and its workers go with it (a timeout, or the bench itself killed), else they keep the GPUs
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
+        finally:  # torchrun and its workers go with it (a timeout, or the bench interrupted), else they keep the GPUs
+            if proc.poll() is None:  # once reaped, its pid may be another process's
+                for pid in [proc.pid, *descendants(proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.wait()
     status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
     print(f"  {status}: {log}", flush=True)
     lines = log.read_text(errors="replace").splitlines()
@@ -259,6 +260,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/`kill`: unwind, so run() stops its job
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +316,8 @@ def main() -> int:
                      "bubble_share": (pp - 1) / (gas + pp - 1)}
             if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak
                 planned = json.loads(plan.stdout)
-                entry["plan_gib"], entry["plan_total_gib"] = planned["max_gib_per_gpu"], planned["max_total_gib_per_gpu"]
+                entry["plan_gib"] = planned["max_gib_per_gpu"]
+                entry["plan_total_gib"] = planned.get("max_total_gib_per_gpu")  # absent from older trees' plans
             metrics = run_dir / "metrics.jsonl"
             recs = [json.loads(line) for line in metrics.read_text().splitlines()
                     if '"split"' not in line] if metrics.exists() else []

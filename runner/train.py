@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 from runner.checkpoint import native
 from runner.checkpoint.export import export_after_training
 from runner.checkpoint.hf_load import load_hf_weights, resolve_model_dir
-from runner.config import RunConfig, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
+from runner.config import RunConfig, fp32_grad_accum, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
@@ -103,6 +103,10 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
     if ds.get("pipeline", {}).get("activation_checkpoint_interval", 0):
         raise UserError(f"DeepSpeed config {path}: pipeline.activation_checkpoint_interval overrides the recipe's "
                         f"checkpointing; remove it and set train.activation_checkpointing / train.recompute_num_layers")
+    if bf16 and fp32_grad_accum(ds) and runs_zero_optimizer(ds, bf16):
+        raise UserError(f"DeepSpeed config {path}: ZeRO's optimizer with bf16 weights and data_types.grad_accum_dtype "
+                        f"fp32 (here with offload_optimizer) parks gradients where the pipeline's tied and replicated "
+                        f"weight sums do not see them; drop offload_optimizer or the fp32 grad_accum_dtype")
     fp32_path = not bf16 and zero == 0
     fills = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,

@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--stage-layers", default="", help="comma list: decoder layers per stage (empty: even split)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--ds-config", default="", help="a GPU config of ds_configs/ instead of the fp32 one (bf16 model); "
-                    "its gradients are not captured, replicated weights are compared across TP ranks after the steps")
+                    "only the once-per-step sums of partial gradients are captured (DeepSpeed steps flat copies), "
+                    "replicated weights are compared across TP ranks after the steps")
     args = ap.parse_args()
 
     counts = [int(n) for n in args.stage_layers.split(",") if n]
@@ -83,11 +84,25 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW if args.ds_config else CapturingAdamW)(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    summed: dict[int, torch.Tensor] = {}
+    if args.ds_config:  # read the summed partial gradients where the engine hands gradients to its DP reduce
+        partial = [w for w, _ in model.get_tied_weights_and_groups() if hasattr(w, "grad_sum_group")]
+
+        def capture(reduce):
+            def wrapped(*a, **kw):
+                summed.update({id(w): (w._hp_grad if engine.using_bf16_optimizer else w.grad).detach().float()
+                               .view_as(w).clone() for w in partial})
+                return reduce(*a, **kw)
+            return wrapped
+
+        engine._bf16_reduce_grads = capture(engine._bf16_reduce_grads)  # BF16 optimizer
+        engine.allreduce_gradients = capture(engine.allreduce_gradients)  # ZeRO-1 with bf16 gradients
 
     result: dict = {"losses": [], "grads": []}
     for kind in kinds:
         result["losses"].append(train_step(engine, model, ps, global_batch(config, kind, multiple=multiple), gas))
-        grads = {} if args.ds_config else optimizer.captured[-1]  # DeepSpeed's bf16 paths step flat copies
+        grads = dict(summed) if args.ds_config else optimizer.captured[-1]
+        summed.clear()
         step_grads = {}
         for name, tensor, _ in model.hf_tensors():
             if isinstance(tensor, torch.nn.Parameter) and id(tensor) in grads:

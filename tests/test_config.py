@@ -69,6 +69,8 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
     ({"zero_optimization": {"stage": 2}}, ["ZeRO stage 2", "gpu_bf16_zero1.json"]),
     ({"pipeline": {"activation_checkpoint_interval": 2}}, ["pipeline.activation_checkpoint_interval",
                                                            "train.recompute_num_layers"]),
+    ({"data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}},
+     ["grad_accum_dtype", "offload_optimizer"]),
 ])
 def test_deepspeed_configs_the_pipeline_cannot_take_give_one_line(tmp_path, change, words):
     """DeepSpeed settings that would break the pipeline or silently override the recipe are refused."""
