@@ -11,8 +11,9 @@ PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
 install() {
-    if "$PY" -c "import runner, deepspeed, torchvision, accelerate, datasets, transformers.models.gemma4" 2>/dev/null; then
-        return
+    if command -v runner >/dev/null \
+        && "$PY" -c "import runner, deepspeed, torchvision, accelerate, datasets, transformers.models.gemma4" 2>/dev/null; then
+        return  # (the import alone succeeds from the repo root, where the `runner` command may still be missing)
     fi
     if [ "$(uname -m)" = "x86_64" ] && ! "$PY" -c "import torchvision" 2>/dev/null; then
         # torch and torchvision that import together (PyPI's torchvision does not import beside the
@@ -49,6 +50,8 @@ train() {
     if [ "$(cluster_value "$cluster" use_cpu)" = "True" ]; then
         export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
     fi
+    # a bad recipe or --set: one line and exit 2 here, not once per process under the launcher
+    "$PY" -m runner train "$recipe" --check ${extra[@]+"${extra[@]}"}
     case "$launcher" in
         accelerate)
             exec "$PY" -m accelerate.commands.launch --config_file "$cluster" --main_process_port "$port" \

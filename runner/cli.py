@@ -37,6 +37,8 @@ def _train(args: argparse.Namespace) -> int:
 
     with from_the_recipe():
         cfg = load_config(args.recipe, args.set)  # recipe errors before any process group exists
+    if args.check:
+        return 0
     from runner.train import train
 
     return train(cfg, ds_config_path=args.ds_config)
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. optim.lr=2e-5")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the launcher's, else ds_configs/ for the device)")
+    p.add_argument("--check", action="store_true",
+                   help="check the recipe and --set overrides, then exit (launch.sh does this before starting processes)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plan", help="stage -> layers, parameters and memory per GPU for a recipe, without a GPU")

@@ -241,8 +241,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     data = apply_overrides(data, overrides or [])
-    cfg = _build(RunConfig, data, "", str(path))
-    validate(cfg, str(path))
+    source = f"{path} with --set" if overrides else str(path)  # a bad key or value may come from either
+    cfg = _build(RunConfig, data, "", source)
+    validate(cfg, source)
     return cfg
 
 
@@ -277,6 +278,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         (bool(cfg.data.buckets) or cfg.data.max_length % slices == 0,
          f"{split} and samples are padded up to data.max_length at most: set it to a multiple of {slices} "
          f"(now {cfg.data.max_length})"),
+        (not cfg.data.buckets or max(cfg.data.buckets) >= cfg.data.max_length,
+         f"data.buckets {cfg.data.buckets} must include a length >= data.max_length {cfg.data.max_length}"),
         (all(b % slices == 0 for b in cfg.data.buckets),
          f"{split}: make every data.buckets length a multiple of {slices} (now {cfg.data.buckets})"),
         (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),

@@ -187,9 +187,10 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
-    dims = parallel_dims(cfg, world)
-    gas = micro_batches_per_step(cfg.train, dims.dp)
-    ds_config, fp32_path = deepspeed_config(cfg, dims, gas, ds_config_path)
+    with from_the_recipe():  # the recipe, the DeepSpeed config and the world size: the same on every process
+        dims = parallel_dims(cfg, world)
+        gas = micro_batches_per_step(cfg.train, dims.dp)
+        ds_config, fp32_path = deepspeed_config(cfg, dims, gas, ds_config_path)
 
     torch.manual_seed(cfg.train.seed)
     ps = build_parallel_state(dims)
@@ -201,11 +202,17 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     out_dir = Path(cfg.output.dir)
     ckpt_root = out_dir / "checkpoints"
     resume_root = {"auto": ckpt_root, "none": None}.get(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
-    resume_from = native.latest_complete(resume_root) if resume_root is not None else None
-    resuming = resume_from is not None
-    if resume_root is not None and resume_root != ckpt_root and not resuming:
-        raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
-                        f"point it at a checkpoints directory with `latest`, or use auto / none")
+    with from_the_recipe():  # every process reads the same checkpoint files
+        if resume_root is None and native.has_checkpoints(ckpt_root):  # saving would overwrite and prune them
+            raise UserError(f"{ckpt_root} holds an earlier run's checkpoints and checkpoint.resume is none; continue "
+                            f"that run with checkpoint.resume=auto, or start afresh in a new output.dir")
+        resume_from = native.latest_complete(resume_root) if resume_root is not None else None
+        resuming = resume_from is not None
+        if resume_root is not None and resume_root != ckpt_root and not resuming:
+            raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
+                            f"point it at a checkpoints directory with `latest`, or use auto / none")
+        if resuming:  # layout and files, before building the model (minutes on the 31B)
+            native.check_resumable(resume_from, dims, zero=ds_config.get("zero_optimization", {}).get("stage", 0) >= 1)
 
     device = get_accelerator().current_device_name()
     with torch.device(device):

@@ -23,7 +23,7 @@ from runner.errors import UserError
 from runner.models.gemma4.tiny import make_tiny
 from runner.parallel.topology import ParallelDims
 
-from conftest import torchrun_worker
+from conftest import assert_one_line, torchrun_worker
 from synthetic import global_batch
 
 EMBED = "model.language_model.embed_tokens.weight"
@@ -178,17 +178,23 @@ def test_cli_export_of_a_trained_checkpoint(run_b, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+def _engine(dims: ParallelDims, split: list[int] | None = None) -> SimpleNamespace:
+    """What `resume` reads of a DeepSpeed engine before it loads anything."""
+    module = SimpleNamespace(ps=SimpleNamespace(dims=dims), stage_layer_counts=lambda: split)
+    return SimpleNamespace(module=module, zero_optimization=lambda: False)
+
+
 def test_resume_at_another_layout_is_refused_with_the_fix(run_a):
-    engine = SimpleNamespace(module=SimpleNamespace(ps=SimpleNamespace(dims=ParallelDims(tp=1, pp=2, dp=1))))
-    with pytest.raises(UserError, match=r"saved at tp=2, pp=2 but this run uses tp=1, pp=2; export it \(`runner export"):
-        resume(engine, run_a / "root")
+    with pytest.raises(UserError, match=r"saved at tp=2, pp=2 but this run uses tp=1, pp=2; resume at that layout, "
+                                        r"or export it \(`runner export .*\), then train with model.path=OUT_DIR "
+                                        r"and a new output.dir"):
+        resume(_engine(ParallelDims(tp=1, pp=2, dp=1)), run_a / "root")
 
 
 def test_resume_with_another_stage_split_is_refused_with_the_fix(run_a):
-    module = SimpleNamespace(ps=SimpleNamespace(dims=ParallelDims(tp=2, pp=2, dp=1)), stage_layer_counts=lambda: [5, 1])
     with pytest.raises(UserError, match=r"saved with \[3, 3\] decoder layers per stage but this run splits \[5, 1\]; "
                                         r"set parallel.stage_layers: \[3, 3\]"):
-        resume(SimpleNamespace(module=module), run_a / "root")
+        resume(_engine(ParallelDims(tp=2, pp=2, dp=1), [5, 1]), run_a / "root")
 
 
 def test_resume_of_an_older_checkpoint_format_is_refused_with_the_fix(run_a, monkeypatch):
@@ -196,6 +202,40 @@ def test_resume_of_an_older_checkpoint_format_is_refused_with_the_fix(run_a, mon
 
     real = native.read_meta
     monkeypatch.setattr(native, "read_meta", lambda path: {**real(path), "format": 1})
-    module = SimpleNamespace(ps=SimpleNamespace(dims=ParallelDims(tp=2, pp=2, dp=1)), stage_layer_counts=lambda: [3, 3])
     with pytest.raises(UserError, match=r"checkpoint format 1, this runner resumes format 2 .* export it \(`runner export"):
-        resume(SimpleNamespace(module=module), run_a / "root")
+        resume(_engine(ParallelDims(tp=2, pp=2, dp=1), [3, 3]), run_a / "root")
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("meta", ["runner_checkpoint.json: not valid JSON", "damaged"]),
+    ("delete-layer", ["layer 4: 1 of 2 files missing", "damaged"]),
+    ("delete-rng", ["rng/rank_00003.pt missing", "damaged"]),
+    ("truncate-layer", ["layer_03-model_01-model_states.pt: cannot be read", "damaged"]),
+])
+def test_a_damaged_checkpoint_is_one_line_and_stays(run_a, tmp_path, capsys, damage, words):
+    """Resume (before the model is built, and on load) and export name the damaged file in one line;
+    nothing is deleted."""
+    from runner.checkpoint.engine import read_file
+    from runner.checkpoint.native import check_resumable
+
+    root = Path(shutil.copytree(run_a / "root", tmp_path / "root"))
+    ckpt = latest_complete(root)
+    target = {"meta": ckpt / "runner_checkpoint.json", "delete-layer": ckpt / "layer_04-model_01-model_states.pt",
+              "delete-rng": ckpt / "rng" / "rank_00003.pt",
+              "truncate-layer": ckpt / "layer_03-model_01-model_states.pt"}[damage]
+    if damage.startswith("delete"):
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[:100])
+    files = sorted(p.relative_to(root) for p in root.rglob("*"))
+    if damage == "truncate-layer":  # whole, but unreadable: found where it is loaded
+        with pytest.raises(UserError) as err:
+            read_file(target, weights_only=True)
+    else:
+        with pytest.raises(UserError) as err:
+            check_resumable(ckpt, ParallelDims(tp=2, pp=2, dp=1), zero=False)
+    assert_one_line(str(err.value), words)
+    if damage != "delete-rng":  # export reads no RNG states
+        assert cli(["export", str(root), str(tmp_path / "export")]) == 2
+        assert_one_line(capsys.readouterr().err.removeprefix("error: ").strip(), words[-1:])
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == files

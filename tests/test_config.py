@@ -36,7 +36,8 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
 @pytest.mark.parametrize(
     "overrides,words",
     [
-        (["train.bogus=1"], ["unknown key 'train.bogus'", "max_steps"]),
+        (["train.bogus=1"], ["r.yaml with --set: unknown key 'train.bogus'", "max_steps"]),
+        (["data.max_length=512", "data.buckets=[128,256]"], ["data.buckets [128, 256]", ">= data.max_length 512"]),
         (["nosuchsection.x=1"], ["unknown key 'nosuchsection'"]),
         (["parallel.tp=two"], ["parallel.tp", "expected int"]),
         (["model.dtype=fp8"], ["model.dtype", "'bfloat16'"]),

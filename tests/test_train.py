@@ -113,6 +113,8 @@ def test_freeze_settings_that_leave_a_stage_too_little_to_train(tmp_path, tiny_c
                          "freeze.vision_tower=false"), ["same number of optimizer groups", "[2, 1]"]),
         (3, _sets(tiny_ckpt, medpix, tmp_path / "pp3", *frozen, "parallel.pp=3"), ["pipeline stage 1 trains nothing"]),
         (2, _sets(tiny_ckpt, medpix, tmp_path / "bad", "train.grad_clip=-1"), ["train.grad_clip must be >= 0"]),
+        (2, _sets(tiny_ckpt, medpix, tmp_path / "world", "parallel.tp=1", "parallel.pp=1", "parallel.dp=1"),
+         ["parallel.tp*pp*dp = 1*1*1 = 1", "2 processes"]),
     ]:
         proc = run(torchrun_cmd(nproc, *TRAIN, *extra), ok=False)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -150,6 +152,24 @@ def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, med
     run(cmd[:-2] + ["--set", f"train.max_steps={stopped + 1}"])
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-1] == stopped + 1 and steps.count(stopped + 1) == 1
+
+
+def test_a_finished_run_continues_and_an_earlier_one_is_never_overwritten(tmp_path, tiny_ckpt, medpix):
+    """A finished run with checkpoint.export continues to more steps (resume: auto) and its export is
+    replaced; checkpoint.resume=none in an output.dir that holds checkpoints is refused with one line
+    and leaves them as they were."""
+    out = tmp_path / "out"
+    one = _sets(tiny_ckpt, medpix, out, "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "checkpoint.export=true")
+    run(_single_process() + one)
+    first = (out / "export" / "model.safetensors.index.json").stat().st_mtime_ns
+    run(_single_process() + one + ["--set", "train.max_steps=2"])
+    assert (out / "export" / "model.safetensors.index.json").stat().st_mtime_ns != first
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert not list(tmp_path.glob("out/export.*"))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*"))
+    proc = run(_single_process() + one + ["--set", "checkpoint.resume=none"], ok=False)
+    assert_one_error_line(proc, ["holds an earlier run's checkpoints", "checkpoint.resume=auto", "new output.dir"])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*")) == before
 
 
 @pytest.mark.parametrize("ds_config", ["gpu_bf16_zero1_fp32_grads.json", "gpu_bf16_zero1.json"])

@@ -17,8 +17,11 @@ path applies the same rule in `hf_load.load_hf_weights`.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+from collections.abc import Callable
 
+import torch
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 from torch import nn
@@ -36,6 +39,20 @@ def stage_layers(model: PipelineModule) -> dict[int, nn.Module]:
         if isinstance(layer, nn.Module):
             layers[int(LAYER_FILE.match(os.path.basename(model.ckpt_layer_path("", i)))[1])] = layer
     return layers
+
+
+DAMAGED = ("the checkpoint is damaged (a save cut short, a file truncated or deleted): resume from another "
+           "one (checkpoint.resume=DIR/step_N), or move it away")
+
+
+def read_file(path: str | os.PathLike, load: Callable[..., dict] = torch.load, **kwargs) -> dict:
+    """`load(path)` (torch.load, or the configured engine's own), with a missing or unreadable file
+    as one line naming it instead of a deserializer's trace."""
+    try:
+        return load(path, **kwargs)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot be read ({reason}); {DAMAGED}") from None
 
 
 def check_layer_state(layer: nn.Module, state: dict, path: str) -> None:
@@ -94,7 +111,7 @@ class Gemma4CheckpointEngine(CheckpointEngine):
         return self.inner.preserves_storage_sharing()
 
     def load(self, path: str, map_location=None) -> dict:
-        state = self.inner.load(path, map_location=map_location)
+        state = read_file(path, self.inner.load, map_location=map_location)
         match = LAYER_FILE.match(os.path.basename(path))
         if match:
             check_layer_state(self.layers[int(match[1])], state, path)

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from runner.checkpoint.engine import read_file
 from runner.checkpoint.hf_load import INDEX_NAME, HFCheckpoint
-from runner.checkpoint.native import LATEST_NAME, META_NAME, latest_complete, read_meta
+from runner.checkpoint.native import LATEST_NAME, META_NAME, latest_complete, layer_files, read_meta
 from runner.errors import UserError
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
@@ -118,11 +119,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
     tp = meta["layout"]["tp"]
     writer = ShardWriter(out_dir, max_shard_size)
     for layer in sorted(by_layer):
-        files = sorted(ckpt.glob(f"layer_{layer:02d}-*model_states.pt"))
+        files = layer_files(ckpt, layer)
         if len(files) != tp:
             raise UserError(f"{ckpt}: layer {layer} has {len(files)} files, the checkpoint was saved at tp={tp}; "
                             f"it is damaged — export an older checkpoint")
-        parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        parts = [read_file(f, map_location="cpu", weights_only=True) for f in files]
         for name, entry in by_layer[layer]:
             tensor = _join_shards(parts, entry)
             writer.add(name, tensor.to(src.dtype(name) if name in src else tensor.dtype))
@@ -136,7 +137,18 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
 def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path | None:
     """`checkpoint.export: true`: every rank calls it after the last `native.save`; rank 0 writes
     the export (one streaming reader needs no collectives), the other ranks return at once rather
-    than wait in a barrier that a long export would time out."""
+    than wait in a barrier that a long export would time out. It is written beside `out_dir` and
+    then takes its place, so a continued or repeated run replaces its export, and an export that
+    dies leaves the previous one."""
     if dist.get_rank() != 0:
         return None
-    return export_hf(checkpoint, out_dir)
+    out_dir = Path(out_dir)
+    partial, replaced = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_hf(checkpoint, partial)
+    if out_dir.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        out_dir.rename(replaced)
+    partial.rename(out_dir)
+    shutil.rmtree(replaced, ignore_errors=True)
+    return out_dir

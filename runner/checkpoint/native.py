@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runner.checkpoint.engine import install, stage_layers
+from runner.checkpoint.engine import DAMAGED, install, read_file, stage_layers
 from runner.errors import UserError
 
 META_NAME = "runner_checkpoint.json"
@@ -103,7 +103,49 @@ def read_meta(ckpt: Path) -> dict:
     if not meta.is_file():
         raise UserError(f"{ckpt}: no {META_NAME}; not a complete runner checkpoint (pass a checkpoint root with "
                         f"`{LATEST_NAME}` or one of its step_* directories)")
-    return json.loads(meta.read_text())
+    try:
+        return json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{meta}: not valid JSON ({err}); {DAMAGED}") from None
+
+
+def layer_files(ckpt: Path, layer: int) -> list[Path]:
+    """A layer's files, one per TP shard, in shard order."""
+    return sorted(ckpt.glob(f"layer_{layer:02d}-*model_states.pt"))
+
+
+def has_checkpoints(root: Path) -> bool:
+    """Whether a checkpoint root already holds a run's checkpoints (`latest` or a step_* dir)."""
+    return (root / LATEST_NAME).is_file() or (root.is_dir() and any(TAG_RE.match(p.name) for p in root.iterdir()))
+
+
+def check_resumable(path: Path, dims, zero: bool) -> dict:
+    """The checks a resume needs from the checkpoint's files alone — format, layout, every file there —
+    run before the model is built (minutes on the 31B); returns the checkpoint's metadata. Every
+    process reads the same files, so each error is one line per job."""
+    meta = read_meta(path)
+    fresh = f"export it (`runner export {path} OUT_DIR`), then train with model.path=OUT_DIR and a new output.dir"
+    if meta.get("format", 1) != FORMAT:
+        raise UserError(f"{path} has checkpoint format {meta.get('format', 1)}, this runner resumes format {FORMAT} "
+                        f"(its optimizer groups changed); {fresh}", on_every_rank=True)
+    saved = meta["layout"]
+    if (saved["tp"], saved["pp"]) != (dims.tp, dims.pp):
+        raise UserError(f"{path} was saved at tp={saved['tp']}, pp={saved['pp']} but this run uses tp={dims.tp}, "
+                        f"pp={dims.pp}; resume at that layout, or {fresh} (optimizer state is not carried over)",
+                        on_every_rank=True)
+    if saved["dp"] != dims.dp and zero:
+        raise UserError(f"{path} was saved at dp={saved['dp']} but this run uses dp={dims.dp}; ZeRO's partitioned "
+                        f"optimizer state cannot be re-split: resume at dp={saved['dp']}, or {fresh}", on_every_rank=True)
+    wanted = {f"mp_rank_{i:02d}_model_states.pt" for i in range(dims.tp * dims.pp)}
+    wanted |= {f"rng/rank_{i:05d}.pt" for i in range(dims.tp * dims.pp * saved["dp"])}
+    missing = sorted(name for name in wanted if not (path / name).is_file())
+    missing += [f"layer {layer}: {len(layer_files(path, layer))} of {dims.tp} files"
+                for layer in sorted({entry["layer"] for entry in meta["tensors"].values()})
+                if len(layer_files(path, layer)) != dims.tp]
+    if missing:
+        raise UserError(f"{path}: {missing[0]} missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                        f"{DAMAGED}", on_every_rank=True)
+    return meta
 
 
 def latest_complete(root: str | Path) -> Path | None:
@@ -198,25 +240,14 @@ def resume(engine, root: str | Path) -> dict | None:
     path = latest_complete(root)
     if path is None:
         return None
-    meta = read_meta(path)
-    if meta.get("format", 1) != FORMAT:
-        raise UserError(f"{path} has checkpoint format {meta.get('format', 1)}, this runner resumes format {FORMAT} "
-                        f"(its optimizer groups changed); export it (`runner export {path} OUT_DIR`) and start from OUT_DIR")
-    saved, dims = meta["layout"], engine.module.ps.dims
-    if (saved["tp"], saved["pp"]) != (dims.tp, dims.pp):
-        raise UserError(
-            f"{path} was saved at tp={saved['tp']}, pp={saved['pp']} but this run uses tp={dims.tp}, pp={dims.pp}; "
-            f"export it (`runner export {path} OUT_DIR`) and start from OUT_DIR (optimizer state is not carried over)"
-        )
-    if saved["dp"] != dims.dp and engine.zero_optimization():
-        raise UserError(f"{path} was saved at dp={saved['dp']} but this run uses dp={dims.dp}; ZeRO's partitioned "
-                        f"optimizer state cannot be re-split: resume at dp={saved['dp']}, or export and start fresh")
+    dims = engine.module.ps.dims
+    meta = check_resumable(path, dims, engine.zero_optimization())
     saved_split, split = meta.get("stage_layers"), engine.module.stage_layer_counts()
     if saved_split is not None and saved_split != split:
         raise UserError(f"{path} was saved with {saved_split} decoder layers per stage but this run splits {split}; "
-                        f"set parallel.stage_layers: {saved_split} to resume, or export and start fresh")
+                        f"set parallel.stage_layers: {saved_split} to resume, or export and start fresh", on_every_rank=True)
     install(engine)
     _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if (saved["tp"], saved["pp"], saved["dp"]) == (dims.tp, dims.pp, dims.dp):
-        _set_rng_state(torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
+    if meta["layout"]["dp"] == dims.dp:  # (tp and pp are equal: checked above)
+        _set_rng_state(read_file(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
     return client[CLIENT_KEY]

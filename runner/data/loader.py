@@ -74,7 +74,7 @@ class MicroBatchLoader:
         on_bad: Literal["skip", "raise"] = "skip",
     ) -> None:
         if on_bad not in ("skip", "raise"):
-            raise UserError(f"data.on_bad must be 'skip' or 'raise', got {on_bad!r}")
+            raise UserError(f"data.on_bad_sample must be 'skip' or 'raise', got {on_bad!r}")
         if len(source) != sampler.num_samples:
             raise UserError(f"sampler is sized for {sampler.num_samples} samples but the dataset has {len(source)}")
         self.dataset = _EncodedDataset(source, collator)
@@ -118,7 +118,7 @@ class MicroBatchLoader:
     def _count(self, skips: list[Skip]) -> None:
         for reason, message in skips:
             if self.on_bad == "raise":
-                raise UserError(f"bad sample {message}; set data.on_bad=skip to skip and count such samples")
+                raise UserError(f"bad sample {message}; set data.on_bad_sample=skip to skip and count such samples")
             self.skipped[reason] += 1
             if self.skipped[reason] <= _WARNINGS_PER_REASON:
                 logger.warning("skipping bad sample %s", message)

@@ -37,7 +37,7 @@ class ParallelDims:
                 raise UserError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.world_size != world_size:
             raise UserError(
-                f"parallel.tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world_size} but the launcher started "
+                f"parallel.tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world_size} but the job has "
                 f"{world_size} processes; make the product equal the number of processes (GPUs)"
             )
 
