@@ -28,7 +28,7 @@ from runner.config import RunConfig, fp32_grad_accum, load_deepspeed_json, micro
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
-from runner.data.sources import SampleSource, load_source
+from runner.data.sources import SampleSource, load_source, same_rows
 from runner.errors import UserError, from_the_recipe
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
@@ -124,14 +124,19 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
 
 
 def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: ParallelDims, ps: ParallelState,
-                 gas: int, seed: int) -> MicroBatchLoader:
-    """This DP replica's micro-batches of one dataset split (the same on all its TP/PP ranks)."""
+                 gas: int, seed: int, split: str) -> MicroBatchLoader:
+    """This DP replica's micro-batches of one dataset split (`split`: data.train or data.eval, for
+    errors; the same on all its TP/PP ranks)."""
     collator = Gemma4Collator(processor, max_length=cfg.data.max_length, thinking_prefix=cfg.data.thinking_prefix,
                               buckets=cfg.data.buckets or None, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     lengths = None
     if cfg.data.group_by_length:
         lengths = collator.estimate_lengths([source.text_and_images(i) for i in range(len(source))])
-    sampler = StepSampler(len(source), cfg.train.micro_batch_size, gas, dims.dp, ps.dp_rank, seed=seed, lengths=lengths)
+    try:
+        sampler = StepSampler(len(source), cfg.train.micro_batch_size, gas, dims.dp, ps.dp_rank, seed=seed,
+                              lengths=lengths)
+    except UserError as err:
+        raise UserError(f"{split}: {err}", on_every_rank=True) from None
     return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample)
 
 
@@ -183,6 +188,10 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         check_supported(config)
         validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
         stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # a bad split
+        if cfg.data.eval and same_rows((cfg.data.train, cfg.data.train_split), (cfg.data.eval, cfg.data.eval_split)):
+            raise UserError(f"data.eval reads data.train's rows ({cfg.data.train} has one split, its name is ignored); "
+                            f"give disjoint slices, e.g. data.train_split: 'train[:90%]' and data.eval_split: "
+                            f"'train[90%:]', or another eval file")
     train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data
     eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
     init_distributed()
@@ -195,8 +204,9 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     ps = build_parallel_state(dims)
     processor = AutoProcessor.from_pretrained(model_dir)
-    train_data = build_loader(cfg, train_source, processor, dims, ps, gas, cfg.train.seed)
-    eval_data = None if eval_source is None else build_loader(cfg, eval_source, processor, dims, ps, gas, cfg.train.seed)
+    train_data = build_loader(cfg, train_source, processor, dims, ps, gas, cfg.train.seed, "data.train")
+    eval_data = None if eval_source is None else build_loader(cfg, eval_source, processor, dims, ps, gas,
+                                                               cfg.train.seed, "data.eval")
     total_steps = cfg.train.max_steps or cfg.train.epochs * train_data.sampler.steps_per_epoch
 
     out_dir = Path(cfg.output.dir)

@@ -94,6 +94,19 @@ def test_labels_without_prefix_multi_turn_and_text_only(processor) -> None:
     assert processor.tokenizer.decode(text_only.labels[text_only.labels != IGNORE_INDEX]) == f"{ANSWER}<turn|>"
 
 
+def test_an_image_in_a_model_turn_is_never_a_label(processor) -> None:
+    """An assistant turn that shows an image: its text and end-of-turn are labels, the image's soft
+    tokens and begin/end markers are input only."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "image"}]},
+    ]
+    enc = Gemma4Collator(processor).encode(Sample(messages, [Image.new("RGB", (64, 64))], "answer with image"))
+    labeled = enc.labels != IGNORE_INDEX
+    assert (enc.mm_token_type_ids != 0).any() and not (labeled & (enc.mm_token_type_ids != 0)).any()
+    assert processor.tokenizer.decode(enc.labels[labeled]).replace(" ", "").replace("\n", "") == "Here:<turn|>"
+
+
 def test_labels_match_transformers_shift_convention(tiny_ckpt: Path, processor) -> None:
     """transformers' own loss on our batch equals CE(logits[:, t], labels[:, t + 1]) over labeled
     tokens: labels are handed over unshifted and the model shifts once."""

@@ -110,6 +110,60 @@ def test_chat_jsonl_images_by_path_data_uri_bytes_and_text_only(tmp_path: Path) 
     assert len(load_source(str(path), "train[1:]")) == 3
 
 
+def test_images_decode_as_transformers_loads_them() -> None:
+    """16-bit grayscale spans 8 bits instead of clipping to white, transparency lies on white, and the
+    EXIF orientation is applied."""
+    import numpy as np
+
+    from runner.data.sample import load_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (8, 1))).save(buf, format="PNG")  # 12-bit ramp
+    ramp = np.asarray(load_image(buf.getvalue(), "16-bit"))[0, :, 0]
+    assert ramp[0] == 0 and ramp[-1] == 255 and (ramp == 255).sum() == 1
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    clear.putpixel((0, 0), (0, 0, 0, 255))
+    buf = io.BytesIO()
+    clear.save(buf, format="PNG")
+    rgb = load_image(buf.getvalue(), "alpha")
+    assert rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((3, 3)) == (255, 255, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20)).save(buf, format="JPEG", exif=exif)
+    assert load_image(buf.getvalue(), "exif").size == (20, 40)
+
+
+def test_chat_table_images_inline_and_from_the_images_column(tmp_path: Path) -> None:
+    """A parquet chat table whose rows mix an inline image path (relative: to the table's folder) with
+    bare image parts that take the row's `images` in order; Arrow gives every part every field."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(_png((11, 11)))
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "path": "imgs/a.png"},
+                                                   {"type": "text", "text": "q"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "a"}]}], "images": []},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "a"}]}],
+         "images": [{"bytes": _png((12, 12)), "path": None}, {"bytes": _png((13, 13)), "path": None}]},
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "chat.parquet"))
+    source = load_source(str(tmp_path / "chat.parquet"))
+    assert [im.size for im in source[0].images] == [(11, 11)]
+    assert [im.size for im in source[1].images] == [(12, 12), (13, 13)]
+
+
+def test_eval_on_the_training_file_needs_disjoint_slices(medpix: Path, tmp_path: Path) -> None:
+    """A single file has one split, so `validation` of the training file would be all of it."""
+    from runner.data.sources import same_rows
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("")
+    assert same_rows((str(chat), "train"), (str(chat), "validation"))
+    assert not same_rows((str(chat), "train[:90%]"), (str(chat), "train[90%:]"))
+    assert not same_rows((str(medpix), "train"), (str(medpix), "validation"))  # a folder with real splits
+
+
 def test_mixed_stream_of_image_and_text_only_sources(medpix: Path, tmp_path: Path) -> None:
     path = tmp_path / "text.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}))

@@ -89,6 +89,8 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
         (["data.train=/nonexistent/medpix"], ["/nonexistent/medpix"]),
         (["model.attn_implementation=flex_attention"], ["flex_attention needs CUDA GPUs", "use sdpa"]),
         (["parallel.stage_layers=[4,1]"], ["parallel.stage_layers=[4, 1]", "sum to the model's 6", "[3, 3]"]),
+        (["parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "eval.every_steps=1"],
+         ["data.eval: the dataset has 6 samples, fewer than one global batch"]),
     ],
 )
 def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, words):

@@ -145,6 +145,8 @@ class Gemma4Collator:
             raise BadSample("processor rejected sample", f"{sample.key}: {err}") from None
         ids = out["input_ids"][0]
         labels = self._labels(ids.tolist(), sum(m["role"] == "assistant" for m in sample.messages), sample.key)
+        # an image inside a model turn is input, not something to predict: its soft tokens and markers
+        labels[(out["mm_token_type_ids"][0] != 0) | (ids == self.boi_id) | (ids == self.eoi_id)] = IGNORE_INDEX
         n_images = len(sample.images)
         pixel_values = out["pixel_values"] if n_images else torch.zeros(0, self.max_patches, self.patch_dim)
         positions = out["image_position_ids"] if n_images else torch.zeros(0, self.max_patches, 2, dtype=torch.long)

@@ -10,7 +10,8 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 
 class BadSample(Exception):
@@ -47,9 +48,25 @@ def _text_of(message: dict) -> str:
 
 def load_image(data: bytes | str | Path, key: str) -> Image.Image:
     """Decode bytes or a file to an RGB image now, so a corrupt file is a BadSample here rather than an
-    exception deep inside the processor."""
+    exception deep inside the processor. As transformers' and datasets' loaders do: the EXIF
+    orientation applied, transparency composited onto white. 16-bit and float grayscale (DICOM-derived
+    PNGs) is scaled to its own range: PIL's conversion would clip everything above 255 to white."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadSample("unreadable image", f"{key}: {err}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image as the RGB the processor takes (see `load_image`)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(img, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")

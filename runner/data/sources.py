@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from runner.data.sample import BadSample, Sample, load_image
+from runner.data.sample import BadSample, Sample, load_image, to_rgb
 from runner.errors import UserError
 
 VQA_COLUMNS = ("image_id", "question", "answer")
@@ -46,7 +46,7 @@ class SampleSource(Protocol):
 def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
     """Any image payload a row may carry → RGB PIL image (BadSample if it cannot be read)."""
     if isinstance(payload, Image.Image):
-        return payload.convert("RGB")
+        return to_rgb(payload)
     if isinstance(payload, dict):  # datasets' Image(decode=False) value
         payload = payload.get("bytes") or payload.get("path")
     if isinstance(payload, str) and payload.startswith("data:"):  # data:image/png;base64,....
@@ -92,10 +92,12 @@ def chat_sample(messages: Any, key: str, root: Path | None = None, images: Seque
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 out_parts.append({"type": "text", "text": part["text"]})
             elif part.get("type") == "image":
-                if "bytes" in part:
-                    payload = _b64(part["bytes"], key) if isinstance(part["bytes"], str) else part["bytes"]
-                else:
-                    payload = part.get("image", part.get("path", next(pool, None)))
+                # a table merges the parts' schemas: a field a part lacks comes as None
+                payload = part.get("bytes") or part.get("image") or part.get("path") or part.get("url")
+                if isinstance(payload, str) and part.get("bytes"):
+                    payload = _b64(payload, key)
+                if payload is None:  # a bare {"type": "image"}: the sample's next image from its images list
+                    payload = next(pool, None)
                 out_images.append(_decode_payload(payload, root, key))
                 out_parts.append({"type": "image"})
             else:
@@ -104,14 +106,14 @@ def chat_sample(messages: Any, key: str, root: Path | None = None, images: Seque
     return Sample(out_messages, out_images, key)
 
 
-def vqa_sample(image: Any, question: str, answer: str, key: str) -> Sample:
+def vqa_sample(image: Any, question: str, answer: str, key: str, root: Path | None = None) -> Sample:
     """A MedPix-VQA row as one user turn (image, question) and one assistant turn (answer)."""
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question or ""}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer or ""}]},
     ]
     Sample(messages, [], key)  # validate the answer before paying for the image decode
-    return Sample(messages, [_decode_payload(image, None, key)], key)
+    return Sample(messages, [_decode_payload(image, root, key)], key)
 
 
 def _chat_text(messages: Any) -> tuple[str, int]:
@@ -128,11 +130,11 @@ def _chat_text(messages: Any) -> tuple[str, int]:
 class TableSource:
     """A `datasets.Dataset` in MedPix-VQA or chat layout."""
 
-    def __init__(self, table: Any, name: str) -> None:
+    def __init__(self, table: Any, name: str, root: Path | None = None) -> None:
         from datasets import Image as ImageFeature
 
         columns = set(table.column_names)
-        self.name = name
+        self.name, self.root = name, root  # relative image paths resolve against the dataset's folder
         if set(VQA_COLUMNS) <= columns:
             self.layout = "vqa"
             if isinstance(table.features["image_id"], ImageFeature):  # decode ourselves: corrupt → BadSample
@@ -155,8 +157,8 @@ class TableSource:
         row = self.table[index]
         key = f"{self.name} row {index}"
         if self.layout == "vqa":
-            return vqa_sample(row["image_id"], row["question"], row["answer"], key)
-        return chat_sample(row["messages"], key, images=row.get("images") or ())
+            return vqa_sample(row["image_id"], row["question"], row["answer"], key, self.root)
+        return chat_sample(row["messages"], key, self.root, images=row.get("images") or ())
 
     def text_and_images(self, index: int) -> tuple[str, int]:
         if self._text_columns is None:
@@ -280,7 +282,17 @@ def load_source(spec: str, split: str = "train") -> SampleSource:
     path = Path(spec)
     if path.suffix in (".jsonl", ".json") and path.is_file():
         return JsonlSource(path, split)
-    return TableSource(_load_table(spec, split), f"{spec}[{split}]")
+    root = path if path.is_dir() else path.parent if path.is_file() else None  # None: a hub dataset
+    return TableSource(_load_table(spec, split), f"{spec}[{split}]", root)
+
+
+def same_rows(train: tuple[str, str], evaluation: tuple[str, str]) -> bool:
+    """Whether two (spec, split) entries read the same rows: a single file or a save_to_disk Dataset
+    has one split, so its split name is ignored and only the slices tell them apart."""
+    (spec, split), (other, other_split) = train, evaluation
+    path = Path(spec)
+    single = path.is_file() or (path / "state.json").exists()
+    return single and Path(other) == path and split.partition("[")[2] == other_split.partition("[")[2]
 
 
 def load_sources(entries: Sequence[tuple[str, str]]) -> SampleSource:
