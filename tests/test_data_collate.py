@@ -256,6 +256,11 @@ def test_resume_continues_without_repeats_or_gaps(mixed: ConcatSource, processor
     other_layout = MicroBatchLoader(mixed, Gemma4Collator(processor), StepSampler(len(mixed), 1, 2, seed=5))
     with pytest.raises(UserError, match="same data and batch layout"):
         other_layout.load_state_dict(state)
+    sampler = resumed.sampler
+    grouped = MicroBatchLoader(mixed, Gemma4Collator(processor), StepSampler(
+        len(mixed), sampler.micro_batch_size, sampler.grad_accum_steps, seed=sampler.seed, lengths=[1] * len(mixed)))
+    with pytest.raises(UserError, match="saved with data.group_by_length: false, this run has true"):
+        grouped.load_state_dict(state)
 
 
 def test_tp_ranks_of_a_replica_see_identical_batches_workers_too(mixed: ConcatSource, processor) -> None:

@@ -143,6 +143,7 @@ class MicroBatchLoader:
             "skipped": dict(self.skipped),
             "skipped_per_epoch": dict(self.skipped_per_epoch),
             "layout": self._layout(),
+            "grouped": self.sampler.lengths is not None,  # data.group_by_length: another order
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -151,6 +152,10 @@ class MicroBatchLoader:
                 f"data position was saved for [samples, seed, micro_batch, grad_accum, dp] = {state['layout']}, "
                 f"this run has {self._layout()}; resume with the same data and batch layout"
             )
+        grouped = self.sampler.lengths is not None
+        if state.get("grouped", grouped) != grouped:  # (checkpoints before this key: not checked)
+            raise UserError(f"data position was saved with data.group_by_length: {str(not grouped).lower()}, this run "
+                            f"has {str(grouped).lower()}; resume with the setting it was saved with (the order differs)")
         self.epoch, self.position = state["epoch"], state["position"]
         self.skipped = Counter(state["skipped"])
         self.skipped_per_epoch = {int(k): v for k, v in state["skipped_per_epoch"].items()}
