@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from runner.checkpoint.engine import DAMAGED, install, read_file, stage_layers
 from runner.errors import UserError
+from runner.parallel.topology import ParallelDims
 
 META_NAME = "runner_checkpoint.json"
 LATEST_NAME = "latest"
@@ -119,7 +120,7 @@ def has_checkpoints(root: Path) -> bool:
     return (root / LATEST_NAME).is_file() or (root.is_dir() and any(TAG_RE.match(p.name) for p in root.iterdir()))
 
 
-def check_resumable(path: Path, dims, zero: bool) -> dict:
+def check_resumable(path: Path, dims: ParallelDims, zero: bool) -> dict:
     """The checks a resume needs from the checkpoint's files alone — format, layout, every file there —
     run before the model is built (minutes on the 31B); returns the checkpoint's metadata. Every
     process reads the same files, so each error is one line per job."""
