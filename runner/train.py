@@ -140,15 +140,29 @@ def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: Parallel
     return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample)
 
 
-def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState) -> tuple[int, int]:
-    """(label tokens, non-pad tokens) of the whole global batch: all micro-batches, all DP ranks."""
+def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState,
+                skipped: int = 0) -> tuple[int, int, int]:
+    """(label tokens, non-pad tokens, `skipped` samples) of the whole global batch: all micro-batches,
+    all DP ranks, in one all-reduce."""
     local = torch.tensor([
         sum(count_label_tokens(m["labels"]) for m in micro_batches),
         sum(int(m["attention_mask"].sum()) for m in micro_batches),
+        skipped,
     ], dtype=torch.float64, device=comm_device())
     if ps.dims.dp > 1:
         dist.all_reduce(local, group=ps.dp_group)
-    return int(local[0]), int(local[1])
+    return int(local[0]), int(local[1]), int(local[2])
+
+
+def data_state(loader: MicroBatchLoader, ps: ParallelState) -> dict:
+    """The data position for a checkpoint, with every DP rank's skip counts: DeepSpeed writes the
+    client state of DP rank 0 only, and each rank skipped its own samples."""
+    state = loader.state_dict()
+    if ps.dims.dp > 1:
+        counts: list = [None] * ps.dims.dp
+        dist.all_gather_object(counts, {k: state[k] for k in ("skipped", "skipped_per_epoch")}, group=ps.dp_group)
+        state["skipped_by_dp_rank"] = counts
+    return state
 
 
 class StopFlag:
@@ -169,7 +183,7 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
     total, labels = 0.0, 0
     for _ in range(steps):
         micro = loader.next_step()
-        n_labels, _ = step_counts(micro, ps)
+        n_labels, _, _ = step_counts(micro, ps)
         model.token_loss.set_label_count(n_labels, len(micro))
         loss = engine.eval_batch(iter([to_pipe_batch(m) for m in micro]), num_micro_batches=len(micro))
         total += float(loss) * n_labels
@@ -266,7 +280,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
-        n_labels, n_tokens = step_counts(micro, ps)
+        n_labels, n_tokens, n_skipped = step_counts(micro, ps, sum(train_data.skipped.values()))
         model.token_loss.set_label_count(n_labels, gas)
         profiling = step + 1 == cfg.logging.profile_step
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
@@ -289,14 +303,14 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                 "tokens_per_sec_per_gpu": tok_s / world,
                 "mfu": (tok_s / world * flops_per_token / peak) if peak else None,
                 "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt, "data_time": data_time,
-                "skipped_samples": sum(train_data.skipped.values()),
+                "skipped_samples": n_skipped,  # this epoch's so far, all DP ranks
             })
         # no eval when stopping: a launcher kills the workers ~30 s after SIGTERM
         if eval_data is not None and step % cfg.eval.every_steps == 0 and not stopping:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
         every = cfg.checkpoint.every_steps
         if stopping or (step == total_steps and cfg.checkpoint.at_end) or (every and step % every == 0):
-            last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": train_data.state_dict()},
+            last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": data_state(train_data, ps)},
                                     source=model_dir, keep=cfg.checkpoint.keep)
         if stopping and step < total_steps:
             if rank == 0:

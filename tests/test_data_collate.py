@@ -263,6 +263,21 @@ def test_resume_continues_without_repeats_or_gaps(mixed: ConcatSource, processor
         grouped.load_state_dict(state)
 
 
+def test_each_dp_rank_resumes_its_own_skip_counts(mixed: ConcatSource, processor) -> None:
+    """Checkpoints keep DP rank 0's client state; the trainer adds every rank's skip counts to it."""
+    ranks = [_loader(mixed, processor, dp_rank=r, dp_size=2) for r in range(2)]
+    for loader in ranks:
+        loader.next_step(), loader.next_step(), loader.next_step()
+    states = [loader.state_dict() for loader in ranks]
+    assert states[0]["skipped"] != states[1]["skipped"]  # the 3 bad rows did not all land on one rank
+    saved = {**states[0], "skipped_by_dp_rank": [{k: st[k] for k in ("skipped", "skipped_per_epoch")} for st in states]}
+    saved = json.loads(json.dumps(saved))
+    for rank, state in enumerate(states):
+        resumed = _loader(mixed, processor, dp_rank=rank, dp_size=2)
+        resumed.load_state_dict(saved)
+        assert resumed.skipped == state["skipped"] and resumed.position == state["position"]
+
+
 def test_tp_ranks_of_a_replica_see_identical_batches_workers_too(mixed: ConcatSource, processor) -> None:
     tp0 = _loader(mixed, processor, dp_rank=1, dp_size=2)
     tp1 = _loader(mixed, processor, dp_rank=1, dp_size=2, num_workers=1)

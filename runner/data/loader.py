@@ -157,6 +157,8 @@ class MicroBatchLoader:
             raise UserError(f"data position was saved with data.group_by_length: {str(not grouped).lower()}, this run "
                             f"has {str(grouped).lower()}; resume with the setting it was saved with (the order differs)")
         self.epoch, self.position = state["epoch"], state["position"]
-        self.skipped = Counter(state["skipped"])
-        self.skipped_per_epoch = {int(k): v for k, v in state["skipped_per_epoch"].items()}
+        # this DP rank's own skip counts, where the trainer saved every rank's (runner.train.data_state)
+        own = state["skipped_by_dp_rank"][self.sampler.dp_rank] if "skipped_by_dp_rank" in state else state
+        self.skipped = Counter(own["skipped"])
+        self.skipped_per_epoch = {int(k): v for k, v in own["skipped_per_epoch"].items()}
         self._iter = None
