@@ -76,14 +76,13 @@ def comm_device() -> str:
 
 
 def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if cfg.parallel.dp == "auto":
+    tp, pp, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp
+    if dp == "auto":
         if world_size % (tp * pp):
             raise UserError(f"{world_size} processes cannot be split into tp*pp = {tp}*{pp} groups; "
                             f"launch a multiple of {tp * pp} processes")
-        dims = ParallelDims(tp, pp, world_size // (tp * pp), cfg.parallel.sequence_parallel)
-    else:
-        dims = ParallelDims(tp, pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
+        dp = world_size // (tp * pp)
+    dims = ParallelDims(tp, pp, dp, cfg.parallel.sequence_parallel)
     dims.validate(world_size)
     return dims
 

@@ -140,9 +140,8 @@ def check_resumable(path: Path, dims: ParallelDims, zero: bool) -> dict:
     wanted = {f"mp_rank_{i:02d}_model_states.pt" for i in range(dims.tp * dims.pp)}
     wanted |= {f"rng/rank_{i:05d}.pt" for i in range(dims.tp * dims.pp * saved["dp"])}
     missing = sorted(name for name in wanted if not (path / name).is_file())
-    missing += [f"layer {layer}: {len(layer_files(path, layer))} of {dims.tp} files"
-                for layer in sorted({entry["layer"] for entry in meta["tensors"].values()})
-                if len(layer_files(path, layer)) != dims.tp]
+    found = {layer: len(layer_files(path, layer)) for layer in sorted({e["layer"] for e in meta["tensors"].values()})}
+    missing += [f"layer {layer}: {n} of {dims.tp} files" for layer, n in found.items() if n != dims.tp]
     if missing:
         raise UserError(f"{path}: {missing[0]} missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                         f"{DAMAGED}", on_every_rank=True)

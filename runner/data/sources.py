@@ -43,12 +43,18 @@ class SampleSource(Protocol):
         ...
 
 
+IMAGE_FIELDS = ("bytes", "image", "path", "url")  # where an image dict (datasets' value, a chat part) keeps it
+
+
 def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
     """Any image payload a row may carry → RGB PIL image (BadSample if it cannot be read)."""
+    if isinstance(payload, dict):  # datasets' Image(decode=False) value, or a chat message's image part
+        field = next((f for f in IMAGE_FIELDS if payload.get(f)), None)
+        payload = None if field is None else payload[field]
+        if field == "bytes" and isinstance(payload, str):  # base64 in JSON
+            payload = _b64(payload, key)
     if isinstance(payload, Image.Image):
         return to_rgb(payload)
-    if isinstance(payload, dict):  # datasets' Image(decode=False) value
-        payload = payload.get("bytes") or payload.get("path")
     if isinstance(payload, str) and payload.startswith("data:"):  # data:image/png;base64,....
         payload = _b64(payload.partition(",")[2], key)
     if isinstance(payload, str):
@@ -92,13 +98,10 @@ def chat_sample(messages: Any, key: str, root: Path | None = None, images: Seque
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 out_parts.append({"type": "text", "text": part["text"]})
             elif part.get("type") == "image":
-                # a table merges the parts' schemas: a field a part lacks comes as None
-                payload = part.get("bytes") or part.get("image") or part.get("path") or part.get("url")
-                if isinstance(payload, str) and part.get("bytes"):
-                    payload = _b64(payload, key)
-                if payload is None:  # a bare {"type": "image"}: the sample's next image from its images list
-                    payload = next(pool, None)
-                out_images.append(_decode_payload(payload, root, key))
+                # a bare {"type": "image"} takes the sample's next image from its images list (a table
+                # merges the parts' schemas: a field a part lacks comes as None)
+                own = any(part.get(f) for f in IMAGE_FIELDS)
+                out_images.append(_decode_payload(part if own else next(pool, None), root, key))
                 out_parts.append({"type": "image"})
             else:
                 raise BadSample("malformed chat", f"{key}: unsupported content part {str(part)[:60]!r}")
