@@ -65,7 +65,8 @@ def test_31b_recipes_plan_like_deepspeed_partitions(name):
     plan = make_plan(cfg, gpu_mem_gib=140 if name == "tp2_pp2" else 80)
     tp, pp, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp
     assert (plan.dims.tp, plan.dims.pp, plan.dims.dp) == (tp, pp, dp)
-    assert plan.micro_batches >= 4 * pp  # enough micro-batches to fill the pipeline
+    assert plan.micro_batches >= 2 * pp  # enough micro-batches to fill the pipeline (bubble <= 27% at pp 4)
+    assert cfg.train.micro_batch_size > 1  # short MedPix samples: micro 1 is weight-read bound (README Results)
     assert plan.total_params == PARAMS_31B
     # [vision, embedding, 60 decoder layers, final norm, head], cut by counting decoder layers
     weights = [0, 0] + [1] * 60 + [0, 0]
@@ -357,7 +358,7 @@ def test_gemm_wide_head_backward_counts_its_scratch():
     """The GEMM backward (flex_attention's default, `model.wide_head_backward: auto`) adds its scratch (one row block of one KV head's group, and the
     fp32 dK/dV) to the working set of a stage whose peak is a full layer's backward, and nothing where
     the head's logits set the peak (the last stage)."""
-    base = ["model.attn_implementation=flex_attention", "data.max_length=4224"]
+    base = ["model.attn_implementation=flex_attention", "data.max_length=4224", "train.micro_batch_size=1"]
     flex = make_plan(load_config(RECIPES["tp2_pp2"], [*base, "model.wide_head_backward=flex"]), gpu_mem_gib=140)
     gemm = make_plan(load_config(RECIPES["tp2_pp2"], base), gpu_mem_gib=140)
     scratch = gemm_backward_bytes(LayerShape(5376, 16, 2, 512, 21504 // 2), 1, 4224) / 2**30  # 31B, TP2
