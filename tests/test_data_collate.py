@@ -261,6 +261,12 @@ def test_resume_continues_without_repeats_or_gaps(mixed: ConcatSource, processor
         len(mixed), sampler.micro_batch_size, sampler.grad_accum_steps, seed=sampler.seed, lengths=[1] * len(mixed)))
     with pytest.raises(UserError, match="saved with data.group_by_length: false, this run has true"):
         grouped.load_state_dict(state)
+    grouped_state = grouped.state_dict()
+    grouped.load_state_dict(grouped_state)  # the same lengths resume
+    other_data = MicroBatchLoader(mixed, Gemma4Collator(processor), StepSampler(
+        len(mixed), sampler.micro_batch_size, sampler.grad_accum_steps, seed=sampler.seed, lengths=[2] * len(mixed)))
+    with pytest.raises(UserError, match="samples of other lengths: this is not the dataset"):
+        other_data.load_state_dict(grouped_state)
 
 
 def test_each_dp_rank_resumes_its_own_skip_counts(mixed: ConcatSource, processor) -> None:
