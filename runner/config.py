@@ -107,7 +107,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # 0: never
-    max_batches: int = 0  # global batches per eval; 0: every whole global batch of the split
+    max_batches: int = 0  # global batches per eval; 0: the whole split
 
 
 @dataclass
@@ -286,7 +286,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
-        (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0: every whole global batch of the eval split)"),
+        (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0: the whole eval split)"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),

@@ -123,9 +123,9 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, gas: int, path: str | N
 
 
 def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: ParallelDims, ps: ParallelState,
-                 gas: int, seed: int, split: str) -> MicroBatchLoader:
+                 gas: int, seed: int, split: str, keep_tail: bool = False) -> MicroBatchLoader:
     """This DP replica's micro-batches of one dataset split (`split`: data.train or data.eval, for
-    errors; the same on all its TP/PP ranks)."""
+    errors; the same on all its TP/PP ranks). `keep_tail`: the last partial global batch too (eval)."""
     collator = Gemma4Collator(processor, max_length=cfg.data.max_length, thinking_prefix=cfg.data.thinking_prefix,
                               buckets=cfg.data.buckets or None, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     lengths = None
@@ -133,7 +133,7 @@ def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: Parallel
         lengths = collator.estimate_lengths([source.text_and_images(i) for i in range(len(source))])
     try:
         sampler = StepSampler(len(source), cfg.train.micro_batch_size, gas, dims.dp, ps.dp_rank, seed=seed,
-                              lengths=lengths)
+                              lengths=lengths, keep_tail=keep_tail)
     except UserError as err:
         raise UserError(f"{split}: {err}", on_every_rank=True) from None
     return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample)
@@ -176,7 +176,8 @@ class StopFlag:
 
 
 def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: ParallelState, max_batches: int) -> dict:
-    """Token-weighted loss over `max_batches` global batches (the whole split when 0)."""
+    """Token-weighted loss over `max_batches` global batches (the whole split when 0, its last partial
+    global batch included)."""
     steps = loader.sampler.steps_per_epoch if max_batches == 0 else min(max_batches, loader.sampler.steps_per_epoch)
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "position": 0})
     total, labels = 0.0, 0
@@ -219,7 +220,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     processor = AutoProcessor.from_pretrained(model_dir)
     train_data = build_loader(cfg, train_source, processor, dims, ps, gas, cfg.train.seed, "data.train")
     eval_data = None if eval_source is None else build_loader(cfg, eval_source, processor, dims, ps, gas,
-                                                               cfg.train.seed, "data.eval")
+                                                               cfg.train.seed, "data.eval", keep_tail=True)
     total_steps = cfg.train.max_steps or cfg.train.epochs * train_data.sampler.steps_per_epoch
 
     out_dir = Path(cfg.output.dir)

@@ -263,9 +263,30 @@ def test_sampler_length_grouping_keeps_the_samples_and_cuts_padding() -> None:
     assert waste(grouped) < 0.5 * waste(plain)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_eval_sampler_keeps_the_tail(grouped: bool) -> None:
+    """keep_tail (evaluation): 27 samples in global batches of 8 → 4 steps, 5 empty sample slots;
+    every sample once over both DP ranks, each rank still gets grad_accum_steps micro-batches a step
+    (two of them empty). Ungrouped, the tail is the last step and the whole global batches are the
+    ones the training sampler makes; grouped, the empty slots sort last in their window."""
+    lengths = [(i * 7) % 11 + 1 for i in range(27)] if grouped else None
+    ranks = [StepSampler(27, 2, 2, dp_size=2, dp_rank=r, seed=3, lengths=lengths, keep_tail=True) for r in range(2)]
+    assert ranks[0].steps_per_epoch == 4 and StepSampler(27, 2, 2, dp_size=2).steps_per_epoch == 3
+    epochs = [s.epoch(0) for s in ranks]
+    assert all(len(e) == 4 * 2 for e in epochs)
+    assert sorted(i for e in epochs for mb in e for i in mb) == list(range(27))
+    assert sorted(len(mb) for e in epochs for mb in e) == [0, 0, 1] + [2] * 13
+    if not grouped:
+        assert sum(len(mb) for e in epochs for mb in e[6:]) == 3
+        assert [e[:6] for e in epochs] == [StepSampler(27, 2, 2, dp_size=2, dp_rank=r, seed=3).epoch(0) for r in range(2)]
+    assert StepSampler(1, 4, 4, dp_size=2, keep_tail=True).epoch(0) == [[0], [], [], []]
+
+
 def test_sampler_rejects_bad_layouts() -> None:
     with pytest.raises(UserError, match="fewer than one global batch"):
         StepSampler(7, 2, 2, dp_size=2)
+    with pytest.raises(UserError, match="has no samples"):
+        StepSampler(0, 2, 2, keep_tail=True)
     with pytest.raises(UserError, match="dp_rank 2"):
         StepSampler(70, 2, 2, dp_size=2, dp_rank=2)
     with pytest.raises(UserError, match="3 lengths for 70 samples"):

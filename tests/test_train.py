@@ -89,13 +89,44 @@ def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medp
         (["data.train=/nonexistent/medpix"], ["/nonexistent/medpix"]),
         (["model.attn_implementation=flex_attention"], ["flex_attention needs CUDA GPUs", "use sdpa"]),
         (["parallel.stage_layers=[4,1]"], ["parallel.stage_layers=[4, 1]", "sum to the model's 6", "[3, 3]"]),
-        (["parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "eval.every_steps=1"],
-         ["data.eval: the dataset has 6 samples, fewer than one global batch"]),
+        (["parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "train.global_batch_size=128"],
+         ["data.train: the dataset has 64 samples, fewer than one global batch"]),
     ],
 )
 def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, words):
     proc = run(_single_process() + _sets(tiny_ckpt, medpix, tmp_path / "out", *extra), ok=False)
     assert_one_error_line(proc, words)
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 2, 2)], ids=str)
+def test_eval_is_transformers_loss_over_the_whole_split(tmp_path, tiny_ckpt, medpix, layout):
+    """`eval.max_batches: 0` evaluates every sample of the split: 6 validation samples under one
+    global batch of 8 (a partial batch, an empty micro-batch; at dp 2 one rank gets less) give
+    transformers' token-weighted loss of the checkpoint (lr 1e-30: step 1 moves no fp32 weight)."""
+    import torch
+    from transformers import AutoProcessor
+
+    from runner.config import load_config
+    from runner.data.collate import Gemma4Collator
+    from runner.data.sources import load_source
+
+    from reference import global_loss, load_reference
+
+    tp, pp, dp = layout
+    out = tmp_path / "out"
+    sets = _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}",
+                 "eval.every_steps=1", "eval.max_batches=0", "optim.lr=1e-30", "logging.profile_step=0")
+    run((_single_process() if tp * pp * dp == 1 else torchrun_cmd(tp * pp * dp, *TRAIN)) + sets)
+    [evaluated] = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "eval"]
+
+    data = load_config(DEMO).data
+    collator = Gemma4Collator(AutoProcessor.from_pretrained(tiny_ckpt), max_length=data.max_length)
+    source = load_source(str(medpix), data.eval_split)
+    samples = [collator.collate([collator.encode(source[i])]) for i in range(len(source))]
+    with torch.no_grad():
+        expected = float(global_loss(load_reference(str(tiny_ckpt)), samples))
+    assert evaluated["label_tokens"] == sum(int((s["labels"][:, 1:] != -100).sum()) for s in samples)
+    assert abs(evaluated["loss"] - expected) <= 1e-5 * expected, (evaluated, expected)
 
 
 def test_freeze_settings_that_leave_a_stage_too_little_to_train(tmp_path, tiny_ckpt, medpix):

@@ -20,6 +20,10 @@ class StepSampler:
     grad_accum_steps × dp_size samples (the incomplete tail is dropped, a different one each epoch),
     and deals each global batch's micro-batches round-robin over the DP ranks.
 
+    With `keep_tail` (evaluation) the tail is kept as a last, partial global batch: its micro-batches
+    hold fewer samples or none (the collator makes an empty one a row that adds nothing to the loss),
+    so an eval pass sees every sample once, however small the split.
+
     With `lengths`, each window of `group_window_steps` global batches is sorted by length before
     being cut into micro-batches, whose order is then shuffled: micro-batches hold similar lengths
     (less padding) while steps still mix short and long ones. The set of samples per window is
@@ -37,6 +41,7 @@ class StepSampler:
         shuffle: bool = True,
         lengths: Sequence[int] | None = None,
         group_window_steps: int = 8,
+        keep_tail: bool = False,
     ) -> None:
         if min(micro_batch_size, grad_accum_steps, dp_size, group_window_steps) < 1:
             raise UserError("micro_batch_size, grad_accum_steps, dp size and group_window_steps must all be >= 1")
@@ -51,10 +56,12 @@ class StepSampler:
         self.seed, self.shuffle = seed, shuffle
         self.lengths = None if lengths is None else np.asarray(lengths)
         self.group_window_steps = group_window_steps
+        self.keep_tail = keep_tail
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"the dataset has {num_samples} samples, fewer than one global batch "
                 f"(micro_batch_size {micro_batch_size} × grad_accum_steps {grad_accum_steps} × dp {dp_size})"
+                if num_samples else "the dataset has no samples"
             )
 
     @property
@@ -63,7 +70,8 @@ class StepSampler:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch_size
+        whole, tail = divmod(self.num_samples, self.global_batch_size)
+        return whole + (self.keep_tail and tail > 0)
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -74,16 +82,19 @@ class StepSampler:
         """This rank's micro-batches (lists of sample indices) of `epoch`, in training order."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        size = self.steps_per_epoch * self.global_batch_size
+        order = np.concatenate([order, np.full(max(size - self.num_samples, 0), -1)])  # keep_tail: -1 = no sample
         per_step = self.grad_accum_steps * self.dp_size  # micro-batches in one global batch
         window = self.group_window_steps * self.global_batch_size
         mine: list[list[int]] = []
-        for begin in range(0, self.steps_per_epoch * self.global_batch_size, window):
-            block = order[begin : min(begin + window, self.steps_per_epoch * self.global_batch_size)]
-            if self.lengths is not None:
-                block = block[np.argsort(-self.lengths[block], kind="stable")]
+        for begin in range(0, size, window):
+            block = order[begin : min(begin + window, size)]
+            if self.lengths is not None:  # longest first, empty slots last
+                block = block[np.argsort(-np.where(block >= 0, self.lengths[block], -1), kind="stable")]
             chunks = block.reshape(-1, self.micro_batch_size)
             if self.lengths is not None:
                 chunks = chunks[rng.permutation(len(chunks))]
             for step in range(0, len(chunks), per_step):
-                mine.extend(c.tolist() for c in chunks[step + self.dp_rank : step + per_step : self.dp_size])
+                dealt = chunks[step + self.dp_rank : step + per_step : self.dp_size]
+                mine.extend([i for i in c.tolist() if i >= 0] for c in dealt)
         return mine
