@@ -177,13 +177,16 @@ class StopFlag:
 
 def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: ParallelState, max_batches: int) -> dict:
     """Token-weighted loss over `max_batches` global batches (the whole split when 0, its last partial
-    global batch included)."""
+    global batch included). A global batch without label tokens (its samples all skipped as bad: the
+    tail may hold one sample) adds nothing; every rank skips it, the count being global."""
     steps = loader.sampler.steps_per_epoch if max_batches == 0 else min(max_batches, loader.sampler.steps_per_epoch)
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "position": 0})
     total, labels = 0.0, 0
     for _ in range(steps):
         micro = loader.next_step()
         n_labels, _, _ = step_counts(micro, ps)
+        if n_labels == 0:
+            continue
         model.token_loss.set_label_count(n_labels, len(micro))
         loss = engine.eval_batch(iter([to_pipe_batch(m) for m in micro]), num_micro_batches=len(micro))
         total += float(loss) * n_labels

@@ -291,3 +291,24 @@ def test_tp_ranks_of_a_replica_see_identical_batches_workers_too(mixed: ConcatSo
     a, b, c = tp0.next_step(), tp1.next_step(), other_replica.next_step()
     assert _same(a, b)
     assert not _same(a, c)
+
+
+def test_eval_skips_a_global_batch_left_without_labels(medpix: Path, mixed: ConcatSource, processor) -> None:
+    """The eval tail can be a sample or two; skipped as bad, its global batch has no label tokens: the
+    eval leaves it out (the training loss refuses such a batch with one line)."""
+    from types import SimpleNamespace
+
+    from runner.models.gemma4.pipeline import TokenWeightedLoss
+    from runner.train import evaluate
+
+    source = ConcatSource([load_source(str(medpix), "train[:4]"), mixed.sources[1]])  # 4 good, then 2 bad
+    loader = MicroBatchLoader(source, Gemma4Collator(processor, max_length=256),
+                              StepSampler(6, 2, 2, shuffle=False, keep_tail=True))
+    assert loader.sampler.epoch(0) == [[0, 1], [2, 3], [4, 5], []]
+    ps = SimpleNamespace(dims=SimpleNamespace(dp=1, tp=1), tp_rank=0, dp_group=None)
+    seen = []
+    engine = SimpleNamespace(eval_batch=lambda batches, num_micro_batches: seen.append(len(list(batches))) or 2.0)
+    result = evaluate(engine, SimpleNamespace(token_loss=TokenWeightedLoss(ps, 1000)), loader, ps, max_batches=0)
+    assert seen == [2] and result["loss"] == 2.0 and result["label_tokens"] > 0
+    with pytest.raises(UserError, match="no label tokens.*skipped as bad"):
+        TokenWeightedLoss(ps, 1000).set_label_count(0, 2)

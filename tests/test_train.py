@@ -98,11 +98,15 @@ def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, 
     assert_one_error_line(proc, words)
 
 
-@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 2, 2)], ids=str)
-def test_eval_is_transformers_loss_over_the_whole_split(tmp_path, tiny_ckpt, medpix, layout):
-    """`eval.max_batches: 0` evaluates every sample of the split: 6 validation samples under one
-    global batch of 8 (a partial batch, an empty micro-batch; at dp 2 one rank gets less) give
-    transformers' token-weighted loss of the checkpoint (lr 1e-30: step 1 moves no fp32 weight)."""
+@pytest.mark.parametrize("layout,extra", [
+    ((1, 1, 1), ()),  # 6 samples in micro-batches of 2 under a global batch of 8: 2, 2, 2 and an empty one
+    ((1, 2, 2), ("train.micro_batch_size=4", "data.eval_split=validation[:2]")),  # DP rank 1 gets only an empty one
+    ((2, 1, 1), ("train.micro_batch_size=4", "train.global_batch_size=16", "parallel.sequence_parallel=true")),  # 4, 2, 0, 0
+], ids=str)
+def test_eval_is_transformers_loss_over_the_whole_split(tmp_path, tiny_ckpt, medpix, layout, extra):
+    """`eval.max_batches: 0` evaluates every sample of the split, its last partial global batch too
+    (micro-batches with fewer samples or none): the loss and label count are transformers'
+    token-weighted loss of the checkpoint over the split (lr 1e-30: step 1 moves no fp32 weight)."""
     import torch
     from transformers import AutoProcessor
 
@@ -115,11 +119,11 @@ def test_eval_is_transformers_loss_over_the_whole_split(tmp_path, tiny_ckpt, med
     tp, pp, dp = layout
     out = tmp_path / "out"
     sets = _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}",
-                 "eval.every_steps=1", "eval.max_batches=0", "optim.lr=1e-30", "logging.profile_step=0")
+                 "eval.every_steps=1", "eval.max_batches=0", "optim.lr=1e-30", "logging.profile_step=0", *extra)
     run((_single_process() if tp * pp * dp == 1 else torchrun_cmd(tp * pp * dp, *TRAIN)) + sets)
     [evaluated] = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "eval"]
 
-    data = load_config(DEMO).data
+    data = load_config(DEMO, [s for s in sets if s != "--set"]).data
     collator = Gemma4Collator(AutoProcessor.from_pretrained(tiny_ckpt), max_length=data.max_length)
     source = load_source(str(medpix), data.eval_split)
     samples = [collator.collate([collator.encode(source[i])]) for i in range(len(source))]

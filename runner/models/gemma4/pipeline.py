@@ -132,7 +132,8 @@ class TokenWeightedLoss:
 
     def set_label_count(self, global_label_tokens: int, micro_batches: int) -> None:
         if global_label_tokens <= 0:
-            raise UserError("the global batch has no label tokens (all labels are -100); check the data's masking")
+            raise UserError("the global batch has no label tokens (all labels are -100: its samples were all masked or "
+                            "skipped as bad); check the data's masking and the skipped-sample warnings")
         self.scale = micro_batches * self.ps.dims.dp / global_label_tokens
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
