@@ -279,11 +279,23 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     flops_per_token = None
     peak = peak_flops_per_device()
     last_ckpt = resume_from if resuming else native.latest_complete(ckpt_root)
+    empty_in_a_row = 0  # global batches whose samples were all skipped as bad
     while step < total_steps:
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
         n_labels, n_tokens, n_skipped = step_counts(micro, ps, sum(train_data.skipped.values()))
+        if n_labels == 0:  # no update from it (data.on_bad_sample: skip); every rank agrees, the count is global
+            empty_in_a_row += 1
+            if empty_in_a_row > train_data.sampler.steps_per_epoch:
+                raise UserError("a whole epoch of global batches had no label tokens: every sample was skipped as bad "
+                                "or fully masked; check the skipped-sample warnings and the data's masking",
+                                on_every_rank=True)
+            if rank == 0:
+                print(f"step {step + 1}: every sample of this global batch was skipped as bad; no update, "
+                      f"the next global batch takes the step", flush=True)
+            continue
+        empty_in_a_row = 0
         model.token_loss.set_label_count(n_labels, gas)
         profiling = step + 1 == cfg.logging.profile_step
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():

@@ -101,7 +101,8 @@ def test_runtime_config_errors_are_one_line(tmp_path, tiny_ckpt, medpix, extra, 
 @pytest.mark.parametrize("layout,extra", [
     ((1, 1, 1), ()),  # 6 samples in micro-batches of 2 under a global batch of 8: 2, 2, 2 and an empty one
     ((1, 2, 2), ("train.micro_batch_size=4", "data.eval_split=validation[:2]")),  # DP rank 1 gets only an empty one
-    ((2, 1, 1), ("train.micro_batch_size=4", "train.global_batch_size=16", "parallel.sequence_parallel=true")),  # 4, 2, 0, 0
+    # sequence parallelism; micro-batches of 4, 2, 0 and 0 samples
+    ((2, 1, 1), ("train.micro_batch_size=4", "train.global_batch_size=16", "parallel.sequence_parallel=true")),
 ], ids=str)
 def test_eval_is_transformers_loss_over_the_whole_split(tmp_path, tiny_ckpt, medpix, layout, extra):
     """`eval.max_batches: 0` evaluates every sample of the split, its last partial global batch too
@@ -121,7 +122,8 @@ def test_eval_is_transformers_loss_over_the_whole_split(tmp_path, tiny_ckpt, med
     sets = _sets(tiny_ckpt, medpix, out, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}",
                  "eval.every_steps=1", "eval.max_batches=0", "optim.lr=1e-30", "logging.profile_step=0", *extra)
     run((_single_process() if tp * pp * dp == 1 else torchrun_cmd(tp * pp * dp, *TRAIN)) + sets)
-    [evaluated] = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "eval"]
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    [evaluated] = [r for r in rows if r.get("split") == "eval"]
 
     data = load_config(DEMO, [s for s in sets if s != "--set"]).data
     collator = Gemma4Collator(AutoProcessor.from_pretrained(tiny_ckpt), max_length=data.max_length)
@@ -131,6 +133,40 @@ def test_eval_is_transformers_loss_over_the_whole_split(tmp_path, tiny_ckpt, med
         expected = float(global_loss(load_reference(str(tiny_ckpt)), samples))
     assert evaluated["label_tokens"] == sum(int((s["labels"][:, 1:] != -100).sum()) for s in samples)
     assert abs(evaluated["loss"] - expected) <= 1e-5 * expected, (evaluated, expected)
+
+
+def test_a_global_batch_of_bad_samples_is_skipped_not_fatal(tmp_path, tiny_ckpt, medpix):
+    """data.on_bad_sample: skip also covers a global batch whose samples are all bad: no update, the
+    next one takes the step. Length grouping puts the 4 bad rows (empty answers, long questions) in
+    one global batch of 4 in every epoch. Data with nothing but bad samples stops after an epoch."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 32), (120, 30, 200)).save(png, format="PNG")
+    features = datasets.Features({"image_id": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+
+    def table(name: str, good: int, bad: int) -> Path:
+        rows = {"image_id": [{"bytes": png.getvalue(), "path": None}] * (good + bad),
+                "question": ["What is shown?"] * good + ["word " * 150] * bad,
+                "answer": ["A square."] * good + [""] * bad}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / name))
+        return tmp_path / name
+
+    layout = ("parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "train.micro_batch_size=4",
+              "train.global_batch_size=4")
+    out = tmp_path / "half"
+    proc = run(_single_process() + _sets(tiny_ckpt, medpix, out, *layout, "train.max_steps=2",
+                                         f"data.train={table('half.parquet', 4, 4)}"))
+    assert "every sample of this global batch was skipped as bad; no update" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["label_tokens"] > 0 for r in rows)
+    proc = run(_single_process() + _sets(tiny_ckpt, medpix, tmp_path / "bad", *layout,
+                                         f"data.train={table('bad.parquet', 0, 8)}"), ok=False)
+    assert_one_error_line(proc, ["a whole epoch of global batches had no label tokens", "skipped as bad"])
 
 
 def test_freeze_settings_that_leave_a_stage_too_little_to_train(tmp_path, tiny_ckpt, medpix):
