@@ -180,7 +180,7 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
     global batch included). A global batch without label tokens (its samples all skipped as bad: the
     tail may hold one sample) adds nothing; every rank skips it, the count being global."""
     steps = loader.sampler.steps_per_epoch if max_batches == 0 else min(max_batches, loader.sampler.steps_per_epoch)
-    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "position": 0})
+    loader.rewind()
     total, labels = 0.0, 0
     for _ in range(steps):
         micro = loader.next_step()

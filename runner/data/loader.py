@@ -81,6 +81,10 @@ class MicroBatchLoader:
         self.dataset = _EncodedDataset(source, collator)
         self.collate = _Collate(collator)
         self.sampler = sampler
+        # fingerprint of the estimated lengths, which set the order under length grouping: another dataset
+        # of the same size resumed at a saved position would repeat and miss samples
+        lengths = None if sampler.lengths is None else sampler.lengths.astype("int64").tobytes()
+        self.lengths_digest = None if lengths is None else hashlib.sha1(lengths).hexdigest()[:16]
         self.num_workers = num_workers
         self.on_bad = on_bad
         self.epoch = 0
@@ -135,11 +139,9 @@ class MicroBatchLoader:
         s = self.sampler
         return [s.num_samples, s.seed, s.micro_batch_size, s.grad_accum_steps, s.dp_size]
 
-    def _lengths_digest(self) -> str | None:
-        """Fingerprint of the samples' estimated lengths, which set the order under length grouping: another
-        dataset of the same size resumed at a saved position would repeat and miss samples."""
-        lengths = self.sampler.lengths
-        return None if lengths is None else hashlib.sha1(lengths.astype("int64").tobytes()).hexdigest()[:16]
+    def rewind(self) -> None:
+        """Back to the start of epoch 0 (an eval pass over its whole split)."""
+        self.epoch, self.position, self._iter = 0, 0, None
 
     def state_dict(self) -> dict[str, Any]:
         """Position and skip counts. The position is the same on every rank, so any rank's state
@@ -151,7 +153,7 @@ class MicroBatchLoader:
             "skipped_per_epoch": dict(self.skipped_per_epoch),
             "layout": self._layout(),
             "grouped": self.sampler.lengths is not None,  # data.group_by_length: another order
-            "lengths": self._lengths_digest(),
+            "lengths": self.lengths_digest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -162,12 +164,13 @@ class MicroBatchLoader:
             )
         grouped = self.sampler.lengths is not None
         if state.get("grouped", grouped) != grouped:  # (checkpoints before this key: not checked)
-            raise UserError(f"data position was saved with data.group_by_length: {str(not grouped).lower()}, this run "
-                            f"has {str(grouped).lower()}; resume with the setting it was saved with (the order differs)")
-        if grouped and state.get("lengths", self._lengths_digest()) != self._lengths_digest():
-            raise UserError("data position was saved for samples of other lengths: this is not the dataset it was saved "
-                            "with; resume with that data, or to go on with other data `runner export` the checkpoint "
-                            "and train from it (model.path) in a new output.dir")
+            raise UserError(f"data position was saved with data.group_by_length: {str(not grouped).lower()}, this "
+                            f"run has {str(grouped).lower()}; resume with the setting it was saved with (the order "
+                            f"differs)")
+        if grouped and state.get("lengths", self.lengths_digest) != self.lengths_digest:
+            raise UserError("data position was saved for samples of other lengths: this is not the dataset it was "
+                            "saved with; resume with that data, or to go on with other data `runner export` the "
+                            "checkpoint and train from it (model.path) in a new output.dir")
         self.epoch, self.position = state["epoch"], state["position"]
         # this DP rank's own skip counts, where the trainer saved every rank's (runner.train.data_state)
         own = state["skipped_by_dp_rank"][self.sampler.dp_rank] if "skipped_by_dp_rank" in state else state
