@@ -24,12 +24,8 @@ import yaml
 from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, Gemma4Config, Gemma4TextConfig
-from transformers.models.gemma4.modeling_gemma4 import (
-    Gemma4MultimodalEmbedder,
-    Gemma4TextDecoderLayer,
-    Gemma4VisionModel,
-)
 
+from runner.compat import Gemma4MultimodalEmbedder, Gemma4TextDecoderLayer, Gemma4VisionModel
 from runner.config import (
     FreezeConfig,
     RunConfig,

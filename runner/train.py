@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoProcessor
 from runner.checkpoint import native
 from runner.checkpoint.export import export_after_training
 from runner.checkpoint.hf_load import load_hf_weights, resolve_model_dir
+from runner.compat import set_attn_implementation
 from runner.config import RunConfig, fp32_grad_accum, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
@@ -197,7 +198,7 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
 def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     model_dir = resolve_model_dir(cfg.model.path)
     config = AutoConfig.from_pretrained(model_dir)
-    config.text_config._attn_implementation = cfg.model.attn_implementation
+    set_attn_implementation(config.text_config, cfg.model.attn_implementation)
     with from_the_recipe():
         if cfg.model.attn_implementation == "flex_attention" and get_accelerator().device_name() == "cpu":
             raise UserError("model.attn_implementation: flex_attention needs CUDA GPUs (PyTorch has no CPU "

@@ -11,9 +11,15 @@ import pytest
 import torch
 from deepspeed.runtime.utils import partition_balanced
 from transformers import Gemma4ForConditionalGeneration
-from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer, Gemma4TextRotaryEmbedding
 
 from runner.cli import main
+from runner.compat import (
+    Gemma4TextDecoderLayer,
+    Gemma4TextRotaryEmbedding,
+    build_masks,
+    decoder_layer_forward,
+    set_attn_implementation,
+)
 from runner.config import load_config
 from runner.errors import UserError
 from runner.models.gemma4.pipeline import attention_shapes
@@ -144,9 +150,7 @@ def _saved_tensor_bytes(layer: torch.nn.Module, config, layer_idx: int, batch: i
     pos = torch.arange(seq).repeat(batch, 1)
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     attention_mask[-1, :5] = 0  # padding: both layer types get a mask, as with images in the batch
-    masks = Gemma4ForConditionalGeneration.create_masks_for_generate(
-        config, x, attention_mask, None, pos, torch.zeros(batch, seq, dtype=torch.long)
-    )
+    masks = build_masks(config, x, attention_mask, pos, torch.zeros(batch, seq, dtype=torch.long))
     layer_type = tc.layer_types[layer_idx]
     saved: dict[int, int] = {}
 
@@ -156,7 +160,7 @@ def _saved_tensor_bytes(layer: torch.nn.Module, config, layer_idx: int, batch: i
 
     rope = Gemma4TextRotaryEmbedding(tc)(x, pos, layer_type)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, None, shared_kv_states={}, position_embeddings=rope, attention_mask=masks[layer_type], position_ids=pos)
+        decoder_layer_forward(layer, x, rope, masks[layer_type], pos)
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
     return sum(n for ptr, n in saved.items() if ptr not in weights)
 
@@ -165,7 +169,7 @@ def _saved_tensor_bytes(layer: torch.nn.Module, config, layer_idx: int, batch: i
 def test_layer_activation_formula_matches_autograd(attn):
     config = tiny_config()
     tc = config.text_config
-    tc._attn_implementation = attn
+    set_attn_implementation(tc, attn)
     torch.manual_seed(0)
     for layer_idx in (0, 5):  # sliding, full (head_dim 2x, one KV head, k_eq_v)
         layer = Gemma4TextDecoderLayer(tc, layer_idx).to(torch.bfloat16)

@@ -19,8 +19,8 @@ import weakref
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_mask, flex_attention
-from transformers import AttentionInterface
-from transformers.integrations.flex_attention import flex_attention_forward
+
+from runner.compat import flex_attention_forward, register_attention
 
 WIDE_HEAD_ATTENTION = "gemma4_flex_gemm_backward"
 WIDE_HEAD_DIM = 256  # heads wider than this get FlexAttention's slow tiles (both ways: see flex_kernel_options)
@@ -148,4 +148,4 @@ def wide_head_attention(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(WIDE_HEAD_ATTENTION, wide_head_attention)
+register_attention(WIDE_HEAD_ATTENTION, wide_head_attention)

@@ -19,8 +19,8 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_check
 from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 from transformers import Gemma4Config
-from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
 
+from runner.compat import Gemma4TextAttention
 from runner.errors import UserError
 from runner.models.gemma4.stages import (
     Gemma4DecoderLayerPipe,

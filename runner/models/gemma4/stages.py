@@ -18,15 +18,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
-from transformers.models.gemma4.modeling_gemma4 import (
+from transformers import Gemma4Config, Gemma4TextConfig
+
+from runner.compat import (
     Gemma4MultimodalEmbedder,
     Gemma4RMSNorm,
     Gemma4TextDecoderLayer,
     Gemma4TextRotaryEmbedding,
     Gemma4VisionModel,
+    attn_implementation,
+    build_masks,
+    decoder_layer_forward,
+    is_kv_shared_layer,
+    rms_norm_eps,
+    set_attn_implementation,
 )
-
 from runner.errors import UserError
 from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, WIDE_HEAD_DIM, WIDE_HEAD_FWD_TILES
 from runner.parallel.tensor_parallel import (
@@ -148,15 +154,6 @@ class Gemma4LMHead(Gemma4TokenEmbedding):
         return self.head(hidden)
 
 
-def build_masks(config: Gemma4Config, hidden, attention_mask, position_ids, mm_token_type_ids) -> dict:
-    """The full and sliding masks exactly as transformers builds them for training (no cache):
-    causal; on sliding layers also the window, OR bidirectional within each image when
-    `use_bidirectional_attention == "vision"`."""
-    return Gemma4ForConditionalGeneration.create_masks_for_generate(
-        config, hidden, attention_mask, None, position_ids, mm_token_type_ids
-    )
-
-
 def _alias_key(t: torch.Tensor) -> tuple:
     """What identifies a tensor's values without reading them: its memory, layout and in-place
     version (shared by `detach()` aliases, bumped by every in-place write)."""
@@ -197,7 +194,7 @@ class MaskCache:
 def flex_kernel_options(text_config: Gemma4TextConfig, head_dim: int) -> dict[str, dict[str, int]]:
     """FlexAttention's default forward tiles for head_dim 512 (the full layers) need more shared
     memory than an H100/H200 SM has; 32×32 forward tiles fit (the backward picks its own)."""
-    if text_config._attn_implementation != "flex_attention" or head_dim <= WIDE_HEAD_DIM:
+    if attn_implementation(text_config) != "flex_attention" or head_dim <= WIDE_HEAD_DIM:
         return {}
     return {"kernel_options": dict(WIDE_HEAD_FWD_TILES)}
 
@@ -223,12 +220,12 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         self.hf_prefix = f"model.language_model.layers.{layer_idx}."
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
         self.attn_kwargs = flex_kernel_options(config.text_config, self.self_attn.head_dim)
-        self.flex = config.text_config._attn_implementation == "flex_attention"
+        self.flex = attn_implementation(config.text_config) == "flex_attention"
         self.sequence_parallel = ps.dims.sequence_parallel
         if self.flex and gemm_backward and self.self_attn.head_dim > WIDE_HEAD_DIM:
             # this layer's attention alone calls `wide_head_attention` (masks stay FlexAttention's)
             self.self_attn.config = copy.copy(config.text_config)
-            self.self_attn.config._attn_implementation = WIDE_HEAD_ATTENTION
+            set_attn_implementation(self.self_attn.config, WIDE_HEAD_ATTENTION)
         _mark_replicated(self, ps)
 
     def train(self, mode: bool = True) -> Gemma4DecoderLayerPipe:
@@ -246,15 +243,8 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         # under sequence parallelism `hidden` is this rank's slice; the masks span the whole sequence
         whole = hidden[:, :1].expand(-1, position_ids.shape[1], -1) if self.sequence_parallel else hidden
         masks = self.masks.get(whole, attention_mask, position_ids, mm_token_type_ids)
-        hidden = super().forward(
-            hidden,
-            None,
-            shared_kv_states={},
-            position_embeddings=self.rotary_emb(hidden, position_ids, self.layer_type),
-            attention_mask=masks[self.layer_type],
-            position_ids=position_ids,
-            **self.attn_kwargs,
-        )
+        hidden = decoder_layer_forward(self, hidden, self.rotary_emb(hidden, position_ids, self.layer_type),
+                                       masks[self.layer_type], position_ids, **self.attn_kwargs)
         return hidden, attention_mask, position_ids, mm_token_type_ids
 
 
@@ -268,11 +258,12 @@ class FusedRMSNorm(Gemma4RMSNorm):
     def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True, fused: bool = True) -> None:
         super().__init__(dim, eps=eps, with_scale=with_scale)
         self.fused = fused
+        self.norm_eps = eps  # the runner's own attribute: transformers renames its (compat.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.with_scale else None
         if self.fused:  # the runner's weights and activations share one dtype (model.dtype)
-            return F.rms_norm(hidden_states, hidden_states.shape[-1:], weight, self.eps)
+            return F.rms_norm(hidden_states, hidden_states.shape[-1:], weight, self.norm_eps)
         normed = self._norm(hidden_states.float())
         return (normed if weight is None else normed * weight.float()).type_as(hidden_states)
 
@@ -320,7 +311,7 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
     head_dim = attn.head_dim
     q_heads = attn.q_proj.out_features // head_dim
     kv_heads = attn.k_proj.out_features // head_dim
-    if getattr(attn, "is_kv_shared_layer", False):
+    if is_kv_shared_layer(attn):
         raise UserError("num_kv_shared_layers > 0 (KV-shared layers) is not supported by the pipeline stages")
     replicas = tp // kv_heads if kv_heads < tp else 1
     kv_group = ps.replica_groups.get(replicas)
@@ -342,18 +333,19 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
     for name, old in list(layer.named_modules()):
         if type(old) is Gemma4RMSNorm:
             parent_name, _, attr = name.rpartition(".")
+            eps = rms_norm_eps(old)
             dim = old.weight.shape[0] if old.with_scale else 1
             if name in BLOCK_INPUT_NORMS:
-                norm = BlockInputRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm, old.with_scale, sp)
+                norm = BlockInputRMSNorm(dim, eps, ps.tp_group, fused_rms_norm, old.with_scale, sp)
             elif sp and "." not in name:  # the layer's own norms: per token, between the TP blocks
-                norm = SequenceSliceRMSNorm(dim, old.eps, ps.tp_group, fused_rms_norm, old.with_scale, sp)
+                norm = SequenceSliceRMSNorm(dim, eps, ps.tp_group, fused_rms_norm, old.with_scale, sp)
             else:
-                norm = FusedRMSNorm(dim, old.eps, with_scale=old.with_scale, fused=fused_rms_norm)
+                norm = FusedRMSNorm(dim, eps, with_scale=old.with_scale, fused=fused_rms_norm)
             setattr(layer.get_submodule(parent_name), attr, norm)
     if tp > 1:
         for name in ("q_norm", "k_norm"):
             old = getattr(attn, name)
-            setattr(attn, name, HeadSharedRMSNorm(old.weight.shape[0], old.eps, ps.tp_group, fused_rms_norm))
+            setattr(attn, name, HeadSharedRMSNorm(old.weight.shape[0], rms_norm_eps(old), ps.tp_group, fused_rms_norm))
     # Local heads: q heads split tp ways, KV heads split or replicated (rank r holds KV head r // replicas).
     attn.num_key_value_groups = (q_heads // tp) // max(kv_heads // tp, 1)
     # What is still on meta is RMSNorm scales and the layer_scalar buffer; transformers initializes

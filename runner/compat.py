@@ -1,0 +1,79 @@
+"""Every transformers internal the runner reads, in one place.
+
+transformers renames module attributes and private helpers between minor releases (5.25 renamed
+`Gemma4RMSNorm.eps` to `variance_epsilon`); the runner reaches them only through this module, so
+the next rename is a one-place fix. The range tested against is declared in pyproject.toml
+(`transformers>=5.17,<5.26`); `tests/test_compat.py` checks each seam on the installed release.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, Gemma4Config, Gemma4ForConditionalGeneration, PretrainedConfig
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.models.gemma4.modeling_gemma4 import (
+    Gemma4MultimodalEmbedder,
+    Gemma4RMSNorm,
+    Gemma4TextAttention,
+    Gemma4TextDecoderLayer,
+    Gemma4TextRotaryEmbedding,
+    Gemma4VisionModel,
+)
+
+__all__ = [
+    "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
+    "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "decoder_layer_forward",
+    "flex_attention_forward", "is_kv_shared_layer", "register_attention", "rms_norm_eps", "set_attn_implementation",
+]
+
+
+def rms_norm_eps(norm: Gemma4RMSNorm) -> float:
+    """The epsilon of a transformers RMSNorm: `variance_epsilon` from 5.25, `eps` before."""
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(norm, name, None)
+        if isinstance(value, float):
+            return value
+    raise AttributeError(f"{type(norm).__name__} has neither variance_epsilon nor eps: a transformers release "
+                         f"outside the tested range renamed it (runner/compat.py)")
+
+
+def attn_implementation(config: PretrainedConfig) -> str | None:
+    """The attention backend a (text) config selects."""
+    return config._attn_implementation
+
+
+def set_attn_implementation(config: PretrainedConfig, name: str) -> None:
+    """Select the attention backend of one (text) config object only, the way transformers' modules read it."""
+    config._attn_implementation = name
+
+
+def register_attention(name: str, fn: Any) -> None:
+    """Add an attention function under `name` to transformers' attention registry."""
+    AttentionInterface.register(name, fn)
+
+
+def build_masks(config: Gemma4Config, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, mm_token_type_ids: torch.Tensor) -> dict:
+    """The full and sliding masks exactly as transformers builds them for training (no cache):
+    causal; on sliding layers also the window, OR bidirectional within each image when
+    `use_bidirectional_attention == "vision"`. (The cache argument is positional: it was renamed
+    from `past_key_values` to `cache` in 5.25.)"""
+    return Gemma4ForConditionalGeneration.create_masks_for_generate(
+        config, hidden, attention_mask, None, position_ids, mm_token_type_ids
+    )
+
+
+def decoder_layer_forward(layer: Gemma4TextDecoderLayer, hidden: torch.Tensor, position_embeddings: Any,
+                          attention_mask: Any, position_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """transformers' decoder-layer forward for training: no per-layer input (31B, 26B-A4B), no KV
+    sharing, no cache (positional: its keyword was renamed in 5.25)."""
+    return Gemma4TextDecoderLayer.forward(layer, hidden, None, {}, position_embeddings, attention_mask, position_ids,
+                                          **kwargs)
+
+
+def is_kv_shared_layer(attn: nn.Module) -> bool:
+    """Whether an attention module reuses an earlier layer's keys/values (E2B/E4B's last layers)."""
+    return bool(getattr(attn, "is_kv_shared_layer", False))
