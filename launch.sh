@@ -2,6 +2,7 @@
 # One entry point for users and CI.
 #   ./launch.sh demo                      tiny Gemma4 + synthetic MedPix data, CPU, TP2 x PP2 under accelerate
 #   ./launch.sh test [pytest args]        the CPU test suite (what CI runs)
+#   ./launch.sh test-oldest [pytest args] the compatibility subset on the oldest supported transformers (own venv)
 #   ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--port P]
 #                            [--machine_rank N --main_process_ip IP] [--set k=v ...]   (paths relative to the repo)
 #   ./launch.sh install                   install the runner and its dependencies into the current Python
@@ -9,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+# DeepSpeed's CPU op builds here, not in ~/.cache/torch_extensions that other checkouts' venvs rebuild in turns
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 
 install() {
     if command -v runner >/dev/null \
@@ -88,6 +91,23 @@ print(f"demo: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps;
 PY
 }
 
+test_oldest() {  # the `compat`-marked tests in .venv-oldest, on the lowest transformers pyproject allows
+    local oldest venv=.venv-oldest
+    oldest=$("$PY" -c "
+import re, tomllib
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
+print(re.search(r'>=([0-9.]+)', next(d for d in deps if d.startswith('transformers'))).group(1))")
+    if ! "$venv/bin/python" -c "import sys, transformers, packaging.version as v
+sys.exit(v.Version(transformers.__version__) != v.Version('$oldest'))" 2>/dev/null; then
+        echo "test-oldest: installing transformers $oldest into $venv" >&2
+        "$PY" -m venv "$venv"
+        [ "$(uname -m)" = "x86_64" ] && "$venv/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+        "$venv/bin/python" -m pip install -q -e ".[test]" "transformers==$oldest"
+    fi
+    export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$PWD/$venv/torch_extensions
+    exec "$venv/bin/python" -m pytest -q -m compat tests "$@"
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -96,7 +116,8 @@ case "$cmd" in
         install
         export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
         exec "$PY" -m pytest -q tests "$@" ;;
+    test-oldest) test_oldest "$@" ;;
     train) train "$@" ;;
     demo) demo "$@" ;;
-    *) sed -n '2,7p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,8p' "$0" >&2; exit 2 ;;
 esac

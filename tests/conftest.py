@@ -18,6 +18,8 @@ TESTS = Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed's CPU op builds into the project's own cache, not the one other checkouts' venvs share
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

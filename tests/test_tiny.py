@@ -83,6 +83,7 @@ def test_sharded_tied_checkpoint_files(tiny_ckpt: Path) -> None:
         assert (tiny_ckpt / name).is_file(), name
 
 
+@pytest.mark.compat
 def test_loads_without_missing_or_unexpected_keys(tiny_ckpt: Path) -> None:
     model, info = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, output_loading_info=True)
     assert isinstance(model, Gemma4ForConditionalGeneration)
@@ -161,6 +162,7 @@ def test_processed_chat_matches_vision_tower(batch, model) -> None:
     assert per_image[0] != per_image[1]  # the two aspect ratios give different soft-token counts
 
 
+@pytest.mark.compat
 def test_forward_loss_is_finite_and_not_uniform(batch, model) -> None:
     labels = batch["input_ids"].masked_fill(batch["mm_token_type_ids"].bool(), -100)
     with torch.no_grad():

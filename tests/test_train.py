@@ -195,6 +195,7 @@ def test_freeze_settings_that_leave_a_stage_too_little_to_train(tmp_path, tiny_c
         assert_one_line(errors[0], words)
 
 
+@pytest.mark.compat
 def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, medpix):
     """SIGTERM (as a scheduler sends it to every process) finishes the step, saves, exits 0; the next
     run resumes from that step."""

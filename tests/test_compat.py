@@ -1,0 +1,77 @@
+"""Each transformers seam of runner/compat.py on the installed release: the values it reads are the
+ones transformers' own modules use. Part of the compatibility subset (`-m compat`) that also runs on
+the oldest supported transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from runner.compat import (
+    Gemma4RMSNorm,
+    Gemma4TextDecoderLayer,
+    Gemma4TextRotaryEmbedding,
+    attn_implementation,
+    build_masks,
+    decoder_layer_forward,
+    is_kv_shared_layer,
+    rms_norm_eps,
+    set_attn_implementation,
+)
+from runner.models.gemma4.stages import FusedRMSNorm
+from runner.models.gemma4.tiny import tiny_config
+
+pytestmark = pytest.mark.compat
+
+
+def test_installed_transformers_is_in_the_declared_range():
+    import tomllib
+
+    from conftest import ROOT
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("transformers"))
+    low, high = (part.split("=")[-1].lstrip("<") for part in spec.removeprefix("transformers").split(","))
+    assert Version(low) <= Version(transformers.__version__) < Version(high), (transformers.__version__, spec)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 3e-5])
+def test_rms_norm_eps_is_the_one_transformers_computes_with(eps):
+    norm = Gemma4RMSNorm(8, eps=eps)
+    assert rms_norm_eps(norm) == eps
+    x = torch.full((1, 8), 3e-3)  # eps matters next to mean x² ≈ 1e-5
+    fused = FusedRMSNorm(8, eps=rms_norm_eps(norm), fused=True)
+    torch.testing.assert_close(fused(x), norm(x), rtol=1e-5, atol=0)
+
+
+def test_attention_backend_is_read_and_set_on_one_config_only():
+    config = tiny_config()
+    set_attn_implementation(config.text_config, "eager")
+    assert attn_implementation(config.text_config) == "eager"
+    layer = Gemma4TextDecoderLayer(config.text_config, 0)
+    assert attn_implementation(layer.self_attn.config) == "eager"
+
+
+def test_masks_and_decoder_layer_forward_match_the_keyword_call():
+    """The positional seams (mask builder, decoder-layer forward) give what transformers' keyword call gives."""
+    config = tiny_config()
+    tc = config.text_config
+    set_attn_implementation(tc, "eager")
+    torch.manual_seed(0)
+    batch, seq = 2, 12
+    x = torch.randn(batch, seq, tc.hidden_size)
+    pos = torch.arange(seq).repeat(batch, 1)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    masks = build_masks(config, x, attention_mask, pos, torch.zeros(batch, seq, dtype=torch.long))
+    assert set(masks) >= set(tc.layer_types)
+    for layer_idx in (0, tc.layer_types.index("full_attention")):
+        layer = Gemma4TextDecoderLayer(tc, layer_idx)
+        assert not is_kv_shared_layer(layer.self_attn)
+        layer_type = tc.layer_types[layer_idx]
+        rope = Gemma4TextRotaryEmbedding(tc)(x, pos, layer_type)
+        ours = decoder_layer_forward(layer, x, rope, masks[layer_type], pos)
+        theirs = layer(x, shared_kv_states={}, position_embeddings=rope, attention_mask=masks[layer_type], position_ids=pos)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
