@@ -194,7 +194,8 @@ def test_bad_rows_raise_bad_sample_when_read(tmp_path: Path) -> None:
 
 
 def _chat(answer: str) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer}]}, ensure_ascii=False)
+    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer}]
+    return json.dumps({"messages": messages}, ensure_ascii=False)
 
 
 def test_malformed_jsonl_lines_are_bad_samples_of_their_line(tmp_path: Path) -> None:
