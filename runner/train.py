@@ -165,6 +165,24 @@ def data_state(loader: MicroBatchLoader, ps: ParallelState) -> dict:
     return state
 
 
+def finished(cfg: RunConfig, step: int, total_steps: int, loader: MicroBatchLoader) -> bool:
+    """`train.max_steps` counts optimizer steps; `train.epochs` counts the global batches the sampler
+    delivered, so a batch whose samples were all skipped (no step) still spends its share of the epoch."""
+    return (step if cfg.train.max_steps else loader.steps_delivered) >= total_steps
+
+
+def spans_an_epoch(loader: MicroBatchLoader, empty_in_a_row: int) -> bool:
+    """Whether the last `empty_in_a_row` global batches (no label tokens) hold every batch of an epoch."""
+    delivered, per_epoch = loader.steps_delivered, loader.sampler.steps_per_epoch
+    return (delivered // per_epoch - 1) * per_epoch >= delivered - empty_in_a_row
+
+
+def save_checkpoint(engine, root: Path, step: int, loader: MicroBatchLoader, ps: ParallelState, source: str | Path,
+                    keep: int) -> Path:
+    """A native checkpoint of `step` with the data position, for an exact resume."""
+    return native.save(engine, root, step, {"step": step, "data": data_state(loader, ps)}, source=source, keep=keep)
+
+
 class StopFlag:
     """SIGTERM asks for a clean stop: the step in flight finishes, a checkpoint is saved, exit 0."""
 
@@ -281,14 +299,14 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     peak = peak_flops_per_device()
     last_ckpt = resume_from if resuming else native.latest_complete(ckpt_root)
     empty_in_a_row = 0  # global batches whose samples were all skipped as bad
-    while step < total_steps:
+    while not finished(cfg, step, total_steps, train_data):
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
         n_labels, n_tokens, n_skipped = step_counts(micro, ps, sum(train_data.skipped.values()))
         if n_labels == 0:  # no update from it (data.on_bad_sample: skip); every rank agrees, the count is global
             empty_in_a_row += 1
-            if empty_in_a_row > train_data.sampler.steps_per_epoch:
+            if spans_an_epoch(train_data, empty_in_a_row):
                 raise UserError("a whole epoch of global batches had no label tokens: every sample was skipped as bad "
                                 "or fully masked; check the skipped-sample warnings and the data's masking",
                                 on_every_rank=True)
@@ -302,6 +320,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
         step += 1
+        done = finished(cfg, step, total_steps, train_data)
         dt = time.time() - t0
         # one all-reduce (MAX) per step: the peak memory of any rank, and whether any rank got SIGTERM
         status = torch.tensor([mem_gib(), float(stop.requested)], device=comm_device())
@@ -311,7 +330,7 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
             seq = max(m["input_ids"].shape[1] for m in micro)
             flops_per_token = train_flops_per_token(config.text_config, seq)
         tok_s = n_tokens / dt
-        if step % cfg.logging.every_steps == 0 or step == total_steps:
+        if step % cfg.logging.every_steps == 0 or done:
             logger.log({
                 "step": step, "total_steps": total_steps, "epoch": train_data.epoch,
                 "loss": float(loss), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -325,15 +344,16 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         if eval_data is not None and step % cfg.eval.every_steps == 0 and not stopping:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
         every = cfg.checkpoint.every_steps
-        if stopping or (step == total_steps and cfg.checkpoint.at_end) or (every and step % every == 0):
-            last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": data_state(train_data, ps)},
-                                    source=model_dir, keep=cfg.checkpoint.keep)
-        if stopping and step < total_steps:
+        if stopping or (done and cfg.checkpoint.at_end) or (every and step % every == 0):
+            last_ckpt = save_checkpoint(engine, ckpt_root, step, train_data, ps, model_dir, cfg.checkpoint.keep)
+        if stopping and not done:
             if rank == 0:
                 print(f"SIGTERM: saved {last_ckpt} after step {step}; resume with checkpoint.resume=auto", flush=True)
             break
+    if empty_in_a_row and cfg.checkpoint.at_end:  # the epochs ended on global batches that took no step
+        last_ckpt = save_checkpoint(engine, ckpt_root, step, train_data, ps, model_dir, cfg.checkpoint.keep)
     logger.close()
-    if cfg.checkpoint.export and step == total_steps and last_ckpt is not None:
+    if cfg.checkpoint.export and finished(cfg, step, total_steps, train_data) and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
             print(f"exported HF model to {exported}", flush=True)

@@ -241,6 +241,30 @@ def test_bad_samples_skipped_counted_or_raised(mixed: ConcatSource, processor, n
             next(strict)
 
 
+def test_malformed_jsonl_lines_skipped_counted_or_raised(tmp_path: Path, processor) -> None:
+    """Lines that are not JSON, not UTF-8 or have no `messages` are bad samples like any other: skipped
+    and counted (read by a loader worker too), or one line naming file and line under `raise`."""
+    chats = [json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": "A."}]})
+             for i in range(3)]
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b"\n".join([chats[0].encode(), b"{not json", chats[1].encode(), b'"caf\xe9"', chats[2].encode(),
+                                 b'{"text": "no messages"}']))
+    source = load_source(str(path))
+
+    def loader(**kwargs) -> MicroBatchLoader:  # every line in an epoch
+        return MicroBatchLoader(source, Gemma4Collator(processor, max_length=256), StepSampler(6, 2, 1), **kwargs)
+
+    lenient = loader(num_workers=1)
+    batches = [next(lenient) for _ in range(3)]
+    assert lenient.skipped == {"malformed line": 3}
+    assert sum(int((b["labels"] != IGNORE_INDEX).any(1).sum()) for b in batches) == 3
+    strict = loader(on_bad="raise")
+    with pytest.raises(UserError, match=r"^bad sample malformed line: chat.jsonl:[246]: (not valid JSON|not UTF-8|"
+                                        r"expected an object with a \"messages\" list)[^\n]*on_bad_sample=skip"):
+        for _ in range(3):
+            next(strict)
+
+
 def test_resume_continues_without_repeats_or_gaps(mixed: ConcatSource, processor) -> None:
     unbroken = _loader(mixed, processor)
     reference = [next(unbroken) for _ in range(16)]  # crosses the epoch boundary at 12

@@ -18,6 +18,8 @@ from runner.data.sources import ConcatSource, load_source
 from runner.data.synthetic import make_data
 from runner.errors import UserError
 
+from conftest import assert_one_line
+
 
 @pytest.fixture(scope="module")
 def medpix(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -191,11 +193,68 @@ def test_bad_rows_raise_bad_sample_when_read(tmp_path: Path) -> None:
     assert source[2].images[0].size == (20, 30)
 
 
+def _chat(answer: str) -> str:
+    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer}]
+    return json.dumps({"messages": messages}, ensure_ascii=False)
+
+
+def test_malformed_jsonl_lines_are_bad_samples_of_their_line(tmp_path: Path) -> None:
+    """A line that is not UTF-8, not JSON or has no `messages` is a bad sample naming file and line,
+    like any row's problem, not a refused dataset; blank lines are no rows, the others keep their
+    indices, and a slice counts the bad lines as rows too."""
+    path = tmp_path / "chat.jsonl"
+    lines = [_chat("A0").encode(), b"", b"{not json", _chat("A3").encode(), b'{"text": "no messages"}',
+             _chat("caf\xe9").encode("latin-1"), b"[1, 2]", "\ufeff".encode() + _chat("A7").encode()]
+    path.write_bytes(b"\r\n".join(lines))
+    source = load_source(str(path))
+    assert len(source) == 7
+    assert [source[i].messages[1]["content"][0]["text"] for i in (0, 2)] == ["A0", "A3"]
+    problems = {1: "chat.jsonl:3: not valid JSON", 3: 'chat.jsonl:5: expected an object with a "messages"',
+                4: "chat.jsonl:6: not UTF-8 (b'\\xe9' at byte 87 of", 5: 'chat.jsonl:7: expected an object'}
+    for index, words in problems.items():
+        with pytest.raises(BadSample) as bad:
+            source[index]
+        assert bad.value.reason == "malformed line" and words in str(bad.value), str(bad.value)
+        assert source.text_and_images(index) == ("", 0)
+    assert source[6].messages[1]["content"][0]["text"] == "A7"  # a BOM is not part of the JSON
+    tail = load_source(str(path), "train[4:]")
+    assert len(tail) == 3 and tail[2].key == "chat.jsonl:8"
+
+
+def test_image_paths_may_not_climb_out_of_the_dataset_folder(tmp_path: Path) -> None:
+    """A relative image path with `..` (out of the dataset's folder, into the host's files) is a bad
+    sample naming the row; an absolute path is the user's own choice and stays allowed."""
+    (tmp_path / "outside.png").write_bytes(_png((5, 6)))
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    (data / "imgs" / "in.png").write_bytes(_png((7, 8)))
+    (data / "imgs" / "up").symlink_to(tmp_path)  # a linked folder cannot be climbed out of either
+    paths = ["imgs/in.png", "../outside.png", "../../../../etc/passwd", "imgs/up/../../outside.png",
+             str(tmp_path / "outside.png")]
+    datasets.Dataset.from_dict({"image_id": paths, "question": ["q"] * 5, "answer": ["a"] * 5}).to_parquet(
+        str(data / "vqa.parquet"))
+    chat = {"messages": [{"role": "user", "content": [{"type": "image", "image": "../outside.png"}]},
+                         {"role": "assistant", "content": "a"}]}
+    (data / "chat.jsonl").write_text(json.dumps(chat))
+    table = load_source(str(data / "vqa.parquet"))
+    assert [table[i].images[0].size for i in (0, 4)] == [(7, 8), (5, 6)]
+    for source, index, path in [(table, 1, "../outside.png"), (table, 2, "../../../../etc/passwd"),
+                                (table, 3, "imgs/up/../../outside.png"), (load_source(str(data / "chat.jsonl")), 0,
+                                                                         "../outside.png")]:
+        with pytest.raises(BadSample) as escaped:
+            source[index]
+        assert escaped.value.reason == "image path outside the dataset", str(escaped.value)
+        assert_one_line(str(escaped.value), [f"row {index}" if source is table else "chat.jsonl:1", repr(path),
+                                             "absolute path"])
+
+
 def test_load_errors_are_one_clear_line(medpix: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": []}\n{not json\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+    bad.write_text('{not json\n\n{"text": "a"}\n')
+    with pytest.raises(UserError) as no_chat:
         load_source(str(bad))
+    assert_one_line(str(no_chat.value), ["bad.jsonl: no line is a chat object", "bad.jsonl:1: not valid JSON",
+                                         '{"messages": [...]} JSON object per line'])
     bad.write_text('{"messages": []}\n')
     with pytest.raises(UserError, match="bad split"):
         load_source(str(bad), "train[x]")

@@ -46,6 +46,29 @@ def _single_process() -> list[str]:
             sys.executable, *TRAIN]
 
 
+ONE_BATCH_OF_4 = ("parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "train.micro_batch_size=4",
+                  "train.global_batch_size=4")
+
+
+def _vqa_table(path: Path, good: int, bad: int) -> Path:
+    """A MedPix-VQA parquet of `good` rows, then `bad` ones (empty answers, long questions: length
+    grouping puts them together)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 32), (120, 30, 200)).save(png, format="PNG")
+    features = datasets.Features({"image_id": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    rows = {"image_id": [{"bytes": png.getvalue(), "path": None}] * (good + bad),
+            "question": ["What is shown?"] * good + ["word " * 150] * bad,
+            "answer": ["A square."] * good + [""] * bad}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
 def _first_step(out: Path) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
@@ -139,34 +162,52 @@ def test_a_global_batch_of_bad_samples_is_skipped_not_fatal(tmp_path, tiny_ckpt,
     """data.on_bad_sample: skip also covers a global batch whose samples are all bad: no update, the
     next one takes the step. Length grouping puts the 4 bad rows (empty answers, long questions) in
     one global batch of 4 in every epoch. Data with nothing but bad samples stops after an epoch."""
-    import io
-
-    import datasets
-    from PIL import Image
-
-    png = io.BytesIO()
-    Image.new("RGB", (40, 32), (120, 30, 200)).save(png, format="PNG")
-    features = datasets.Features({"image_id": datasets.Image(), "question": datasets.Value("string"),
-                                  "answer": datasets.Value("string")})
-
-    def table(name: str, good: int, bad: int) -> Path:
-        rows = {"image_id": [{"bytes": png.getvalue(), "path": None}] * (good + bad),
-                "question": ["What is shown?"] * good + ["word " * 150] * bad,
-                "answer": ["A square."] * good + [""] * bad}
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / name))
-        return tmp_path / name
-
-    layout = ("parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "train.micro_batch_size=4",
-              "train.global_batch_size=4")
     out = tmp_path / "half"
-    proc = run(_single_process() + _sets(tiny_ckpt, medpix, out, *layout, "train.max_steps=2",
-                                         f"data.train={table('half.parquet', 4, 4)}"))
+    proc = run(_single_process() + _sets(tiny_ckpt, medpix, out, *ONE_BATCH_OF_4, "train.max_steps=2",
+                                         f"data.train={_vqa_table(tmp_path / 'half.parquet', 4, 4)}"))
     assert "every sample of this global batch was skipped as bad; no update" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["label_tokens"] > 0 for r in rows)
-    proc = run(_single_process() + _sets(tiny_ckpt, medpix, tmp_path / "bad", *layout,
-                                         f"data.train={table('bad.parquet', 0, 8)}"), ok=False)
+    proc = run(_single_process() + _sets(tiny_ckpt, medpix, tmp_path / "bad", *ONE_BATCH_OF_4,
+                                         f"data.train={_vqa_table(tmp_path / 'bad.parquet', 0, 8)}"), ok=False)
     assert_one_error_line(proc, ["a whole epoch of global batches had no label tokens", "skipped as bad"])
+
+
+def test_epochs_count_global_batches_whose_samples_were_all_skipped(tmp_path, tiny_ckpt, medpix):
+    """`train.epochs: 1` ends when the sampler has delivered one epoch of global batches, not after
+    steps_per_epoch optimizer steps: the 4 bad rows fill epoch 0's second global batch (seed 42, length
+    grouping), which takes no step, so the run takes one step and ends there, its end checkpoint holding
+    the epoch's end as data position. Nothing but bad samples is one line after that epoch."""
+    import torch
+
+    out = tmp_path / "epoch"
+    epoch = (*ONE_BATCH_OF_4, "train.max_steps=0", "train.epochs=1")
+    run(_single_process() + _sets(tiny_ckpt, medpix, out, *epoch,
+                                  f"data.train={_vqa_table(tmp_path / 'half.parquet', 4, 4)}"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    [end] = (out / "checkpoints").glob("step_*")
+    client = torch.load(end / "mp_rank_00_model_states.pt", weights_only=False)["runner"]
+    assert end.name == "step_00000001" and client["step"] == 1
+    data = client["data"]
+    assert (data["epoch"], data["position"], data["skipped"]) == (0, 2, {"empty answer": 4})
+    proc = run(_single_process() + _sets(tiny_ckpt, medpix, tmp_path / "bad", *epoch,
+                                         f"data.train={_vqa_table(tmp_path / 'bad.parquet', 0, 8)}"), ok=False)
+    assert_one_error_line(proc, ["a whole epoch of global batches had no label tokens", "skipped as bad"])
+
+
+def test_a_whole_epoch_of_empty_global_batches_is_one_that_holds_every_batch_of_an_epoch():
+    """A run of empty global batches is fatal only when it holds every batch of some epoch: an epoch's
+    last batches and the next epoch's first ones, as many as an epoch has, are not all the data."""
+    from types import SimpleNamespace
+
+    from runner.train import spans_an_epoch
+
+    def spans(delivered: int, empty_in_a_row: int) -> bool:
+        loader = SimpleNamespace(steps_delivered=delivered, sampler=SimpleNamespace(steps_per_epoch=3))
+        return spans_an_epoch(loader, empty_in_a_row)
+
+    assert spans(3, 3) and spans(7, 4) and spans(9, 6)
+    assert not spans(2, 2) and not spans(5, 3) and not spans(7, 3) and not spans(8, 4)
 
 
 def test_freeze_settings_that_leave_a_stage_too_little_to_train(tmp_path, tiny_ckpt, medpix):

@@ -105,6 +105,12 @@ class MicroBatchLoader:
         """The micro-batches of one optimizer step."""
         return [next(self) for _ in range(self.sampler.grad_accum_steps)]
 
+    @property
+    def steps_delivered(self) -> int:
+        """Global batches handed out since the start of epoch 0, those whose samples were all skipped
+        included: what `train.epochs` counts."""
+        return (self.epoch * self.sampler.micro_batches_per_epoch + self.position) // self.sampler.grad_accum_steps
+
     def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             batches = self.sampler.epoch(self.epoch)[self.position :]

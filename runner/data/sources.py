@@ -5,11 +5,13 @@ Accepted specs (`load_source(spec, split)`):
 - a folder written by `save_to_disk` → `datasets.load_from_disk`
 - a `.parquet` / `.arrow` file
 - a `.jsonl` file of `{"messages": [...]}` chats; image parts reference a path relative to the file,
-  a `data:` URI or base64 `bytes`; conversations without images are text-only samples.
+  a `data:` URI or base64 `bytes`; conversations without images are text-only samples. A malformed
+  line (not UTF-8, not JSON, no `messages`) is a bad row of its own; a file with no chat line is refused.
 Splits take `datasets`' slicing syntax (`train[:1000]`, `validation[10%:]`) for every spec.
 A table is read as MedPix-VQA if it has `image_id`, `question`, `answer` columns, or as chat if it has
 `messages` (plus an optional `images` column that `{"type": "image"}` parts without payload draw from).
-Structural problems of one row surface as `BadSample` when that row is read, never at load time.
+Structural problems of one row surface as `BadSample` when that row is read, never at load time; so does
+a relative image path with `..` (relative paths stay inside the dataset's folder; absolute ones are allowed).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import os
 import re
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,11 +62,26 @@ def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
     if isinstance(payload, str) and payload.startswith("data:"):  # data:image/png;base64,....
         payload = _b64(payload.partition(",")[2], key)
     if isinstance(payload, str):
-        path = Path(payload)
-        return load_image(path if path.is_absolute() or root is None else root / path, key)
+        return load_image(_image_path(payload, root, key), key)
     if isinstance(payload, bytes):
         return load_image(payload, key)
     raise BadSample("unreadable image", f"{key}: no image payload")
+
+
+def _image_path(path: str, root: Path | None, key: str) -> Path:
+    """A row's image path: absolute as given (the user's choice), relative inside the dataset's folder
+    (the working directory for a hub dataset). A row may not climb out with `..`: a table from elsewhere
+    must not make the job read, and train on, any file of the host (no `..` at all, so a linked subfolder
+    cannot be climbed out of either). Links are not resolved: a folder that links its images elsewhere
+    (the hub cache's snapshots link to blobs) is its owner's choice."""
+    relative = Path(path)
+    if relative.is_absolute():
+        return relative
+    if ".." in relative.parts:
+        raise BadSample("image path outside the dataset", f"{key}: image path {path!r} has a '..' part; relative "
+                                                           f"paths stay inside the dataset's folder: give one without "
+                                                           f"'..', or an absolute path")
+    return relative if root is None else root / relative
 
 
 def _b64(data: bytes | str, key: str) -> bytes:
@@ -184,32 +203,81 @@ def _undecoded(feature: Any) -> Any:
 
 
 class JsonlSource:
-    """A JSONL file of `{"messages": [...]}` chats; relative image paths resolve against its folder."""
+    """A JSONL file of `{"messages": [...]}` chats, one sample per non-blank line; relative image paths
+    resolve against its folder.
+
+    Only each line's byte span is kept: a line is decoded when its sample is read, so a malformed line
+    (not UTF-8, not JSON, no `messages`) is a BadSample of its own, as any row's problem is, and the
+    other rows keep their indices (the sampler, length grouping and resume positions rely on them).
+    A file without a single chat line is refused at load: it is not a chat JSONL.
+    """
 
     def __init__(self, path: Path, split: str) -> None:
-        self.path, self.rows = path, []
-        with path.open(encoding="utf-8") as fh:
+        self.path = path
+        self.starts, self.ends, self.linenos = array("q"), array("q"), array("q")  # of the non-blank lines
+        first_problem: BadSample | None = None
+        found_chat = False
+        with path.open("rb") as fh:
+            offset = 0
             for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); one chat object per line") from None
-                if not isinstance(row, dict) or "messages" not in row:
-                    raise UserError(f'{path}:{lineno}: expected an object with a "messages" list')
-                self.rows.append((lineno, row["messages"]))
-        self.rows = self.rows[_slice(split, len(self.rows), str(path))]
+                if line.strip():
+                    self.starts.append(offset)
+                    self.ends.append(offset + len(line))
+                    self.linenos.append(lineno)
+                    if not found_chat:  # parse lines only until one is a chat
+                        try:
+                            _parse_line(line, self._key(len(self.linenos) - 1))
+                            found_chat = True
+                        except BadSample as bad:
+                            first_problem = first_problem or bad
+                offset += len(line)
+        if first_problem is not None and not found_chat:
+            first = str(first_problem).partition(": ")[2]  # without the reason
+            raise UserError(f'{path}: no line is a chat object ({first}); expected one {{"messages": [...]}} JSON '
+                            f"object per line, UTF-8")
+        rows = _slice(split, len(self.linenos), str(path))
+        self.starts, self.ends, self.linenos = self.starts[rows], self.ends[rows], self.linenos[rows]
+        self._fd: int | None = None  # opened on first read, in each process that reads
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Loader worker processes open the file themselves."""
+        return {**self.__dict__, "_fd": None}
+
+    def _key(self, index: int) -> str:
+        return f"{self.path.name}:{self.linenos[index]}"
+
+    def _raw_chat(self, index: int) -> Any:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        # pread: no shared file position, so forked loader workers may read through the same descriptor
+        line = os.pread(self._fd, self.ends[index] - self.starts[index], self.starts[index])
+        return _parse_line(line, self._key(index))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.linenos)
 
     def __getitem__(self, index: int) -> Sample:
-        lineno, messages = self.rows[index]
-        return chat_sample(messages, f"{self.path.name}:{lineno}", root=self.path.parent)
+        return chat_sample(self._raw_chat(index), self._key(index), root=self.path.parent)
 
     def text_and_images(self, index: int) -> tuple[str, int]:
-        return _chat_text(self.rows[index][1])
+        try:
+            return _chat_text(self._raw_chat(index))
+        except BadSample:  # skipped when read
+            return "", 0
+
+
+def _parse_line(line: bytes, key: str) -> Any:
+    """One JSONL line → its `messages` (BadSample naming file and line number if it has none)."""
+    try:
+        row = json.loads(line.decode("utf-8-sig"))  # -sig: a BOM the file's editor put before line 1
+    except UnicodeDecodeError as err:
+        raise BadSample("malformed line", f"{key}: not UTF-8 ({line[err.start:err.start + 1]!r} at byte "
+                                          f"{err.start + 1} of the line); save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise BadSample("malformed line", f"{key}: not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict) or "messages" not in row:
+        raise BadSample("malformed line", f'{key}: expected an object with a "messages" list')
+    return row["messages"]
 
 
 class ConcatSource:
