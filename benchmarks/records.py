@@ -22,7 +22,7 @@ DETAILS = {  # the secondary figures a run may carry, and their types
     "step_time_s": float, "data_time_s": float, "first_step_s": float, "model_tflops_per_gpu": float,
     "micro_batch": int, "micro_batches_per_step": int, "bubble_share": float, "tokens_per_step": int,
     "timed_steps": str, "per_step_tokens_per_sec_per_gpu": list, "step1": dict, "plan_total_gib": float,
-    "rc": int,
+    "rc": int, "steps_timed": int,
 }
 NUMBER_OR_NONE = ("tokens_per_sec_per_gpu", "mfu", "peak_gib", "plan_gib", "ratio")
 
