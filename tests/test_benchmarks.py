@@ -1,4 +1,4 @@
-"""The benchmark harness's own behaviour that a GPU call depends on, checked on CPU."""
+"""The GPU benchmark's own behaviour (process handling, source trees, result records), checked on CPU."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_finished_run_reports_its_exit_code(tmp_path):
 
 def test_run_imports_runner_from_the_given_source_tree(tmp_path):
     """A layout's `code=DIR` (the before of a before/after pair) must run DIR's `runner`, not this
-    checkout's, even where PYTHONPATH already names this checkout (as on the GPU machine)."""
+    checkout's, even where PYTHONPATH already names this checkout."""
     old = tmp_path / "old"
     (old / "runner").mkdir(parents=True)
     (old / "runner" / "__init__.py").write_text("")
