@@ -1,15 +1,15 @@
 """GPU benchmark: `runner train` on the 31B's width under TP×PP, beside transformers + ZeRO-3.
 
-One command builds everything on the GPU machine itself (no hub there) and runs it:
+One command builds everything on the GPU host itself (no Hub access needed) and runs it:
 
     python -m benchmarks.gpu_bench --out $OUT --depth 12 --layouts 2x2,4x1,1x4 --steps 6
 
-A layout may carry recipe overrides for a before/after pair in the same call, e.g.
+A layout may carry recipe overrides for a before/after pair in the same command, e.g.
 `--layouts 2x1,2x1:data.pad_to_multiple_of=128` (`;` between overrides; lists as `[7,5]`). The key
-`code=DIR` runs that layout's `runner` from another source tree instead (the GPU machine has no git:
-carry `git archive OLD runner ds_configs pyproject.toml > old.tar` and unpack it there), so a code
-change gets its before/after on the same machine, checkpoint and data: `--layouts 2x2:code=/tmp/old,2x2`.
-`$OUT` gets three files only (results.json, logs.txt with each run's tail, profiles.txt with the
+`code=DIR` runs that layout's `runner` from another source tree (DIR holding another commit's `runner/`,
+`ds_configs/` and `pyproject.toml`, e.g. from `git worktree add DIR OLD`), so a code change gets its
+before/after on the same GPUs, checkpoint and data: `--layouts 2x2:code=/tmp/old,2x2`.
+`$OUT` gets three files only (records.jsonl, logs.txt with each run's tail, profiles.txt with the
 profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under BENCH_WORK.
 
 1. a random-weight Gemma4 of the real 31B shape (`gemma4_31b_config(depth)`: same width, vision
@@ -21,8 +21,9 @@ profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under 
    embeddings and vision tower frozen), steady state = median of the steps after the warm-up;
 4. the baseline a user would otherwise pick: transformers' model under DeepSpeed ZeRO-3 through
    Accelerate, data parallel over the same GPUs, same data, same frozen parts (zero3_baseline.py);
-5. `results.json` with tok/s per GPU, model TFLOP/s, MFU, peak GiB, bubble share, `runner plan`'s
-   estimate and `ratio_vs_zero3` per workload.
+5. `records.jsonl`: one record per run in the shape of `benchmarks/records.py` (tok/s per GPU, MFU,
+   peak GiB, `runner plan`'s estimate, the ZeRO-3 baseline and the ratio; date, card, commit from
+   `git rev-parse` or BENCH_COMMIT, and the command), ready to append to benchmarks/results/records.jsonl.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -44,6 +46,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.records import dumps, make_record
 from runner.config import apply_overrides
 from runner.metrics import peak_flops_per_device
 from runner.train import use_expandable_segments
@@ -98,14 +101,14 @@ def _write_shards(rank: int, workers: int, config, out: Path, shard_size: str) -
 def build_checkpoint(out: Path, config, name: str, workers: int) -> Path:
     """A random bf16 checkpoint of `config` with the processor, written as save_pretrained would (shards
     of 5 GB, an index, no tied lm_head) by `workers` processes at once: transformers writes shards one
-    by one (~70 s for the full 31B on the GPU machine)."""
+    by one (~70 s for the full 31B on 4x H200)."""
     from runner.models.gemma4.presets import GEMMA4_31B_IMAGE_SOFT_TOKENS
     from runner.models.gemma4.tiny import tiny_processor, tiny_tokenizer
 
     ckpt = out / name
     if (ckpt / "config.json").exists():
         return ckpt
-    partial = ckpt.with_name(ckpt.name + ".partial")  # renamed when complete: a killed call leaves no half checkpoint
+    partial = ckpt.with_name(ckpt.name + ".partial")  # renamed when complete: a killed command leaves no half checkpoint
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     torch.multiprocessing.spawn(_write_shards, args=(workers, config, partial, "5GB"), nprocs=workers)
@@ -116,14 +119,14 @@ def build_checkpoint(out: Path, config, name: str, workers: int) -> Path:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """A killed call leaves no truncated file for the next call to reuse."""
+    """A killed command leaves no truncated file for the next one to reuse."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     partial.rename(path)
 
 
 def build_data(out: Path, n: int, text_tokens: int, workloads: list[str]) -> dict[str, Path]:
-    """Chat JSONL workloads (only those asked for; kept for the next call on the same machine);
+    """Chat JSONL workloads (only those asked for; kept under BENCH_WORK for the next command);
     images are PNGs beside the file. The text answers are sized in tokens of the tokenizer the
     checkpoint carries."""
     from PIL import Image
@@ -298,7 +301,7 @@ def main() -> int:
                 continue
             dp = gpus // (tp * pp)
             run_dir = work / f"run_{workload}_{index}_tp{tp}pp{pp}dp{dp}"
-            shutil.rmtree(run_dir, ignore_errors=True)  # a kept BENCH_WORK must not add an earlier call's metrics
+            shutil.rmtree(run_dir, ignore_errors=True)  # a kept BENCH_WORK must not add an earlier command's metrics
             rec_path, train = recipe(run_dir, ckpt, data[workload], workload, tp, pp, dp, args.steps, args.gas,
                                      overrides, profile_step)
             gas = train["global_batch_size"] // (train["micro_batch_size"] * dp)
@@ -328,42 +331,82 @@ def main() -> int:
                 entry["tokens_per_step"] = recs[-1]["tokens"]
                 entry["step1"] = {"loss": recs[0]["loss"], "grad_norm": recs[0]["grad_norm"]}  # same data, weights
             results["runs"].append(entry)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+            write_records(out, results)
         if args.baseline == "zero3":
             micro, max_length = WORKLOADS[workload]
             print(f"{workload} ZeRO-3 baseline dp={gpus}", flush=True)
             base_out = work / f"zero3_{workload}.json"
-            base_out.unlink(missing_ok=True)  # a kept BENCH_WORK must not give an earlier call's figures
+            base_out.unlink(missing_ok=True)  # a kept BENCH_WORK must not give an earlier command's figures
             rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
                                  "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
             if base_out.exists():  # also a run stopped at --timeout after its timed steps
                 results["baseline"][workload] = {**json.loads(base_out.read_text()), "rc": rc}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    for workload, base in results["baseline"].items():
-        for entry in results["runs"]:
-            if entry["workload"] == workload and entry.get("tokens_per_sec_per_gpu"):
-                entry["ratio_vs_zero3"] = entry["tokens_per_sec_per_gpu"] / base["tokens_per_sec_per_gpu"]
-                if entry.get("model_tflops_per_gpu") and "model_tflops_per_gpu" not in base:  # the first run's
-                    # model FLOPs per token (they depend on the padded length, so one run decides)
-                    base["model_tflops_per_gpu"] = entry["model_tflops_per_gpu"] / entry["ratio_vs_zero3"]
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print_table(results)
+        write_records(out, results)
+    print_table(write_records(out, results))
     return 0
 
 
-def print_table(results: dict) -> None:
-    print(f"\n{results['device']} x{results['gpus']}, {results['model']}")
-    print(f"{'workload':8} {'layout':12} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'vs ZeRO-3':>9}")
+def _commit() -> str:
+    """The checkout's short commit (BENCH_COMMIT where the tree has no git), or "unknown"."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return git.stdout.strip() if git.returncode == 0 else "unknown"
+
+
+def to_records(results: dict, command: str, commit: str) -> list[dict]:
+    """The runs and their ZeRO-3 baselines as records in the one results shape (benchmarks/records.py)."""
+    common = {"date": results["date"], "card": results["device"], "gpu_count": results["gpus"], "commit": commit,
+              "command": command, "model": results["model"], "depth": results["depth"]}
+    keys = {"step_time": "step_time_s", "data_time": "data_time_s", "model_tflops_per_gpu": "model_tflops_per_gpu",
+            "micro_batch": "micro_batch", "micro_batches_per_step": "micro_batches_per_step",
+            "bubble_share": "bubble_share", "tokens_per_step": "tokens_per_step", "step1": "step1",
+            "plan_total_gib": "plan_total_gib", "steps_timed": "steps_timed", "rc": "rc"}
+    records, flops_ratio = [], {}
     for e in results["runs"]:
-        plan = e.get("plan_gib")
-        mfu = f"{100 * e['mfu']:.1f}%" if e.get("mfu") else "-"
-        print(f"{e['workload']:8} tp{e['tp']}pp{e['pp']}dp{e['dp']:<4} {e.get('tokens_per_sec_per_gpu', 0):>10.0f} "
-              f"{mfu:>6} {e.get('mem_gib', 0):>9.1f} {plan or 0:>9.1f} {e.get('ratio_vs_zero3', 0):>9.2f} "
-              f"{e.get('overrides') or ''}")
+        base = results["baseline"].get(e["workload"])
+        baseline = None if base is None else {"name": "ZeRO-3, same command", "peak_gib": base.get("mem_gib"),
+                                              "tokens_per_sec_per_gpu": base["tokens_per_sec_per_gpu"]}
+        if e.get("model_tflops_per_gpu") and e.get("tokens_per_sec_per_gpu"):  # model FLOPs per token (the first run's)
+            flops_ratio.setdefault(e["workload"], e["model_tflops_per_gpu"] / e["tokens_per_sec_per_gpu"])
+        records.append(make_record(
+            **common, system="runner", workload=e["workload"], tp=e["tp"], pp=e["pp"], dp=e["dp"],
+            overrides=e["overrides"], tokens_per_sec_per_gpu=e.get("tokens_per_sec_per_gpu"), mfu=e.get("mfu"),
+            peak_gib=e.get("mem_gib"), plan_gib=e.get("plan_gib"),
+            baseline=None if baseline is None else {k: v for k, v in baseline.items() if v is not None},
+            notes=f"runner from {e['code']}" if "code" in e else "",
+            details={new: e.get(old) for old, new in keys.items()}))
     for workload, b in results["baseline"].items():
-        print(f"{workload:8} {'ZeRO-3':12} {b['tokens_per_sec_per_gpu']:>10.0f} {'':>6} {b['mem_gib']:>9.1f}")
+        tflops = flops_ratio.get(workload)
+        records.append(make_record(
+            **common, system="zero3", workload=workload, tp=1, pp=1, dp=b["dp"], overrides={},
+            tokens_per_sec_per_gpu=b["tokens_per_sec_per_gpu"], mfu=None, peak_gib=b.get("mem_gib"), plan_gib=None,
+            details={"step_time_s": b.get("step_time"), "micro_batch": b.get("micro_batch"),
+                     "micro_batches_per_step": b.get("micro_batches_per_step"), "steps_timed": b.get("steps_timed"),
+                     "rc": b.get("rc"),
+                     "model_tflops_per_gpu": tflops * b["tokens_per_sec_per_gpu"] if tflops else None}))
+    return records
+
+
+def write_records(out: Path, results: dict) -> list[dict]:
+    """`out/records.jsonl`, rewritten whole (a stopped command keeps the runs so far)."""
+    records = to_records(results, shlex.join(["python", "-m", "benchmarks.gpu_bench", *sys.argv[1:]]), _commit())
+    _write_atomically(out / "records.jsonl", dumps(records))
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    first = records[0] if records else {"card": "-", "gpu_count": 0, "model": "-"}
+    print(f"\n{first['card']} x{first['gpu_count']}, {first['model']}")
+    print(f"{'workload':8} {'layout':14} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'vs ZeRO-3':>9}")
+    for r in records:
+        lay = r["layout"]
+        name = "ZeRO-3" if r["system"] == "zero3" else f"tp{lay['tp']}pp{lay['pp']}dp{lay['dp']}"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        print(f"{r['workload']:8} {name:14} {r['tokens_per_sec_per_gpu'] or 0:>10.0f} {mfu:>6} {r['peak_gib'] or 0:>9.1f} "
+              f"{r['plan_gib'] or 0:>9.1f} {r['ratio'] or 0:>9.2f} {r['overrides'] or ''}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> None:
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
     # Built on the GPU in bf16 before the plugin exists: transformers 5 under deepspeed.zero.Init
-    # fails in _init_weights (shared/device/README.md); ZeRO-3 partitions it in prepare().
+    # fails in _init_weights; ZeRO-3 partitions it in prepare().
     model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16, device_map={"": local},
                                                         attn_implementation="sdpa")
     model.model.language_model.embed_tokens.weight.requires_grad_(False)

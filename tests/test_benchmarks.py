@@ -1,4 +1,4 @@
-"""The benchmark harness's own behaviour that a GPU call depends on, checked on CPU."""
+"""The GPU benchmark's own behaviour (process handling, source trees, result records), checked on CPU."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_finished_run_reports_its_exit_code(tmp_path):
 
 def test_run_imports_runner_from_the_given_source_tree(tmp_path):
     """A layout's `code=DIR` (the before of a before/after pair) must run DIR's `runner`, not this
-    checkout's, even where PYTHONPATH already names this checkout (as on the GPU machine)."""
+    checkout's, even where PYTHONPATH already names this checkout."""
     old = tmp_path / "old"
     (old / "runner").mkdir(parents=True)
     (old / "runner" / "__init__.py").write_text("")
@@ -58,3 +58,25 @@ def test_run_imports_runner_from_the_given_source_tree(tmp_path):
     rc = run([sys.executable, "-c", "import runner; print(runner.__file__)"], log, timeout=60,
              tails=tmp_path / "tails.txt", code=old)
     assert rc == 0 and log.read_text().strip() == str(old / "runner" / "__init__.py")
+
+
+def test_bench_results_become_records():
+    """gpu_bench's runs and ZeRO-3 baselines come out in the one record shape, with the ratio to the baseline."""
+    from benchmarks.gpu_bench import to_records
+    from benchmarks.records import problems
+
+    entry = {"workload": "text", "tp": 2, "pp": 2, "dp": 1, "overrides": {"parallel.sequence_parallel": "true"},
+             "rc": 0, "code": "/tmp/old", "micro_batch": 1, "micro_batches_per_step": 16, "bubble_share": 0.059,
+             "plan_gib": 118.6, "tokens_per_sec_per_gpu": 1378.5, "step_time": 11.66, "data_time": 0.02,
+             "mfu": 0.27, "model_tflops_per_gpu": 266.6, "mem_gib": 117.61, "steps_timed": 3,
+             "step1": {"loss": 13.7852, "grad_norm": 23290280.0}}
+    results = {"date": "2026-11-27", "device": "NVIDIA H200", "gpus": 4, "depth": 60, "model": "m", "runs": [entry],
+               "baseline": {"text": {"tokens_per_sec_per_gpu": 807.4, "step_time": 39.66, "mem_gib": 129.83,
+                                     "steps_timed": 3, "dp": 4, "micro_batch": 1, "micro_batches_per_step": 8,
+                                     "rc": 0}}}
+    run, zero3 = to_records(results, "python -m benchmarks.gpu_bench --depth 60", "4306942")
+    assert problems(run) == [] and problems(zero3) == []
+    assert run["layout"] == {"tp": 2, "pp": 2, "dp": 1, "sp": True} and run["ratio"] == 1.71
+    assert run["baseline"] == {"name": "ZeRO-3, same command", "tokens_per_sec_per_gpu": 807.4, "peak_gib": 129.83}
+    assert run["notes"] == "runner from /tmp/old" and run["details"]["step_time_s"] == 11.66
+    assert zero3["system"] == "zero3" and zero3["layout"]["dp"] == 4 and zero3["baseline"] is None

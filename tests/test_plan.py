@@ -72,7 +72,7 @@ def test_31b_recipes_plan_like_deepspeed_partitions(name):
     tp, pp, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp
     assert (plan.dims.tp, plan.dims.pp, plan.dims.dp) == (tp, pp, dp)
     assert plan.micro_batches >= 2 * pp  # enough micro-batches to fill the pipeline (bubble <= 27% at pp 4)
-    assert cfg.train.micro_batch_size > 1  # short MedPix samples: micro 1 is weight-read bound (README Results)
+    assert cfg.train.micro_batch_size > 1  # short MedPix samples: micro 1 is weight-read bound (benchmarks/RESULTS.md, 2026-11-28)
     assert plan.total_params == PARAMS_31B
     # [vision, embedding, 60 decoder layers, final norm, head], cut by counting decoder layers
     weights = [0, 0] + [1] * 60 + [0, 0]

@@ -1,5 +1,5 @@
-"""Real Gemma4 shapes, built locally: no machine here reaches the Hub, yet `runner plan` and the GPU
-benchmark need the 31B's exact geometry (and depth-reduced slices of it with the same width)."""
+"""Real Gemma4 shapes, built locally without Hub access: `runner plan` and the GPU benchmark need the
+31B's exact geometry (and depth-reduced slices of it with the same width)."""
 
 from __future__ import annotations
 
