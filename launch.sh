@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One entry point for users and CI.
+# One entry point: demo, tests, training.
 #   ./launch.sh demo                      tiny Gemma4 + synthetic MedPix data, CPU, TP2 x PP2 under accelerate
-#   ./launch.sh test [pytest args]        the CPU test suite (what CI runs)
+#   ./launch.sh test [pytest args]        the CPU test suite
 #   ./launch.sh test-oldest [pytest args] the compatibility subset on the oldest supported transformers (own venv)
 #   ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--port P]
 #                            [--machine_rank N --main_process_ip IP] [--set k=v ...]   (paths relative to the repo)
@@ -20,7 +20,7 @@ install() {
     fi
     if [ "$(uname -m)" = "x86_64" ] && ! "$PY" -c "import torchvision" 2>/dev/null; then
         # torch and torchvision that import together (PyPI's torchvision does not import beside the
-        # machine's CPU torch 2.13); on the dev/CI machines pip takes both from wheels on disk.
+        # machine's CPU torch 2.13); pip takes both from its index or a local wheel cache.
         "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
     fi
     "$PY" -m pip install -q -e ".[test]"

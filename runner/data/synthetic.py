@@ -1,6 +1,6 @@
 """A small synthetic dataset in MedPix-VQA's schema (`image_id` image, `question`, `answer`).
 
-No machine here reaches the hub, so tests and the demo train on this instead. Images are real PNGs of
+Tests and the demo train on this without a dataset hub. Images are real PNGs of
 varied sizes and aspect ratios (tiny, tall, wide, large) so every resize and patch path of the Gemma4
 image processor runs. Answers are a function of what is drawn (shape → finding, position → location,
 colour → modality), so even a tiny model's loss can fall in a demo.
