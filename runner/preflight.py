@@ -218,5 +218,9 @@ def check_free_disk(out_dir: Path, need: int) -> None:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if free < need:
-        raise UserError(f"output.dir {out_dir}: {free / 2**30:.1f} GiB free, one checkpoint needs about "
-                        f"{need / 2**30:.1f} GiB; free space or point output.dir at a larger disk")
+        raise UserError(f"output.dir {out_dir}: {_size(free)} free, one checkpoint needs about {_size(need)}; "
+                        f"free space or point output.dir at a larger disk")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
