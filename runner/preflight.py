@@ -5,8 +5,9 @@
 the same recipe and files, so each failure is one `UserError` marked `on_every_rank`: one line per
 job naming the path or key and the fix.
 
-Order: the recipe against the model (layout, split), the model directory (config, weights headers,
-tokenizer and processor), the data, the output directory, the checkpoint to resume, the free disk.
+Order: the model directory's config, the recipe against the model (layout, split), the weights'
+headers, tokenizer and processor, the data, the process count, the output directory, the checkpoint
+to resume, the free disk.
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
     with from_the_recipe():
         model_dir = resolve_model_dir(cfg.model.path)
         check_model_config(model_dir)
-        config = model_checks(cfg, model_dir, world_size)
+        config = model_checks(cfg, model_dir)
         check_weight_files(model_dir)
         processor = load_processor(model_dir)
         train_source = load_source(cfg.data.train, cfg.data.train_split)
         eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
+        if world_size is not None:
+            from runner.train import parallel_dims  # the rule `runner train` applies once processes exist
+
+            parallel_dims(cfg, world_size)
         out_dir = Path(cfg.output.dir)
         check_writable_dir(out_dir, "output.dir")
         if (out_dir / "checkpoints").exists():
@@ -77,8 +82,8 @@ def check_model_config(model_dir: Path) -> None:
                         f"(Gemma4ForConditionalGeneration); point model.path at a Gemma4 checkpoint")
 
 
-def model_checks(cfg: RunConfig, model_dir: Path, world_size: int | None) -> Any:
-    """The recipe against the model's config and the launcher's process count; returns the config."""
+def model_checks(cfg: RunConfig, model_dir: Path) -> Any:
+    """The recipe against the model's config; returns the config."""
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoConfig
 
@@ -94,10 +99,6 @@ def model_checks(cfg: RunConfig, model_dir: Path, world_size: int | None) -> Any
     check_supported(config)
     validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
     stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # a bad split
-    if world_size is not None:
-        from runner.train import parallel_dims  # the rule `runner train` applies once processes exist
-
-        parallel_dims(cfg, world_size)
     if cfg.data.eval and same_rows((cfg.data.train, cfg.data.train_split), (cfg.data.eval, cfg.data.eval_split)):
         raise UserError(f"data.eval reads data.train's rows ({cfg.data.train} has one split, its name is ignored); "
                         f"give disjoint slices, e.g. data.train_split: 'train[:90%]' and data.eval_split: "
