@@ -35,6 +35,21 @@ for part in sys.argv[2].split('.'):
 print(node)" "$1" "$2"
 }
 
+run_launcher() {  # run_launcher CMD...: exit 2 when a process reported a user error (launchers exit 1 then)
+    local marker pid rc=0
+    marker=$(mktemp)
+    RUNNER_ERROR_FILE=$marker "$@" <&0 &
+    pid=$!
+    trap 'kill -TERM "$pid" 2>/dev/null' TERM INT  # a scheduler's SIGTERM still reaches the job
+    while :; do
+        wait "$pid" && rc=0 || rc=$?
+        kill -0 "$pid" 2>/dev/null || break  # (a trapped signal interrupts wait; the job goes on)
+    done
+    [ -s "$marker" ] && rc=2
+    rm -f "$marker"
+    exit "$rc"
+}
+
 train() {
     local recipe=${1:?usage: ./launch.sh train RECIPE [--cluster FILE] [--launcher accelerate|deepspeed] [--hostfile FILE] [--set k=v ...]}
     shift
@@ -53,18 +68,19 @@ train() {
     if [ "$(cluster_value "$cluster" use_cpu)" = "True" ]; then
         export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
     fi
-    # a bad recipe or --set: one line and exit 2 here, not once per process under the launcher
-    "$PY" -m runner train "$recipe" --check ${extra[@]+"${extra[@]}"}
+    # a bad recipe, --set, model, data, output dir or checkpoint: one line and exit 2 here, not once per process
+    "$PY" -m runner train "$recipe" --check --world-size "$(cluster_value "$cluster" num_processes)" \
+        ${extra[@]+"${extra[@]}"}
     case "$launcher" in
         accelerate)
-            exec "$PY" -m accelerate.commands.launch --config_file "$cluster" --main_process_port "$port" \
+            run_launcher "$PY" -m accelerate.commands.launch --config_file "$cluster" --main_process_port "$port" \
                 ${node[@]+"${node[@]}"} -m runner train "$recipe" ${extra[@]+"${extra[@]}"} ;;
         deepspeed)
             # one host: its share of the cluster's processes; several: the hostfile says (DeepSpeed ssh's to each)
             local per_node=$(( $(cluster_value "$cluster" num_processes) / $(cluster_value "$cluster" num_machines) ))
             local where=(--num_gpus "$per_node")
             [ -n "$hostfile" ] && where=(--hostfile "$hostfile")
-            exec "$PY" -m deepspeed.launcher.runner "${where[@]}" --master_port "$port" --module runner train "$recipe" \
+            run_launcher "$PY" -m deepspeed.launcher.runner "${where[@]}" --master_port "$port" --module runner train "$recipe" \
                 --ds-config "$(cluster_value "$cluster" deepspeed_config.deepspeed_config_file)" \
                 ${extra[@]+"${extra[@]}"} ;;
         *) echo "error: --launcher must be accelerate or deepspeed, got $launcher" >&2; exit 2 ;;

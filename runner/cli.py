@@ -15,6 +15,8 @@ from pathlib import Path
 
 from runner.errors import UserError, from_the_recipe
 
+ERROR_FILE_ENV = "RUNNER_ERROR_FILE"
+
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from runner.models.gemma4.tiny import make_tiny
@@ -38,6 +40,10 @@ def _train(args: argparse.Namespace) -> int:
     with from_the_recipe():
         cfg = load_config(args.recipe, args.set)  # recipe errors before any process group exists
     if args.check:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout
+            from runner.preflight import preflight
+
+            preflight(cfg, world_size=args.world_size)
         return 0
     from runner.train import train
 
@@ -83,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. optim.lr=2e-5")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the launcher's, else ds_configs/ for the device)")
     p.add_argument("--check", action="store_true",
-                   help="check the recipe and --set overrides, then exit (launch.sh does this before starting processes)")
+                   help="check the recipe, model, data, output dir and checkpoint as the run would before building "
+                        "the model, then exit (launch.sh does this before starting processes)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --check: the launcher's process count, which tp*pp must divide")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plan", help="stage -> layers, parameters and memory per GPU for a recipe, without a GPU")
@@ -128,9 +137,35 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # one clear line, no traceback
         if _reports(err):
             print(f"error: {err}", file=sys.stderr)
+            _mark_user_error(err)
         else:  # give the printing process time before the launcher stops the job on this exit
             time.sleep(2)
         return 2
+    except RuntimeError as err:
+        if not _lost_peer(err):
+            raise
+        # another process failed first and said why; this one's trace would bury that line
+        print(f"stopped: another process of the job failed ({str(err).splitlines()[0][:200]})", file=sys.stderr)
+        return 1
+
+
+def _mark_user_error(err: UserError) -> None:
+    """Tell launch.sh the job failed with a user error (launchers turn exit code 2 into 1): the
+    reporting process writes its line to the file launch.sh names in RUNNER_ERROR_FILE."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            with open(path, "a") as f:
+                f.write(f"error: {err}\n")
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    """A collective failed because another process of the job is gone (it exited on an error)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    return isinstance(err, dist.DistNetworkError) or any(
+        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def _reports(err: UserError) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,8 @@ class RunConfig:
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """`value` as type `tp`, or a UserError naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .inf / .nan, wherever they are
+        raise UserError(f"{source}: {key} = {value!r} is not a finite number; give a finite value")
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -173,9 +176,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _coerce(number, tp, key, source)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -291,6 +296,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
+        (bool(cfg.output.dir.strip()), "output.dir is empty; set it to the directory for metrics and checkpoints"),
+        (cfg.checkpoint.resume in ("auto", "none") or Path(cfg.checkpoint.resume).expanduser().exists(),
+         f"checkpoint.resume = {cfg.checkpoint.resume!r} is neither auto, none nor an existing path; use auto "
+         f"(continue the run in output.dir), none (start afresh) or a checkpoint directory"),
     ]
     for ok, message in checks:
         if not ok:

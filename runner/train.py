@@ -19,30 +19,25 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from transformers import AutoConfig, AutoProcessor
 
 from runner.checkpoint import native
 from runner.checkpoint.export import export_after_training
-from runner.checkpoint.hf_load import load_hf_weights, resolve_model_dir
-from runner.compat import set_attn_implementation
+from runner.checkpoint.hf_load import load_hf_weights
 from runner.config import RunConfig, fp32_grad_accum, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
-from runner.data.sources import SampleSource, load_source, same_rows
+from runner.data.sources import SampleSource
 from runner.errors import UserError, from_the_recipe
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
-    check_supported,
     count_label_tokens,
-    gemma4_layer_specs,
-    stage_boundaries,
     to_pipe_batch,
-    validate_layout,
 )
 from runner.optim import build_optimizer, lr_lambda, matrix_group_count
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
+from runner.preflight import preflight
 from runner.profiling import profile_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,22 +209,9 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
 
 
 def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
-    model_dir = resolve_model_dir(cfg.model.path)
-    config = AutoConfig.from_pretrained(model_dir)
-    set_attn_implementation(config.text_config, cfg.model.attn_implementation)
-    with from_the_recipe():
-        if cfg.model.attn_implementation == "flex_attention" and get_accelerator().device_name() == "cpu":
-            raise UserError("model.attn_implementation: flex_attention needs CUDA GPUs (PyTorch has no CPU "
-                            "FlexAttention backward); use sdpa on CPU")
-        check_supported(config)
-        validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
-        stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # a bad split
-        if cfg.data.eval and same_rows((cfg.data.train, cfg.data.train_split), (cfg.data.eval, cfg.data.eval_split)):
-            raise UserError(f"data.eval reads data.train's rows ({cfg.data.train} has one split, its name is ignored); "
-                            f"give disjoint slices, e.g. data.train_split: 'train[:90%]' and data.eval_split: "
-                            f"'train[90%:]', or another eval file")
-    train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data
-    eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
+    checked = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))  # before anything is built
+    model_dir, config, processor = checked.model_dir, checked.config, checked.processor
+    train_source, eval_source, resume_from = checked.train_source, checked.eval_source, checked.resume_from
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     with from_the_recipe():  # the recipe, the DeepSpeed config and the world size: the same on every process
@@ -239,7 +221,6 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
 
     torch.manual_seed(cfg.train.seed)
     ps = build_parallel_state(dims)
-    processor = AutoProcessor.from_pretrained(model_dir)
     train_data = build_loader(cfg, train_source, processor, dims, ps, gas, cfg.train.seed, "data.train")
     eval_data = None if eval_source is None else build_loader(cfg, eval_source, processor, dims, ps, gas,
                                                                cfg.train.seed, "data.eval", keep_tail=True)
@@ -247,18 +228,9 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
 
     out_dir = Path(cfg.output.dir)
     ckpt_root = out_dir / "checkpoints"
-    resume_root = {"auto": ckpt_root, "none": None}.get(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
-    with from_the_recipe():  # every process reads the same checkpoint files
-        if resume_root is None and native.has_checkpoints(ckpt_root):  # saving would overwrite and prune them
-            raise UserError(f"{ckpt_root} holds an earlier run's checkpoints and checkpoint.resume is none; continue "
-                            f"that run with checkpoint.resume=auto, or start afresh in a new output.dir")
-        resume_from = native.latest_complete(resume_root) if resume_root is not None else None
-        resuming = resume_from is not None
-        if resume_root is not None and resume_root != ckpt_root and not resuming:
-            raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
-                            f"point it at a checkpoints directory with `latest`, or use auto / none")
-        if resuming:  # layout and files, before building the model (minutes on the 31B)
-            native.check_resumable(resume_from, dims, zero=ds_config.get("zero_optimization", {}).get("stage", 0) >= 1)
+    resuming = resume_from is not None
+    if resuming:  # the layout, before building the model (minutes on the 31B)
+        native.check_resumable(resume_from, dims, zero=ds_config.get("zero_optimization", {}).get("stage", 0) >= 1)
 
     device = get_accelerator().current_device_name()
     with torch.device(device):

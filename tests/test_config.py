@@ -49,6 +49,12 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
         (["train.activation_checkpointing=false", "train.recompute_num_layers=2"],
          ["train.recompute_num_layers needs train.activation_checkpointing: true"]),
         (["train.activation_checkpointing=true", "train.recompute_num_layers=-1"], ["train.recompute_num_layers", ">= 0"]),
+        (["optim.lr=.inf"], ["optim.lr = inf is not a finite number"]),
+        (["optim.betas=[0.9, .nan]"], ["optim.betas[1] = nan is not a finite number"]),
+        (["train.grad_clip=-inf"], ["train.grad_clip", "not a finite number"]),
+        (["data.train=.inf"], ["data.train = inf is not a finite number"]),
+        (["output.dir="], ["output.dir is empty"]),
+        (["checkpoint.resume=sometimes"], ["checkpoint.resume = 'sometimes' is neither auto, none nor an existing path"]),
     ],
 )
 def test_bad_values_give_one_line(tmp_path, overrides, words):

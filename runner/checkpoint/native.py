@@ -15,17 +15,21 @@ Under a checkpoint root (e.g. OUTPUT_DIR/checkpoints):
         mp_rank_MM_model_states.pt           DeepSpeed engine state: optimizer, LR scheduler, step,
                                              and the trainer's client_state (data position)
         rng/rank_RRRRR.pt                    python / numpy / torch (/ cuda) RNG of global rank R
-        runner_checkpoint.json               layout, source HF model, HF tensor → layer file map
+        runner_checkpoint.json               layout, source HF model, HF tensor → layer file map,
+                                             and every other file's size as written (`files`)
     step_00000200.partial/        a save in progress, or one that died: never read, pruned later
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -145,6 +149,7 @@ def check_resumable(path: Path, dims: ParallelDims, zero: bool) -> dict:
     if missing:
         raise UserError(f"{path}: {missing[0]} missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                         f"{DAMAGED}", on_every_rank=True)
+    check_files(path, meta)
     return meta
 
 
@@ -157,9 +162,42 @@ def latest_complete(root: str | Path) -> Path | None:
     latest = root / LATEST_NAME
     if not latest.is_file():
         return None
-    path = root / latest.read_text().strip()
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{latest}: cannot be read as text ({err}); {DAMAGED}") from None
+    if not TAG_RE.match(tag):
+        raise UserError(f"{latest}: names {tag[:40]!r}, not a step_N checkpoint of this directory; {DAMAGED}")
+    path = root / tag
     read_meta(path)
     return path
+
+
+def file_sizes(ckpt: Path) -> dict[str, int]:
+    """Every file of a checkpoint directory but its metadata: relative name → bytes."""
+    return {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.name != META_NAME}
+
+
+def check_files(ckpt: Path, meta: dict) -> None:
+    """Every file the save recorded is there with the size it was written at (checkpoints from before
+    the size record: no file is empty), so a truncated file is found before the model is built."""
+    recorded = meta.get("files")
+    if recorded is None:
+        sizes = file_sizes(ckpt)
+        bad = [f"{name} is empty" for name, size in sizes.items() if size == 0]
+    else:
+        bad = []
+        for name, size in recorded.items():
+            path = ckpt / name
+            found = path.stat().st_size if path.is_file() else None
+            if found is None:
+                bad.append(f"{name} missing")
+            elif found != size:
+                bad.append(f"{name} has {found} bytes, the save wrote {size}")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{ckpt}: {bad[0]}{more}; {DAMAGED}", on_every_rank=True)
 
 
 def _prune(root: Path, keep: int, latest: Path) -> None:
@@ -205,11 +243,13 @@ def save(engine, root: str | Path, step: int, client_state: dict, *, source: str
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # an earlier save of this step that died
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=partial.name, client_state={CLIENT_KEY: client_state}, save_latest=False)
-    rng_dir = partial / "rng"
-    rng_dir.mkdir(exist_ok=True)
-    torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
+    with _disk_full_is_one_line(partial):
+        engine.save_checkpoint(str(root), tag=partial.name, client_state={CLIENT_KEY: client_state}, save_latest=False)
+        rng_dir = partial / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
     manifest = _gather_manifest(engine.module)
+    dist.barrier()  # every rank's files are on disk
     if rank == 0:
         source_path = Path(source).expanduser()
         meta = {
@@ -219,13 +259,29 @@ def save(engine, root: str | Path, step: int, client_state: dict, *, source: str
             "stage_layers": engine.module.stage_layer_counts(),
             "source": str(source_path.resolve()) if source_path.is_dir() else str(source),
             "tensors": manifest,
+            "files": file_sizes(partial),  # what resume checks before building the model
         }
-        (partial / META_NAME).write_text(json.dumps(meta, indent=1))
-    dist.barrier()  # every rank's files are on disk
-    if rank == 0:
+        with _disk_full_is_one_line(partial):
+            (partial / META_NAME).write_text(json.dumps(meta, indent=1))
         _publish(root, partial, final, keep)
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(partial: Path) -> Iterator[None]:
+    """A write that runs out of space (torch.save reports it as a RuntimeError) is one line naming
+    the checkpoint; `latest` stays on the previous one."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "file write failed" in str(err)
+        if not full:
+            raise
+        free = shutil.disk_usage(partial.parent).free / 2**30
+        raise UserError(f"{partial}: the disk ran out of space while saving ({free:.1f} GiB free now); free space "
+                        f"or point output.dir at a larger disk, then resume (checkpoint.resume=auto) from the "
+                        f"last complete checkpoint") from None
 
 
 def resume(engine, root: str | Path) -> dict | None:
