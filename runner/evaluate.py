@@ -12,6 +12,7 @@ whether the answer's first word is that yes/no, since a model may justify its an
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import string
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 from runner.checkpoint.hf_load import resolve_model_dir
+from runner.config import RunConfig
 from runner.data.sample import BadSample
 from runner.data.sources import SampleSource, load_source
 from runner.errors import UserError
@@ -186,3 +188,21 @@ def summary_line(metrics: dict[str, Any]) -> str:
     """EM / F1 / closed accuracy as one short human-readable string."""
     closed = "n/a" if metrics["closed_accuracy"] is None else f"{metrics['closed_accuracy']:.3f}"
     return f"EM {metrics['exact_match']:.3f} / F1 {metrics['f1']:.3f} / closed acc {closed}"
+
+
+def generate_on_export(export_dir: Path, cfg: RunConfig, step: int) -> dict[str, Any]:
+    """`eval.generate: true`: score the run's export on data.eval after training (rank 0), the first
+    eval.max_batches global batches of it, into OUTPUT_DIR/generate and a `{"split": "generate"}`
+    line of metrics.jsonl, so a run's answers are judged as a server would produce them."""
+    gc.collect()  # the training engine the caller dropped
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    out = Path(cfg.output.dir)
+    metrics = run_evaluation(str(export_dir), cfg.data.eval, cfg.data.eval_split, out / "generate",
+                             max_samples=cfg.eval.max_batches * cfg.train.global_batch_size,
+                             batch_size=cfg.train.micro_batch_size)
+    with (out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        record = {**metrics, "split": "generate", "data_split": metrics["split"], "step": step}
+        fh.write(json.dumps(record) + "\n")
+    print(f"generate step {step}: {summary_line(metrics)} over {metrics['n']} questions", flush=True)
+    return metrics

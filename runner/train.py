@@ -31,6 +31,7 @@ from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource, load_source, same_rows
 from runner.errors import UserError, from_the_recipe
+from runner.evaluate import generate_on_export
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -333,9 +334,13 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                 print(f"SIGTERM: saved {last_ckpt} after step {step}; resume with checkpoint.resume=auto", flush=True)
             break
     logger.close()
+    exported = None
     if cfg.checkpoint.export and step == total_steps and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
             print(f"exported HF model to {exported}", flush=True)
     dist.destroy_process_group()  # local teardown, not a collective: rank 0 may still be exporting
+    if cfg.eval.generate and exported is not None:  # rank 0, which wrote the export
+        del engine, model, optimizer, scheduler  # the accelerator's memory goes to generation
+        generate_on_export(exported, cfg, step)
     return 0
