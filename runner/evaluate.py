@@ -126,7 +126,8 @@ def load_model(model: str) -> tuple[Any, Any]:
         raise UserError(f"{model_dir}: not an HF model directory ({_first_line(err)}); {fix}") from None
     if model_type != "gemma4":
         raise UserError(f"{model_dir}: model_type {model_type!r} is not Gemma4; {fix}")
-    placement = {"device_map": "auto", "dtype": torch.bfloat16} if torch.cuda.is_available() else {"dtype": torch.float32}
+    gpus = torch.cuda.is_available()
+    placement = {"device_map": "auto", "dtype": torch.bfloat16} if gpus else {"dtype": torch.float32}
     try:
         processor = AutoProcessor.from_pretrained(model_dir)
         loaded = AutoModelForImageTextToText.from_pretrained(model_dir, **placement)
@@ -147,20 +148,23 @@ def generate(model: Any, processor: Any, batch: list[Question], max_new_tokens: 
     images = [q.images for q in batch] if any(q.images for q in batch) else None
     inputs = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
     out = model.generate(**inputs.to(model.device), do_sample=False, max_new_tokens=max_new_tokens)
-    return [text.strip() for text in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
 
 
 def run_evaluation(model: str, data: str, split: str = "validation", out_dir: str | Path | None = None,
                    max_samples: int = 0, max_new_tokens: int = 64, batch_size: int = 8) -> dict[str, Any]:
     """Answer and score `data[split]` with `model`; writes OUT/eval_metrics.json and OUT/predictions.jsonl
-    (OUT defaults to MODEL_DIR/eval) and returns the metrics."""
+    (OUT defaults to MODEL_DIR/eval, or eval/OWNER--NAME for a Hub id) and returns the metrics."""
     from tqdm import tqdm
 
     if max_samples < 0 or max_new_tokens < 1 or batch_size < 1:
         raise UserError("evaluate: --max-samples must be >= 0 (0: all), --max-new-tokens and --batch-size >= 1")
     source = load_source(data, split)  # a bad data path fails before the weights load
     loaded, processor = load_model(model)
-    out = Path(out_dir) if out_dir is not None else resolve_model_dir(model) / "eval"
+    if out_dir is None:  # beside a local model's weights; a Hub id's cache snapshot is no place for results
+        out_dir = Path(model) / "eval" if Path(model).is_dir() else Path("eval") / model.replace("/", "--")
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skipped: Counter = Counter()
     scores = []

@@ -87,7 +87,8 @@ def test_bad_model_dir_is_one_error_line(tmp_path, case) -> None:
         model.mkdir()
         (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     jsonl = tmp_path / "chat.jsonl"
-    jsonl.write_text(json.dumps({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}))
+    chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    jsonl.write_text(json.dumps({"messages": chat}))
     proc = run([sys.executable, "-m", "runner", "evaluate", str(model), "--data", str(jsonl), "--split", "train"],
                ok=False)
     assert_one_error_line(proc, [str(model), "Gemma4" if case == "not_gemma4" else "no such directory"])
