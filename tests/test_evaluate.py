@@ -14,7 +14,7 @@ from runner.config import load_config
 from runner.errors import UserError
 from runner.evaluate import normalize_answer, run_evaluation, score, summarize
 
-from conftest import ROOT, assert_one_error_line, run
+from conftest import ROOT, assert_one_error_line, free_port, run
 
 
 def test_scores_on_hand_made_answers() -> None:
@@ -98,6 +98,24 @@ def test_bad_data_path_is_one_error_line(tiny_ckpt, tmp_path) -> None:
     data = tmp_path / "no-such-data"
     proc = run([sys.executable, "-m", "runner", "evaluate", str(tiny_ckpt), "--data", str(data)], ok=False)
     assert_one_error_line(proc, [str(data)])
+
+
+def test_eval_generate_logs_the_exports_scores_after_training(tiny_ckpt, tmp_path) -> None:
+    """One process, one step: the export answers data.eval's first eval.max_batches global batches."""
+    from runner.data.synthetic import make_data
+
+    data, out = make_data(tmp_path / "medpix", n=30), tmp_path / "run"  # 3 validation rows, 2 answered
+    sets = [f"model.path={tiny_ckpt}", f"data.train={data}", f"data.eval={data}", f"output.dir={out}",
+            "parallel.tp=1", "parallel.pp=1", "train.max_steps=1", "train.global_batch_size=2", "eval.max_batches=1",
+            "checkpoint.every_steps=0", "checkpoint.export=true", "eval.generate=true", "logging.tensorboard=false"]
+    run(["env", "RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={free_port()}",
+         sys.executable, "-m", "runner", "train", str(ROOT / "recipes" / "tiny_demo.yaml"),
+         *[a for pair in sets for a in ("--set", pair)]])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (record["split"], record["data_split"], record["step"], record["n"]) == ("generate", "validation", 1, 2)
+    assert record["model"] == str(out / "export") and {"exact_match", "f1", "closed_accuracy"} <= record.keys()
+    metrics, predictions = _read(out / "generate")
+    assert metrics["n"] == len(predictions) == 2
 
 
 def test_eval_generate_needs_the_export_and_eval_data() -> None:
