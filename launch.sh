@@ -93,7 +93,8 @@ demo() {
     [ -f "$dir/gemma4-tiny/config.json" ] || "$PY" -m runner make-tiny "$dir/gemma4-tiny"
     [ -d "$dir/medpix-synthetic" ] || "$PY" -m runner make-data "$dir/medpix-synthetic" --n 200
     rm -rf "$dir/output"  # a fresh run each time (resume: auto would otherwise continue the last one)
-    (train recipes/tiny_demo.yaml --cluster accelerate_configs/cpu_4proc.yaml ${@+"$@"})
+    # trained on the prompt `runner evaluate` sends: the generation prompt's empty thinking channel, masked
+    (train recipes/tiny_demo.yaml --cluster accelerate_configs/cpu_4proc.yaml --set data.thinking_prefix=true ${@+"$@"})
     "$PY" - "$dir/output" <<'PY'
 import json, sys
 from pathlib import Path
@@ -104,6 +105,16 @@ model = AutoModelForImageTextToText.from_pretrained(out / "export")
 n = sum(p.numel() for p in model.parameters())
 print(f"demo: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; "
       f"exported model loads in transformers ({n / 1e6:.2f} M parameters) from {out / 'export'}")
+PY
+    "$PY" - "$dir" <<'PY'
+import sys
+from pathlib import Path
+from runner.evaluate import run_evaluation, summary_line
+demo = Path(sys.argv[1])  # greedy answers on the synthetic validation split, before and after fine-tuning
+base, tuned = (summary_line(run_evaluation(str(demo / model), str(demo / "medpix-synthetic"), "validation",
+                                           demo / "eval" / name, batch_size=4))
+               for name, model in (("base", "gemma4-tiny"), ("fine-tuned", "output/export")))
+print(f"demo: base {base} -> fine-tuned {tuned} (answers in {demo / 'eval'})")
 PY
 }
 

@@ -78,6 +78,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from runner.evaluate import run_evaluation, summary_line
+
+    metrics = run_evaluation(args.model_dir, args.data, args.split, args.out, max_samples=args.max_samples,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(f"{args.model_dir} on {args.data} [{args.split}], {metrics['n']} questions: {summary_line(metrics)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
     # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK carries it too
@@ -127,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None,
                    help="HF model dir or Hub id to copy config/tokenizer/processor from (default: the one recorded at save)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("evaluate",
+                       help="greedy answers of an HF Gemma4 dir on a VQA/chat split: exact match, F1, yes/no accuracy")
+    p.add_argument("model_dir", help="a base model or a training run's OUTPUT_DIR/export")
+    p.add_argument("--data", required=True,
+                   help="dataset as data.train takes it (hub id, local dir or file, chat JSONL)")
+    p.add_argument("--split", default="validation", help="split, with slicing, e.g. validation or train[90%%:]")
+    p.add_argument("--max-samples", type=int, default=0, help="the first N samples of the split (default 0: all)")
+    p.add_argument("--out", default=None, help="where eval_metrics.json and predictions.jsonl go "
+                                               "(default MODEL_DIR/eval; for a Hub id eval/OWNER--NAME)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_evaluate)
     return parser
 
 

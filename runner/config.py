@@ -109,6 +109,9 @@ class DataConfig:
 class EvalConfig:
     every_steps: int = 0  # 0: never
     max_batches: int = 0  # global batches per eval; 0: the whole split
+    # after the export, rank 0 answers data.eval with it (greedy, runner/evaluate.py; max_batches global
+    # batches of questions) and logs exact match / F1 / yes-no accuracy as a {"split": "generate"} line
+    generate: bool = False
 
 
 @dataclass
@@ -292,6 +295,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
         (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0: the whole eval split)"),
+        (not cfg.eval.generate or (cfg.checkpoint.export and bool(cfg.data.eval)),
+         "eval.generate answers data.eval with the export: set checkpoint.export: true and data.eval"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),

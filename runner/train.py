@@ -29,6 +29,7 @@ from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource
 from runner.errors import UserError, from_the_recipe
+from runner.evaluate import generate_on_export
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -325,9 +326,13 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     if empty_in_a_row and cfg.checkpoint.at_end:  # the epochs ended on global batches that took no step
         last_ckpt = save_checkpoint(engine, ckpt_root, step, train_data, ps, model_dir, cfg.checkpoint.keep)
     logger.close()
+    exported = None
     if cfg.checkpoint.export and finished(cfg, step, total_steps, train_data) and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
             print(f"exported HF model to {exported}", flush=True)
     dist.destroy_process_group()  # local teardown, not a collective: rank 0 may still be exporting
+    if cfg.eval.generate and exported is not None:  # rank 0, which wrote the export
+        del engine, model, optimizer, scheduler  # the accelerator's memory goes to generation
+        generate_on_export(exported, cfg, step)
     return 0
