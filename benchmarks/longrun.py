@@ -270,7 +270,8 @@ def plot(curves: dict, path: Path) -> None:
         color = "black" if name == REFERENCE else None
         (raw,) = top.plot(c["step"], c["loss"], lw=0.6, alpha=0.25, color=color)
         color = raw.get_color()
-        top.plot(c["step"][w - 1:], moving_mean(c["loss"], w), lw=1.6, color=color, label=name)
+        width = 3.0 if name == REFERENCE else 1.4  # under the runs it should coincide with, still visible
+        top.plot(c["step"][w - 1:], moving_mean(c["loss"], w), lw=width, color=color, label=name)
         top.plot(c["eval_step"], c["eval_loss"], "o", ms=4, color=color)
         if name == REFERENCE or not ref["loss"]:
             continue
@@ -343,12 +344,12 @@ def run_all(runs: list[Run], slots: int, launch, exclusive: bool) -> None:
     Interrupted (SIGTERM, Ctrl-C), every job this process started is killed, or it keeps the GPUs."""
     free, changed, threads = list(range(slots)), threading.Condition(), []
 
-    def work(r: Run, devices: list[int]) -> None:
+    def work(r: Run, taken: list[int]) -> None:
         try:
-            launch(r, devices)
+            launch(r, taken[:r.procs])
         finally:
             with changed:
-                free.extend(devices)
+                free.extend(taken)
                 changed.notify_all()
 
     try:
@@ -357,7 +358,7 @@ def run_all(runs: list[Run], slots: int, launch, exclusive: bool) -> None:
             with changed:
                 changed.wait_for(lambda: len(free) >= need)
                 devices = [free.pop(0) for _ in range(need)]
-            threads.append(threading.Thread(target=work, args=(r, sorted(devices)[:r.procs])))
+            threads.append(threading.Thread(target=work, args=(r, sorted(devices))))
             threads[-1].start()
         for t in threads:
             t.join()
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs = plan_runs(args, slots)
     base = work / "longrun"
+    base.mkdir(exist_ok=True)
     tails = out / "logs.txt"
     tails.unlink(missing_ok=True)
     walls: dict[str, float] = {}
