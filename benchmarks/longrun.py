@@ -431,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(os.environ.get("BENCH_WORK", "/tmp/gpu_bench"))  # gpu_bench's: a warm machine reuses its checkpoint
     work.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() if not cpu else 0
-    slots = gpus or max(int(x) * int(y) for layouts in (args.layouts, fp32_layouts)
-                        for x, y in (lay.split("x") for lay in filter(None, layouts.split(","))))
+    slots = gpus or max((int(x) * int(y) for layouts in (args.layouts, fp32_layouts)
+                         for x, y in (lay.split("x") for lay in filter(None, layouts.split(",")))), default=1)
     t0 = time.time()
     if args.ckpt:
         ckpt = Path(args.ckpt)
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = work / "tiny"
         if not (ckpt / "config.json").exists():
             make_tiny(ckpt)
-        model = "tiny Gemma4 (make_tiny), fp32"
+        model = "tiny Gemma4 (make_tiny)"
     else:
         ckpt = build_checkpoint(work, bench_config(args.depth), f"gemma4-31b-d{args.depth}", gpus)
         model = f"gemma4_31b_config(depth={args.depth}) random bf16 (gpu_bench.build_checkpoint)"
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(work, n_train + args.eval_samples, args.text_tokens, ["text"])["text"]
     print(f"checkpoint + data ready in {time.time() - t0:.0f}s", flush=True)
 
-    overrides = {
+    overrides = {  # every run's recipe: gpu_bench's text recipe with these
         "train.micro_batch_size": args.micro, "train.global_batch_size": args.global_batch,
         "train.activation_checkpointing": "false",  # depth 6 fits without; recompute changes no value
         "data.max_length": args.text_tokens + PROMPT_TOKENS,
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_all(runs, slots, launch, exclusive=cpu)
     finally:  # also when interrupted: what the finished runs logged is kept
-        passed, complete = report(runs, base, out, stem, args, walls, {
+        passed, complete = report(runs, base, out, stem, args, overrides, walls, {
             "date": time.strftime("%Y-%m-%d"), "card": card_text, "gpus": gpus, "commit": args.commit or _commit(),
             "command": f"python3 -m benchmarks.longrun {argv_text}", "model": model, "wall_s": round(time.time() - t0),
         })
@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if complete else 1
 
 
-def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Namespace, walls: dict[str, float],
-           record: dict) -> tuple[bool, bool]:
+def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Namespace, overrides: dict,
+           walls: dict[str, float], record: dict) -> tuple[bool, bool]:
     """Write the record, the curves and the plot under `out`. Returns (every runner run meets the
     target, every run logged all its steps)."""
     curves = {r.name: read_curve(base / r.name.replace(" ", "_") / "metrics.jsonl") for r in runs}
@@ -509,7 +509,7 @@ def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Nam
     record["settings"] = {
         "steps": args.steps, "eval_every": args.eval_every, "micro_batch": args.micro,
         "global_batch": args.global_batch, "text_tokens": args.text_tokens, "lr": args.lr, "warmup": args.warmup,
-        "smoothing_window": args.smooth, "recipe_overrides": args.set,
+        "smoothing_window": args.smooth, "recipe_overrides": overrides,
         "reference": "transformers Gemma4ForConditionalGeneration in one process: model.dtype weights, fp32 master "
                      "copy, AdamW states and gradient accumulation over the runner's micro-batches",
         "acceptance": {"max_smoothed_rel_deviation": ACCEPT_SMOOTHED, "final_eval_rel_deviation": ACCEPT_EVAL,
