@@ -361,20 +361,20 @@ def run_all(runs: list[Run], slots: int, launch, exclusive: bool) -> None:
     try:
         for r in runs:
             need = slots if exclusive else r.procs
-            with changed:
-                changed.wait_for(lambda: len(free) >= need)
+            with changed:  # waits with a timeout: a signal only reaches Python in the main thread once it wakes
+                while not changed.wait_for(lambda: len(free) >= need, timeout=1):
+                    pass
                 devices = [free.pop(0) for _ in range(need)]
             threads.append(threading.Thread(target=work, args=(r, sorted(devices))))
             threads[-1].start()
         for t in threads:
-            t.join()
-    finally:
-        if any(t.is_alive() for t in threads):
-            for pid in descendants(os.getpid()):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            for t in threads:
-                t.join()
+            while t.is_alive():
+                t.join(timeout=1)
+    except BaseException:  # an interrupted join marks its thread stopped (bpo-45274): kill by process tree instead
+        for pid in descendants(os.getpid()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,9 +539,9 @@ def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Nam
     (out / record["curves"]).write_text(json.dumps(curve_file, separators=(",", ":")))
     try:
         plot(curve_file, out / record["plot"])
-    except ImportError as err:  # the curves file keeps everything: `--plot-only` redraws it elsewhere
+    except Exception as err:  # noqa: BLE001 - a missing or broken matplotlib must not cost the measured runs
         record["plot"] = None
-        print(f"no plot ({err}): redraw it with --plot-only {out / record['curves']}", flush=True)
+        print(f"no plot ({type(err).__name__}: {err}): redraw it with --plot-only {out / record['curves']}", flush=True)
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     print(f"\n{record['card']}: {record['model']}")
     print(f"{'run':42} {'steps':>5} {'step s':>7} {'final loss':>10} {'max smoothed dev':>16} {'final eval dev':>14}")
