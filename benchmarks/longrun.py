@@ -97,6 +97,25 @@ def _evaluate(model, loader, max_batches: int, device: str) -> dict:
     return {"loss": total / max(labels, 1), "label_tokens": labels}
 
 
+def _master_adamw(model, optim) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], torch.optim.AdamW]:
+    """(trainable parameters, their fp32 master copies with zeroed fp32 gradients, AdamW over the
+    masters in the runner's decay / no-decay groups and hyperparameters)."""
+    from runner.optim import param_groups
+
+    groups = param_groups(model, optim.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    masters = [p.detach().to(torch.float32, copy=True) for p in params]
+    for master in masters:
+        master.grad = torch.zeros_like(master)  # where the micro-batches' gradients accumulate
+    chunks, start = [], 0
+    for g in groups:
+        chunks.append({"params": masters[start:start + len(g["params"])], "weight_decay": g["weight_decay"]})
+        start += len(g["params"])
+    optimizer = torch.optim.AdamW(chunks, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                  fused=torch.cuda.is_available())  # as runner.optim.build_optimizer
+    return params, masters, optimizer
+
+
 def reference(recipe_path: str) -> int:
     """Train transformers' Gemma4ForConditionalGeneration as the recipe says, in one process, and write
     `metrics.jsonl` in the runner's format to the recipe's output.dir."""
@@ -107,7 +126,7 @@ def reference(recipe_path: str) -> int:
     from runner.config import load_config, micro_batches_per_step
     from runner.data.sources import load_source
     from runner.metrics import MetricsLogger, mem_gib
-    from runner.optim import lr_lambda, param_groups
+    from runner.optim import lr_lambda
     from runner.parallel.topology import ParallelDims, build_parallel_state
     from runner.train import DTYPES, build_loader, init_distributed, step_counts
 
@@ -142,17 +161,7 @@ def reference(recipe_path: str) -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    groups = param_groups(model, cfg.optim.weight_decay)  # the runner's decay / no-decay split
-    params = [p for g in groups for p in g["params"]]
-    masters = [p.detach().to(torch.float32, copy=True) for p in params]
-    for master in masters:
-        master.grad = torch.zeros_like(master)  # fp32 gradient accumulator
-    chunks, start = [], 0
-    for g in groups:
-        chunks.append({"params": masters[start:start + len(g["params"])], "weight_decay": g["weight_decay"]})
-        start += len(g["params"])
-    optimizer = torch.optim.AdamW(chunks, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  fused=torch.cuda.is_available())
+    params, masters, optimizer = _master_adamw(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
 
     logger = MetricsLogger(Path(cfg.output.dir), total_steps, True, tensorboard=False, progress_bar=False)
