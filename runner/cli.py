@@ -125,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as err:  # one clear line, no traceback
-        if _reports(err):
-            print(f"error: {err}", file=sys.stderr)
-        else:  # give the printing process time before the launcher stops the job on this exit
-            time.sleep(2)
-        return 2
+    except UserError as err:
+        return report(err)
+
+
+def report(err: UserError) -> int:
+    """One clear line, no traceback; the exit code of a user error (2)."""
+    if _reports(err):
+        print(f"error: {err}", file=sys.stderr)
+    else:  # give the printing process time before the launcher stops the job on this exit
+        time.sleep(2)
+    return 2
 
 
 def _reports(err: UserError) -> bool:

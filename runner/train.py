@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource, load_source, same_rows
 from runner.errors import UserError, from_the_recipe
+from runner.guard import Where, any_rank, collective_timeout, is_finite, nonfinite_error, output_lock
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -57,8 +59,9 @@ def use_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def init_distributed() -> None:
-    """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU."""
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU. A collective
+    that waits longer than `timeout_minutes` for a rank fails instead of hanging the job."""
     if not dist.is_initialized():
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # started without a launcher: one process
             for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -68,7 +71,8 @@ def init_distributed() -> None:
         use_expandable_segments()
         if not cpu:  # before building anything: each rank its own GPU, not GPU 0
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name(),
+                                   timeout=timedelta(minutes=timeout_minutes))
 
 
 def comm_device() -> str:
@@ -212,7 +216,14 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                             f"'train[90%:]', or another eval file")
     train_source = load_source(cfg.data.train, cfg.data.train_split)  # then the data
     eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
-    init_distributed()
+    init_distributed(cfg.parallel.timeout_minutes)
+    with collective_timeout(cfg.parallel.timeout_minutes) as where, output_lock(Path(cfg.output.dir)):
+        return _train(cfg, ds_config_path, model_dir, config, train_source, eval_source, where)
+
+
+def _train(cfg: RunConfig, ds_config_path: str | None, model_dir: Path, config, train_source: SampleSource,
+           eval_source: SampleSource | None, where: Where) -> int:
+    """The job once it holds the output dir; `where` tells a collective timeout what was running."""
     world, rank = dist.get_world_size(), dist.get_rank()
     with from_the_recipe():  # the recipe, the DeepSpeed config and the world size: the same on every process
         dims = parallel_dims(cfg, world)
@@ -240,7 +251,16 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
             raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
                             f"point it at a checkpoints directory with `latest`, or use auto / none")
         if resuming:  # layout and files, before building the model (minutes on the 31B)
-            native.check_resumable(resume_from, dims, zero=ds_config.get("zero_optimization", {}).get("stage", 0) >= 1)
+            zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
+            finished = native.check_resumable(resume_from, dims, zero=zero)["step"] == total_steps
+    if resuming and finished:  # nothing to train: say so instead of an empty `steps N+1..N`
+        if rank == 0:
+            export = out_dir / "export"
+            found = f"its export is {export}" if export.is_dir() else f"export it: runner export {resume_from} OUT"
+            print(f"the run in {out_dir} is finished ({resume_from} is step {total_steps} of {total_steps}); "
+                  f"{found}, or raise train.max_steps to train on", flush=True)
+        dist.destroy_process_group()
+        return 0
 
     device = get_accelerator().current_device_name()
     with torch.device(device):
@@ -259,14 +279,15 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    step = 0
+    step = nonfinite_steps = 0  # nonfinite_steps: updates skipped for an inf/NaN loss or grad norm, whole run
     if resuming:
         client = native.resume(engine, resume_from)
-        step = client["step"]
+        step, nonfinite_steps = client["step"], client.get("nonfinite_steps", 0)
         if step > total_steps:
             raise UserError(f"the checkpoint is at step {step}, past train.max_steps={total_steps}; raise max_steps")
         train_data.load_state_dict(client["data"])
-    logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar)
+    logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar,
+                           start_step=step)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         sp = " with sequence parallelism" if dims.sequence_parallel and dims.tp > 1 else ""
@@ -281,7 +302,9 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     peak = peak_flops_per_device()
     last_ckpt = resume_from if resuming else native.latest_complete(ckpt_root)
     empty_in_a_row = 0  # global batches whose samples were all skipped as bad
+    nonfinite_in_a_row = 0
     while step < total_steps:
+        where.at = f"in step {step + 1}"
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
@@ -301,12 +324,27 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         profiling = step + 1 == cfg.logging.profile_step
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
-        step += 1
         dt = time.time() - t0
-        # one all-reduce (MAX) per step: the peak memory of any rank, and whether any rank got SIGTERM
-        status = torch.tensor([mem_gib(), float(stop.requested)], device=comm_device())
+        grad_norm = engine.get_global_grad_norm()
+        # one all-reduce (MAX) per step: the peak memory of any rank, whether any rank got SIGTERM, and
+        # whether any rank saw an inf/NaN loss or grad norm (the optimizer then skipped the update)
+        status = torch.tensor([mem_gib(), float(stop.requested), float(not is_finite(loss, grad_norm))],
+                              device=comm_device())
         dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        mem, stopping = float(status[0]), bool(status[1])
+        mem, stopping, nonfinite = float(status[0]), bool(status[1]), bool(status[2])
+        if nonfinite:  # nothing saved or logged for it; under skip the next global batch takes the step
+            nonfinite_steps += 1
+            nonfinite_in_a_row += 1
+            if cfg.train.on_nonfinite == "stop" or nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise nonfinite_error(step + 1, float(loss), grad_norm, nonfinite_in_a_row, cfg.train.on_nonfinite,
+                                      last_ckpt)
+            if rank == 0:
+                print(f"step {step + 1}: loss {float(loss):.4g}, grad norm {float(grad_norm or 0):.4g} not finite; "
+                      f"update skipped ({nonfinite_in_a_row} in a row, train.max_nonfinite_steps="
+                      f"{cfg.train.max_nonfinite_steps}), the next global batch takes the step", flush=True)
+            continue
+        nonfinite_in_a_row = 0
+        step += 1
         if flops_per_token is None:
             seq = max(m["input_ids"].shape[1] for m in micro)
             flops_per_token = train_flops_per_token(config.text_config, seq)
@@ -314,25 +352,29 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         if step % cfg.logging.every_steps == 0 or step == total_steps:
             logger.log({
                 "step": step, "total_steps": total_steps, "epoch": train_data.epoch,
-                "loss": float(loss), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "loss": float(loss), "grad_norm": float(grad_norm or 0.0),
                 "lr": scheduler.get_last_lr()[0], "mem_gib": mem, "tokens_per_sec": tok_s,
                 "tokens_per_sec_per_gpu": tok_s / world,
                 "mfu": (tok_s / world * flops_per_token / peak) if peak else None,
                 "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt, "data_time": data_time,
                 "skipped_samples": n_skipped,  # this epoch's so far, all DP ranks
+                "nonfinite_steps": nonfinite_steps,
             })
         # no eval when stopping: a launcher kills the workers ~30 s after SIGTERM
         if eval_data is not None and step % cfg.eval.every_steps == 0 and not stopping:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
         every = cfg.checkpoint.every_steps
         if stopping or (step == total_steps and cfg.checkpoint.at_end) or (every and step % every == 0):
-            last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": data_state(train_data, ps)},
+            last_ckpt = native.save(engine, ckpt_root, step, {"step": step, "data": data_state(train_data, ps),
+                                                              "nonfinite_steps": nonfinite_steps},
                                     source=model_dir, keep=cfg.checkpoint.keep)
+            stopping = any_rank(stop.requested)  # a SIGTERM during the save: stop right after it
         if stopping and step < total_steps:
             if rank == 0:
                 print(f"SIGTERM: saved {last_ckpt} after step {step}; resume with checkpoint.resume=auto", flush=True)
             break
     logger.close()
+    where.at = "in the export"
     if cfg.checkpoint.export and step == total_steps and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
