@@ -212,6 +212,26 @@ def test_resume_after_kill_9_logs_each_step_once(tmp_path, tiny_ckpt, medpix):  
     assert _records(out) == want and _records(out, "eval") == want
 
 
+def test_sigterm_during_a_save_stops_right_after_it(tmp_path, tiny_ckpt, medpix):  # noqa: F811
+    """SIGTERM while step 2's checkpoint is being written (its .partial directory exists): the job exits 0
+    right after that save instead of training and saving one more step."""
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    job = _start(_single_process() + _sets(tiny_ckpt, medpix, out, *ONE, "train.max_steps=100",
+                                           "checkpoint.every_steps=2"), log)
+    partial = out / "checkpoints" / "step_00000002.partial"
+    try:
+        deadline = time.time() + 300
+        while not partial.exists():
+            assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.005)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        job.kill()
+    assert f"SIGTERM: saved {out / 'checkpoints' / 'step_00000002'} after step 2" in log.read_text()
+    assert _records(out) == [1, 2]
+
+
 def test_resuming_a_finished_run_says_so(tmp_path, tiny_ckpt, medpix):  # noqa: F811
     """The same command again after the last step: one line that the run is finished and where its export
     is, exit 0, nothing trained or logged."""
