@@ -26,6 +26,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
+from runner.compat import process_groups
 from runner.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -138,6 +140,13 @@ def nonfinite_error(step: int, loss: float, grad_norm: float | None, in_a_row: i
     return UserError(f"step {step}: {in_a_row} steps in a row with a non-finite loss or grad norm "
                      f"(train.max_nonfinite_steps); stopped without saving ({kept}); the run diverged: start afresh "
                      f"with a lower optim.lr or more optim.warmup_steps", on_every_rank=True)
+
+
+def set_collective_timeout(minutes: float) -> None:
+    """`minutes` for every process group of this rank: torch gives groups made after the first one (TP,
+    DP, pipeline, tied-weight groups) its own default (30 min, NCCL 10) instead of the job's timeout."""
+    for group in process_groups():
+        dist.set_timeout(timedelta(minutes=minutes), group)
 
 
 class Where:

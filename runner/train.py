@@ -32,7 +32,15 @@ from runner.data.loader import MicroBatchLoader
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource, load_source, same_rows
 from runner.errors import UserError, from_the_recipe
-from runner.guard import Where, any_rank, collective_timeout, is_finite, nonfinite_error, output_lock
+from runner.guard import (
+    Where,
+    any_rank,
+    collective_timeout,
+    is_finite,
+    nonfinite_error,
+    output_lock,
+    set_collective_timeout,
+)
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -278,6 +286,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, model_dir: Path, config, 
         matrix_groups=matrix_group_count(model.stage_layer_counts(), not cfg.freeze.language_model))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    set_collective_timeout(cfg.parallel.timeout_minutes)  # every group exists now
 
     step = nonfinite_steps = 0  # nonfinite_steps: updates skipped for an inf/NaN loss or grad norm, whole run
     if resuming:

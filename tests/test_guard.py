@@ -19,7 +19,7 @@ import torch
 from runner.errors import UserError
 
 from conftest import ROOT, TESTS, assert_one_error_line, assert_one_line, run, subprocess_env, torchrun_cmd
-from test_train import DEMO, _sets, _single_process, medpix  # noqa: F401 (medpix: test_train's data fixture)
+from test_train import DEMO, TRAIN, _sets, _single_process, medpix  # noqa: F401 (medpix: test_train's data fixture)
 
 ONE = ("parallel.tp=1", "parallel.pp=1", "parallel.dp=1")
 
@@ -124,6 +124,33 @@ def test_a_frozen_rank_is_one_timeout_line(tmp_path, tiny_ckpt):
                             "--minutes", "0.05"), ok=False, timeout=120)
     _one_error_line_of_the_job(proc, ["rank 0: collective recv in step 1 timed out after 0.05 min",
                                       "a rank is frozen or dead", "raise parallel.timeout_minutes"])
+
+
+def test_a_stopped_rank_of_a_training_job_is_one_timeout_line(tmp_path, tiny_ckpt, medpix):  # noqa: F811
+    """`runner train` at dp=2 with parallel.timeout_minutes=0.1: SIGSTOP rank 1 after step 1 and rank 0's
+    next collective ends the job with one line naming rank 0 and the step."""
+    import psutil
+
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    job = _start(torchrun_cmd(2, *TRAIN) + _sets(tiny_ckpt, medpix, out, "parallel.tp=1", "parallel.pp=1",
+                                                 "parallel.dp=2", "train.max_steps=100", "parallel.timeout_minutes=0.1"),
+                 log)
+    try:
+        _wait_for_step(job, out, 1, log)
+        [rank1] = [p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        rank1.suspend()
+        deadline = time.time() + 120
+        while "error: " not in log.read_text():
+            assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        rank1.resume()  # to take the launcher's SIGTERM
+        assert job.wait(timeout=120) != 0
+    finally:
+        job.kill()
+    errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, log.read_text()[-3000:]
+    assert_one_line(errors[0], ["rank 0: collective", "in step", "timed out after 0.1 min", "a rank is frozen or dead",
+                                "raise parallel.timeout_minutes"])
 
 
 @pytest.mark.parametrize("key,value,words", [
