@@ -143,7 +143,7 @@ def test_a_stopped_rank_of_a_training_job_is_one_timeout_line(tmp_path, tiny_ckp
         while "error: " not in log.read_text():
             assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        rank1.resume()  # to take the launcher's SIGTERM
+        rank1.kill()  # what the launcher's SIGKILL does to a frozen process, without its 30 s grace period
         assert job.wait(timeout=120) != 0
     finally:
         job.kill()
