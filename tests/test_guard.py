@@ -111,19 +111,10 @@ def test_weights_with_nan_on_one_rank_are_never_published(tmp_path, tiny_ckpt):
     file is written, with one line; keep=1 does not prune step 0, still `latest`."""
     root = tmp_path / "root"
     proc = run(torchrun_cmd(2, str(TESTS / "guard_worker.py"), "--ckpt", str(tiny_ckpt), "--pp", "2",
-                            "--mode", "poison", "--root", str(root)), ok=False)
+                            "--root", str(root)), ok=False)
     _one_error_line_of_the_job(proc, ["step 1: the weights hold inf/NaN values, not saved as a checkpoint",
                                       f"{root / 'step_00000000'} stays the latest"])
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000000"]
-
-
-def test_a_frozen_rank_is_one_timeout_line(tmp_path, tiny_ckpt):
-    """parallel.timeout_minutes reaches the process group: with 0.05 min (3 s) and rank 1 asleep, rank 0's
-    all-reduce fails with one line naming the rank, the operation, the step and the fix."""
-    proc = run(torchrun_cmd(2, str(TESTS / "guard_worker.py"), "--ckpt", str(tiny_ckpt), "--mode", "timeout",
-                            "--minutes", "0.05"), ok=False, timeout=120)
-    _one_error_line_of_the_job(proc, ["rank 0: collective recv in step 1 timed out after 0.05 min",
-                                      "a rank is frozen or dead", "raise parallel.timeout_minutes"])
 
 
 def test_a_stopped_rank_of_a_training_job_is_one_timeout_line(tmp_path, tiny_ckpt, medpix):  # noqa: F811
@@ -192,17 +183,18 @@ def test_a_lock_left_behind_is_reported_with_its_fix_not_taken(tmp_path):
 
 
 def test_a_second_job_in_the_same_output_dir_is_refused_untouched(tmp_path, tiny_ckpt, medpix):  # noqa: F811
-    """While a job trains, a second one in its output.dir stops with one line naming the holder and writes
-    nothing there; the first goes on and ends (SIGTERM: save, exit 0) with each step logged once and its
+    """While a job trains, a second one (2 processes) in its output.dir stops on every rank with one line
+    naming the holder and writes nothing there; the first goes on and ends (SIGTERM: save, exit 0) with each step logged once and its
     lock gone."""
     out, log = tmp_path / "out", tmp_path / "first.log"
     first = _start(_single_process() + _sets(tiny_ckpt, medpix, out, *ONE, "train.max_steps=100"), log)
     try:
         _wait_for_step(first, out, 1, log)
         config_written = (out / "config.json").stat().st_mtime_ns
-        proc = run(_single_process() + _sets(tiny_ckpt, medpix, out, *ONE, "train.max_steps=100"), ok=False)
-        assert_one_error_line(proc, [f"{out} is in use by another job (host {socket.gethostname()}, pid {first.pid}",
-                                     "use another output.dir"])
+        proc = run(torchrun_cmd(2, *TRAIN) + _sets(tiny_ckpt, medpix, out, "parallel.tp=1", "parallel.pp=1",
+                                                   "parallel.dp=2"), ok=False)
+        _one_error_line_of_the_job(proc, [f"{out} is in use by another job (host {socket.gethostname()}, "
+                                          f"pid {first.pid}", "use another output.dir"])
         assert (out / "config.json").stat().st_mtime_ns == config_written
         assert json.loads((out / ".lock").read_text())["pid"] == first.pid
         first.send_signal(signal.SIGTERM)
