@@ -120,7 +120,8 @@ def any_rank(flag: bool) -> bool:
 
 def weights_finite(module: nn.Module) -> bool:
     """Whether every rank's parameters are all finite. Collective."""
-    local = all(bool(torch.isfinite(p.detach()).all()) for p in module.parameters())
+    flags = [torch.isfinite(p.detach()).all() for p in module.parameters()]
+    local = bool(torch.stack(flags).all()) if flags else True  # one device sync, not one per tensor
     return not any_rank(not local)
 
 
