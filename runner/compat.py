@@ -26,7 +26,8 @@ from transformers.models.gemma4.modeling_gemma4 import (
 __all__ = [
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
     "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "decoder_layer_forward",
-    "flex_attention_forward", "is_kv_shared_layer", "register_attention", "rms_norm_eps", "set_attn_implementation",
+    "flex_attention_forward", "is_kv_shared_layer", "process_groups", "register_attention", "rms_norm_eps",
+    "set_attn_implementation",
 ]
 
 
@@ -77,3 +78,9 @@ def decoder_layer_forward(layer: Gemma4TextDecoderLayer, hidden: torch.Tensor, p
 def is_kv_shared_layer(attn: nn.Module) -> bool:
     """Whether an attention module reuses an earlier layer's keys/values (E2B/E4B's last layers)."""
     return bool(getattr(attn, "is_kv_shared_layer", False))
+
+
+def process_groups() -> list:
+    """Every process group this rank belongs to: torch's own registry (private; DeepSpeed creates its
+    pipeline groups without a timeout, so the runner sets one on each after they exist)."""
+    return list(torch.distributed.distributed_c10d._world.pg_map)

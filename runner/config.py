@@ -50,6 +50,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # decoder layers per pipeline stage, first to last (empty: even split); e.g. [7, 5]
     stage_layers: list[int] = field(default_factory=list)
+    # how long a collective waits for every rank before the job stops with one line naming the rank and
+    # the operation (fractions allowed); a frozen or dead rank otherwise hangs the job forever
+    timeout_minutes: float = 30.0
 
     @property
     def seq_slices(self) -> int:
@@ -70,6 +73,11 @@ class TrainConfig:
     # in backward (the first ones of the stage, Megatron's "block" method); the rest keep their
     # activations, trading memory (runner plan shows it) for less recompute. None: all of them
     recompute_num_layers: int | None = None
+    # a step whose loss or grad norm is inf/NaN never updates the weights; stop: end the run there
+    # (exit 2, nothing saved); skip: drop that global batch and go on, stopping after
+    # max_nonfinite_steps such steps in a row
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -272,6 +280,8 @@ def validate(cfg: RunConfig, source: str) -> None:
          "train.recompute_num_layers must be >= 0, or null to recompute every decoder layer"),
         (cfg.train.recompute_num_layers is None or cfg.train.activation_checkpointing,
          "train.recompute_num_layers needs train.activation_checkpointing: true"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+        (cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes must be > 0 (fractions allowed, e.g. 0.5)"),
         (cfg.model.wide_head_backward != "gemm" or cfg.model.attn_implementation == "flex_attention",
          "model.wide_head_backward: gemm needs model.attn_implementation: flex_attention"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
