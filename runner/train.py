@@ -150,6 +150,13 @@ def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState,
     return int(local[0]), int(local[1]), int(local[2])
 
 
+def set_micro_batches(engine, count: int) -> None:
+    """This step's number of micro-batches on this DP replica (packed steps differ per step and replica),
+    through DeepSpeed's own setter, which keeps the micro-batch size."""
+    if count != engine.gradient_accumulation_steps():
+        engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * count * engine.dp_world_size)
+
+
 def data_state(loader: MicroBatchLoader, ps: ParallelState) -> dict:
     """The data position for a checkpoint, with every DP rank's skip counts: DeepSpeed writes the
     client state of DP rank 0 only, and each rank skipped its own samples."""
