@@ -4,16 +4,22 @@ the packed order and a resumed packed run are exact."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from runner.compat import build_masks, build_packed_masks
+from runner.config import load_config
 from runner.data.packing import document_positions, first_fit
+from runner.errors import UserError
 from runner.models.gemma4.tiny import tiny_config
 
+from conftest import ROOT, assert_one_line, run, torchrun_cmd
 from synthetic import PACK_LENGTH, PACKED_SAMPLES, global_batch
 from test_parity import _assert_matches_transformers
+from test_train import TRAIN, _sets, medpix  # noqa: F401 (medpix: the fixture)
 
 
 def test_first_fit_keeps_order_and_capacity():
@@ -103,3 +109,41 @@ def test_packed_loss_and_every_gradient_match_samples_one_by_one(tmp_path, tiny_
     between steps) against the same samples run one by one through transformers, token-weighted."""
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, kinds="packed,packed2",
                                  ref_kinds="unpacked,unpacked")
+
+
+PACKED_RUN = ("parallel.tp=1", "parallel.pp=1", "parallel.dp=2", "train.micro_batch_size=1",
+              "train.global_batch_size=8", "data.packing=true", "data.pack_length=512", "data.group_by_length=false",
+              "eval.every_steps=2", "eval.max_batches=2", "checkpoint.every_steps=2", "checkpoint.keep=3")
+
+
+def test_packed_run_resumes_bit_exact(tmp_path, tiny_ckpt, medpix):  # noqa: F811 (the imported fixture)
+    """`runner train` with packing at dp 2 (each replica packs its own 4 samples per step, the
+    micro-batch count varying per step): stopped at step 2 and resumed in fresh processes, steps 3-4
+    give the same loss and grad norm bit for bit as the unbroken run; packed eval runs; the fill ratio
+    and non-pad tokens per second are logged."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    run(torchrun_cmd(2, *TRAIN) + _sets(tiny_ckpt, medpix, first, *PACKED_RUN, "train.max_steps=4"))
+    run(torchrun_cmd(2, *TRAIN) + _sets(tiny_ckpt, medpix, second, *PACKED_RUN, "train.max_steps=4",
+                                        f"checkpoint.resume={first / 'checkpoints' / 'step_00000002'}"))
+    unbroken, resumed = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                         for out in (first, second))
+    train = {r["step"]: r for r in unbroken if "split" not in r}
+    assert any(r.get("split") == "eval" for r in unbroken)
+    assert [r["step"] for r in resumed if "split" not in r] == [3, 4]
+    for r in resumed:
+        if "split" not in r:
+            assert (r["loss"], r["grad_norm"]) == (train[r["step"]]["loss"], train[r["step"]]["grad_norm"])
+    assert all(0 < r["fill"] <= 1 and r["tokens_per_sec"] > 0 for r in train.values())
+    print({step: (r["tokens"], round(r["fill"], 3)) for step, r in train.items()})
+
+
+@pytest.mark.parametrize("sets,words", [
+    (["data.pack_length=1024", "data.max_length=2048"], ["data.pack_length 1024", "data.max_length 2048"]),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.pack_length=4097", "data.max_length=16"],
+     ["data.pack_length", "multiple of 2"]),
+    (["data.buckets=[4096]", "data.max_length=4096"], ["remove data.buckets"]),
+])
+def test_packing_settings_are_checked_in_one_line(sets, words):
+    with pytest.raises(UserError) as err:
+        load_config(ROOT / "recipes" / "tiny_demo.yaml", ["data.packing=true", *sets])
+    assert_one_line(str(err.value), words)
