@@ -14,6 +14,13 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, Gemma4Config, Gemma4ForConditionalGeneration, PretrainedConfig
 from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.masking_utils import (
+    and_masks,
+    blockwise_overlay,
+    create_causal_mask,
+    packed_sequence_mask_function,
+    sliding_window_overlay,
+)
 from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4MultimodalEmbedder,
     Gemma4RMSNorm,
@@ -21,13 +28,14 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4TextDecoderLayer,
     Gemma4TextRotaryEmbedding,
     Gemma4VisionModel,
+    get_block_sequence_ids_for_mask,
 )
 
 __all__ = [
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
-    "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "decoder_layer_forward",
-    "flex_attention_forward", "is_kv_shared_layer", "process_groups", "register_attention", "rms_norm_eps",
-    "set_attn_implementation",
+    "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
+    "decoder_layer_forward", "flex_attention_forward", "is_kv_shared_layer", "process_groups", "register_attention",
+    "rms_norm_eps", "set_attn_implementation",
 ]
 
 
@@ -65,6 +73,29 @@ def build_masks(config: Gemma4Config, hidden: torch.Tensor, attention_mask: torc
     return Gemma4ForConditionalGeneration.create_masks_for_generate(
         config, hidden, attention_mask, None, position_ids, mm_token_type_ids
     )
+
+
+def build_packed_masks(config: Gemma4Config, hidden: torch.Tensor, document_ids: torch.Tensor,
+                       mm_token_type_ids: torch.Tensor) -> dict:
+    """`build_masks` for packed rows (`runner/data/packing.py`), ANDed with "same document id": the
+    full layers causal, the sliding ones the window OR (under `use_bidirectional_attention ==
+    "vision"`) bidirectional within each image, as Gemma4's `create_masks_for_vision_model`; a
+    BlockMask under FlexAttention. transformers' own packed path (positions restarting, no 2-D mask)
+    is not used: in 5.25 it looks the image overlay up by position within the sample, so one sample's
+    image would open bidirectional attention at the same positions of the next. Here every function
+    sees row indices; a window within one sample is the same counted either way."""
+    tc = config.get_text_config()
+    same_document = packed_sequence_mask_function(document_ids)
+    kwargs = {"config": tc, "inputs_embeds": hidden, "attention_mask": None, "cache": None, "position_ids": None}
+    images = None
+    if tc.use_bidirectional_attention == "vision":
+        images = blockwise_overlay(get_block_sequence_ids_for_mask(mm_token_type_ids, hidden.device))
+    return {
+        "full_attention": create_causal_mask(**kwargs, and_mask_function=same_document),
+        "sliding_attention": create_causal_mask(
+            **kwargs, or_mask_function=images, and_mask_function=and_masks(sliding_window_overlay(tc.sliding_window),
+                                                                            same_document)),
+    }
 
 
 def decoder_layer_forward(layer: Gemma4TextDecoderLayer, hidden: torch.Tensor, position_embeddings: Any,

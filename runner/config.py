@@ -111,6 +111,16 @@ class DataConfig:
     group_by_length: bool = True
     pad_to_multiple_of: int = 8  # dynamic padding granularity: fewer distinct shapes, more padding
     buckets: list[int] = field(default_factory=list)  # fixed lengths to pad up to (empty: dynamic)
+    # whole samples packed first-fit into rows of pack_length tokens, each blind to the others
+    # (runner/data/packing.py): a step keeps train.global_batch_size samples, in as few micro-batches of
+    # train.micro_batch_size rows as they fill
+    packing: bool = False
+    pack_length: int = 4096
+
+    @property
+    def row_length(self) -> int:
+        """The longest row a micro-batch holds: a packed row, or a padded sample."""
+        return self.pack_length if self.packing else self.max_length
 
 
 @dataclass
@@ -300,6 +310,13 @@ def validate(cfg: RunConfig, source: str) -> None:
          f"data.buckets {cfg.data.buckets} must include a length >= data.max_length {cfg.data.max_length}"),
         (all(b % slices == 0 for b in cfg.data.buckets),
          f"{split}: make every data.buckets length a multiple of {slices} (now {cfg.data.buckets})"),
+        (not cfg.data.packing or cfg.data.pack_length >= cfg.data.max_length,
+         f"data.pack_length {cfg.data.pack_length} is below data.max_length {cfg.data.max_length}: a sample may not "
+         f"fit a row; raise data.pack_length or lower data.max_length"),
+        (not cfg.data.packing or cfg.data.pack_length % slices == 0,
+         f"{split}: set data.pack_length to a multiple of {slices} (now {cfg.data.pack_length})"),
+        (not (cfg.data.packing and cfg.data.buckets),
+         "data.buckets pads unpacked micro-batches; packed rows are data.pack_length long: remove data.buckets"),
         (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

@@ -131,5 +131,5 @@ def format_line(r: dict[str, Any]) -> str:
     return (
         f"step {r['step']}/{r['total_steps']} epoch {r['epoch']} | loss {r['loss']:.4f} | grad_norm "
         f"{r['grad_norm']:.4f} | lr {r['lr']:.3g} | mem {r['mem_gib']:.2f} GiB | {r['tokens_per_sec']:.0f} tok/s "
-        f"({r['tokens_per_sec_per_gpu']:.0f}/gpu) | MFU {mfu} | label tokens {r['label_tokens']} | {r['step_time']:.2f}s"
+        f"({r['tokens_per_sec_per_gpu']:.0f}/gpu) | fill {r.get('fill', 1.0):.2f} | MFU {mfu} | label tokens {r['label_tokens']} | {r['step_time']:.2f}s"
     )

@@ -27,6 +27,7 @@ from runner.checkpoint.hf_load import load_hf_weights
 from runner.config import RunConfig, fp32_grad_accum, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
+from runner.data.packing import Packer
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource
 from runner.errors import UserError, from_the_recipe
@@ -145,21 +146,35 @@ def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: Parallel
                               lengths=lengths, keep_tail=keep_tail)
     except UserError as err:
         raise UserError(f"{split}: {err}", on_every_rank=True) from None
-    return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample)
+    packer = None
+    if cfg.data.packing:
+        packer = Packer(cfg.data.pack_length, cfg.train.micro_batch_size, collator.pad_id, collator.max_patches,
+                        collator.patch_dim)
+    return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample,
+                            packer=packer)
 
 
 def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState,
-                skipped: int = 0) -> tuple[int, int, int]:
-    """(label tokens, non-pad tokens, `skipped` samples) of the whole global batch: all micro-batches,
-    all DP ranks, in one all-reduce."""
+                skipped: int = 0) -> tuple[int, int, int, int]:
+    """(label tokens, non-pad tokens, `skipped` samples, token slots: non-pad and pad) of the whole
+    global batch: all micro-batches, all DP ranks, in one all-reduce. (`attention_mask` is 0 on padding,
+    a 0/1 mask or packed document ids.)"""
     local = torch.tensor([
         sum(count_label_tokens(m["labels"]) for m in micro_batches),
-        sum(int(m["attention_mask"].sum()) for m in micro_batches),
+        sum(int((m["attention_mask"] > 0).sum()) for m in micro_batches),
         skipped,
+        sum(m["input_ids"].numel() for m in micro_batches),
     ], dtype=torch.float64, device=comm_device())
     if ps.dims.dp > 1:
         dist.all_reduce(local, group=ps.dp_group)
-    return int(local[0]), int(local[1]), int(local[2])
+    return int(local[0]), int(local[1]), int(local[2]), int(local[3])
+
+
+def set_micro_batches(engine, count: int) -> None:
+    """This step's number of micro-batches on this DP replica (packed steps differ per step and replica),
+    through DeepSpeed's own setter, which keeps the micro-batch size."""
+    if count != engine.gradient_accumulation_steps():
+        engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * count * engine.dp_world_size)
 
 
 def data_state(loader: MicroBatchLoader, ps: ParallelState) -> dict:
@@ -213,7 +228,7 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
     total, labels = 0.0, 0
     for _ in range(steps):
         micro = loader.next_step()
-        n_labels, _, _ = step_counts(micro, ps)
+        n_labels = step_counts(micro, ps)[0]
         if n_labels == 0:
             continue
         model.token_loss.set_label_count(n_labels, len(micro))
@@ -313,7 +328,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
-        n_labels, n_tokens, n_skipped = step_counts(micro, ps, sum(train_data.skipped.values()))
+        n_labels, n_tokens, n_skipped, n_slots = step_counts(micro, ps, sum(train_data.skipped.values()))
         if n_labels == 0:  # no update from it (data.on_bad_sample: skip); every rank agrees, the count is global
             empty_in_a_row += 1
             if spans_an_epoch(train_data, empty_in_a_row):
@@ -325,7 +340,8 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
                       f"the next global batch takes the step", flush=True)
             continue
         empty_in_a_row = 0
-        model.token_loss.set_label_count(n_labels, gas)
+        set_micro_batches(engine, len(micro))  # packed: as many as this replica's samples fill
+        model.token_loss.set_label_count(n_labels, len(micro))
         profiling = step + 1 == cfg.logging.profile_step
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
@@ -353,6 +369,9 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
         done = finished(cfg, step, total_steps, train_data)
         if flops_per_token is None:
             seq = max(m["input_ids"].shape[1] for m in micro)
+            if cfg.data.packing:  # a packed token attends within its own sample: this replica's mean sample length
+                samples = sum(int(m["attention_mask"].amax(1).sum()) for m in micro)
+                seq = sum(int((m["attention_mask"] > 0).sum()) for m in micro) // max(samples, 1)
             flops_per_token = train_flops_per_token(config.text_config, seq)
         tok_s = n_tokens / dt
         if step % cfg.logging.every_steps == 0 or done:
@@ -362,7 +381,8 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
                 "lr": scheduler.get_last_lr()[0], "mem_gib": mem, "tokens_per_sec": tok_s,
                 "tokens_per_sec_per_gpu": tok_s / world,
                 "mfu": (tok_s / world * flops_per_token / peak) if peak else None,
-                "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt, "data_time": data_time,
+                "label_tokens": n_labels, "tokens": n_tokens, "fill": n_tokens / n_slots, "step_time": dt,
+                "data_time": data_time,
                 "skipped_samples": n_skipped,  # this epoch's so far, all DP ranks
                 "nonfinite_steps": nonfinite_steps,
             })

@@ -65,12 +65,13 @@ def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt, layout, sp)
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, ("--recompute-num-layers", "1", *sp))
 
 
-def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...]) -> None:
-    """Loss and every parameter's gradient of a text and an image step against transformers'."""
+def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...],
+                                 kinds: str = "text,image", ref_kinds: str = "") -> None:
+    """Loss and every parameter's gradient of each step (by default a text and an image step) against
+    transformers' on `ref_kinds` (default: the same global batches)."""
     tp, pp, dp = layout
-    kinds = "text,image"
     stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra)
-    ref = _reference(str(tiny_ckpt), kinds, 0.0)
+    ref = _reference(str(tiny_ckpt), ref_kinds or kinds, 0.0)
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]
         assert abs(loss - ref["losses"][step]) <= LOSS_RTOL * abs(ref["losses"][step]), (kind, loss, ref["losses"][step])
