@@ -37,6 +37,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -305,7 +306,8 @@ def plot(curves: dict, path: Path) -> None:
             bottom.axhline(100 * sign * level, color="grey", lw=0.8, ls=style)
     bottom.axhline(0, color="black", lw=0.6)
     top.set_ylabel("training loss (token-weighted)")
-    top.set_title(f"{curves['title']}\nfaint: every step, bold: {window}-step moving mean, dots: eval")
+    top.set_title(f"{textwrap.fill(curves['title'], 110)}\nfaint: every step, bold: {window}-step moving mean, "
+                  f"dots: eval", fontsize=9)
     top.legend(fontsize=8)
     bottom.set_ylabel("vs reference (%)")
     bottom.set_xlabel("step")
