@@ -30,6 +30,7 @@ from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource
 from runner.errors import UserError, from_the_recipe
 from runner.evaluate import generate_on_export
+from runner.lora import apply_lora, base_identity, check_lora_resume
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -231,7 +232,8 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     ckpt_root = out_dir / "checkpoints"
     resuming = resume_from is not None
     if resuming:  # the layout, before building the model (minutes on the 31B)
-        native.check_resumable(resume_from, dims, zero=ds_config.get("zero_optimization", {}).get("stage", 0) >= 1)
+        meta = native.check_resumable(resume_from, dims, zero=ds_config.get("zero_optimization", {}).get("stage", 0) >= 1)
+        check_lora_resume(meta, cfg.lora, model_dir, cfg.model.path, resume_from)
 
     device = get_accelerator().current_device_name()
     with torch.device(device):
@@ -240,9 +242,11 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                                stage_layers=cfg.parallel.stage_layers,
                                recompute_num_layers=cfg.train.recompute_num_layers)
     model.to(DTYPES[cfg.model.dtype])
-    if not resuming:  # a resumed run takes every weight from its checkpoint
+    if not resuming or cfg.lora.enabled:  # a resumed run takes every weight from its checkpoint, but a LoRA base
         load_hf_weights(model, model_dir)
     model.freeze(**vars(cfg.freeze))
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora, cfg.train.seed, base_identity(model_dir, cfg.model.path))
     optimizer = build_optimizer(
         model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip, device=comm_device(),
         zero_optimizer=runs_zero_optimizer(ds_config, bf16=cfg.model.dtype == "bfloat16"),

@@ -26,8 +26,8 @@ LAYOUTS = [  # (tp, pp, dp)
 
 
 @functools.cache
-def _reference(ckpt: str, kinds: str, lr: float) -> dict:
-    return reference_run(ckpt, kinds.split(","), lr)
+def _reference(ckpt: str, kinds: str, lr: float, adapter: str = "") -> dict:
+    return reference_run(ckpt, kinds.split(","), lr, adapter)
 
 
 def _run(tmp_path, ckpt, tp: int, pp: int, dp: int, kinds: str, lr: float = 0.0, freeze: str = "",
@@ -65,12 +65,14 @@ def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt, layout, sp)
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, ("--recompute-num-layers", "1", *sp))
 
 
-def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...]) -> None:
-    """Loss and every parameter's gradient of a text and an image step against transformers'."""
+def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...],
+                                 adapter: str = "") -> None:
+    """Loss and every trainable parameter's gradient of a text and an image step against transformers'
+    (with `adapter`: PEFT's LoRA model with that adapter against the runner's LoRA started from it)."""
     tp, pp, dp = layout
     kinds = "text,image"
-    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra)
-    ref = _reference(str(tiny_ckpt), kinds, 0.0)
+    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra + (("--lora", adapter) if adapter else ()))
+    ref = _reference(str(tiny_ckpt), kinds, 0.0, adapter)
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]
         assert abs(loss - ref["losses"][step]) <= LOSS_RTOL * abs(ref["losses"][step]), (kind, loss, ref["losses"][step])
