@@ -16,13 +16,10 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm  # noqa: E402
 
-from runner.compat import read_peft_lora_config  # noqa: E402
-from runner.config import LoraConfig  # noqa: E402
-from runner.lora import apply_lora  # noqa: E402
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 
-from synthetic import ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
+from synthetic import apply_peft_adapter, ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
 
 class CapturingAdamW(torch.optim.AdamW):
@@ -77,9 +74,7 @@ def main() -> None:
     model.freeze(**{part: True for part in args.freeze.split(",") if part})
     base: dict[str, torch.Tensor] = {}
     if args.lora:  # the runner's LoRA started from a PEFT adapter directory; the base must not move
-        saved = read_peft_lora_config(args.lora)
-        assert apply_lora(model, LoraConfig(enabled=True, rank=saved.r, alpha=saved.lora_alpha, init_from=args.lora),
-                          seed=0, base={})
+        assert apply_peft_adapter(model, args.ckpt, args.lora)
         base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
     kinds = args.batches.split(",")

@@ -4,15 +4,27 @@ travel in PEFT's format: init_from a PEFT adapter, export to one, merge as PEFT 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_checkpoint import hf_tensors, logits, run_worker, stage_files
+from test_parity import _assert_matches_transformers
 from transformers import AutoModelForImageTextToText
 
-from runner.lora import peft_target_modules
-from test_parity import _assert_matches_transformers
+from runner.checkpoint.native import latest_complete, read_meta
+from runner.cli import main as cli
+from runner.config import LoraConfig as RunLoraConfig
+from runner.errors import UserError
+from runner.lora import base_identity, check_lora_resume, peft_target_modules
+from runner.models.gemma4.pipeline import PIPE_INPUT_KEYS
+
+from conftest import assert_one_line
+from synthetic import global_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,3 +55,89 @@ def test_lora_loss_and_adapter_gradients_match_peft(tmp_path, tiny_ckpt, peft_ad
     the frozen base is bit-unchanged and gradient-free."""
     _assert_matches_transformers(tmp_path, tiny_ckpt, (tp, pp, dp), ("--sequence-parallel",) if sp else (),
                                  adapter=str(peft_adapter))
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_ckpt, peft_adapter) -> SimpleNamespace:
+    """LoRA at (2,2,1) from the PEFT adapter: run A trains 4 steps saving at 2; run B resumes from it in fresh
+    processes, trains steps 3-4 and saves at 4."""
+    a = run_worker(tiny_ckpt, (2, 2, 1), tmp_path_factory.mktemp("lora_a"), "--steps", "4", "--save-at", "2",
+                   "--lora", str(peft_adapter))
+    b = tmp_path_factory.mktemp("lora_b")
+    shutil.copytree(a / "root", b / "root")
+    run_worker(tiny_ckpt, (2, 2, 1), b, "--resume", "--steps", "4", "--save-at", "4", "--lora", str(peft_adapter))
+    return SimpleNamespace(a=a, b=b)
+
+
+def test_lora_checkpoint_holds_only_adapters_and_the_base_identity(lora_runs, tiny_ckpt):
+    ckpt = latest_complete(lora_runs.b / "root")
+    meta = read_meta(ckpt)
+    assert meta["lora"]["base"] == base_identity(tiny_ckpt, str(tiny_ckpt))
+    assert meta["tensors"] and all(".lora_" in n or n.endswith("layer_scalar") for n in meta["tensors"]), meta["tensors"]
+    for f in ckpt.glob("layer_*-model_states.pt"):
+        assert all(".lora_" in k or k == "layer_scalar" for k in torch.load(f, weights_only=True)), f
+    # the optimizer of stage 0 (layers 0-2) holds Adam moments of exactly its adapters
+    optim = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]["state"]
+    stage0 = [n for n in meta["tensors"] if ".lora_" in n and int(n.split(".layers.")[1].split(".")[0]) < 3]
+    assert len(optim) == len(stage0) == 3 * 7 * 2, (len(optim), len(stage0))
+
+
+def test_lora_resume_in_fresh_processes_is_exact(lora_runs):
+    unbroken = json.loads((lora_runs.a / "out" / "losses.json").read_text())
+    resumed = json.loads((lora_runs.b / "out" / "losses.json").read_text())
+    assert list(resumed) == ["3", "4"] and all(resumed[s] == unbroken[s] for s in resumed), (resumed, unbroken)
+
+
+def test_lora_training_leaves_the_base_and_tied_embedding_bit_unchanged(lora_runs, tiny_ckpt):
+    base = hf_tensors(tiny_ckpt)
+    final = {k: v for stage in stage_files(lora_runs.b / "out", "final") for k, v in stage.items()}
+    for name, tensor in base.items():
+        assert torch.equal(final[name], tensor), name
+    assert any(".lora_" in n for n in final)
+
+
+def _peft_model(tiny_ckpt: Path, adapter: Path):
+    base = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, dtype=torch.float32, attn_implementation="eager")
+    return PeftModel.from_pretrained(base, adapter).eval()
+
+
+def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(lora_runs, tiny_ckpt, tmp_path):
+    """`runner export` writes what PeftModel loads unchanged (every trained adapter value, TP shards
+    joined, PEFT's key names); `--merge` equals PEFT's merge_and_unload and gives the adapter model's logits."""
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert cli(["export", str(lora_runs.b / "root"), str(adapter)]) == 0
+    assert cli(["export", str(lora_runs.b / "root"), str(merged), "--merge"]) == 0
+    final = {k: v for stage in stage_files(lora_runs.b / "out", "final") for k, v in stage.items()}
+    model = _peft_model(tiny_ckpt, adapter)
+    loaded = {n.removeprefix("base_model.model.").replace(".default.", "."): p for n, p in model.named_parameters()
+              if "lora_" in n}
+    assert loaded.keys() == {n for n in final if ".lora_" in n}
+    for name, p in loaded.items():
+        assert torch.equal(p, final[name]), name
+    ours, peft_merged = hf_tensors(merged), model.merge_and_unload().state_dict()
+    assert ours.keys() == hf_tensors(tiny_ckpt).keys()
+    worst = max(float((ours[n] - peft_merged[n]).abs().max()) for n in ours)
+    print(f"merged vs PEFT merge_and_unload: max abs diff {worst:.2e}")
+    assert worst <= 1e-6
+    with_adapter = _peft_model(tiny_ckpt, adapter)
+    mb = global_batch(with_adapter.config, "image")[0]
+    with torch.no_grad():
+        want = with_adapter(**{k: mb[k] for k in PIPE_INPUT_KEYS}).logits
+    got = logits(merged)
+    print(f"merged logits vs PEFT adapter model: max abs diff {float((got - want).abs().max()):.2e}")
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_resume_refuses_another_base_or_kind(lora_runs, tiny_ckpt, tmp_path):
+    ckpt = latest_complete(lora_runs.b / "root")
+    meta = read_meta(ckpt)
+    cfg = RunLoraConfig(**meta["lora"]["config"])
+    check_lora_resume(meta, cfg, tiny_ckpt, str(tiny_ckpt), ckpt)
+    other = Path(shutil.copytree(tiny_ckpt, tmp_path / "other"))
+    (other / "config.json").write_text((other / "config.json").read_text().replace("}", ' }', 1))
+    with pytest.raises(UserError) as err:
+        check_lora_resume(meta, cfg, other, str(other), ckpt)
+    assert_one_line(str(err.value), ["holds adapters for the base model", "model.path"])
+    with pytest.raises(UserError) as err:
+        check_lora_resume(meta, RunLoraConfig(), tiny_ckpt, str(tiny_ckpt), ckpt)
+    assert_one_line(str(err.value), ["holds LoRA adapters", "lora.enabled: false"])
