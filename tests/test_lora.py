@@ -23,7 +23,7 @@ from runner.errors import UserError
 from runner.lora import base_identity, check_lora_resume, peft_target_modules
 from runner.models.gemma4.pipeline import PIPE_INPUT_KEYS
 
-from conftest import assert_one_line
+from conftest import ROOT, assert_one_line, torchrun
 from synthetic import global_batch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -141,3 +141,27 @@ def test_lora_resume_refuses_another_base_or_kind(lora_runs, tiny_ckpt, tmp_path
     with pytest.raises(UserError) as err:
         check_lora_resume(meta, RunLoraConfig(), tiny_ckpt, str(tiny_ckpt), ckpt)
     assert_one_line(str(err.value), ["holds LoRA adapters", "lora.enabled: false"])
+
+
+def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
+    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism: 2 steps, then a continued run to
+    step 3 (base from model.path, adapters and Adam moments from the checkpoint); export/adapter loads in PEFT,
+    export/merged in transformers, and they agree."""
+    from runner.data.synthetic import make_data
+
+    data = make_data(tmp_path / "data", n=16, seed=0)
+    sets = [f"model.path={tiny_ckpt}", f"data.train={data}", f"data.eval={data}", f"output.dir={tmp_path / 'out'}",
+            "parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "eval.every_steps=0",
+            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0"]
+    for steps in (2, 3):
+        torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
+                 *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3], lines
+    export = tmp_path / "out" / "export"
+    with_adapter = _peft_model(tiny_ckpt, export / "adapter")
+    mb = global_batch(with_adapter.config, "image")[0]
+    with torch.no_grad():
+        want = with_adapter(**{k: mb[k] for k in PIPE_INPUT_KEYS}).logits
+    assert torch.allclose(logits(export / "merged"), want, rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in with_adapter.named_parameters() if "lora_B" in n)
