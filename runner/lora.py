@@ -59,7 +59,7 @@ def adapted_linears(model: nn.Module, targets: list[str]) -> Iterator[tuple[str,
                     yield layer.hf_prefix + path, linear
 
 
-def _init_adapter(name: str, linear: nn.Module, cfg: LoraConfig, seed: int) -> None:
+def init_adapter(name: str, linear: nn.Module, cfg: LoraConfig, seed: int) -> None:
     """PEFT's initialization of one adapter, drawn on the full A from a generator of (seed, module name),
     then sliced to this rank's shard: the same adapters at every layout. B stays zero."""
     a = linear.lora_A.weight
@@ -85,7 +85,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, base: dict) -> int:
     for name, linear in adapted:
         linear.add_lora(cfg.rank, cfg.scaling, cfg.dropout)
         if not cfg.init_from:
-            _init_adapter(name, linear, cfg, seed)
+            init_adapter(name, linear, cfg, seed)
     if cfg.init_from:
         load_adapter(adapted, cfg)
     return len(adapted)

@@ -18,10 +18,11 @@ from transformers import AutoModelForImageTextToText
 
 from runner.checkpoint.native import latest_complete, read_meta
 from runner.cli import main as cli
-from runner.config import LoraConfig as RunLoraConfig
+from runner.config import LoraConfig as RunLoraConfig, load_config
 from runner.errors import UserError
-from runner.lora import base_identity, check_lora_resume, peft_target_modules
+from runner.lora import base_identity, check_lora_resume, init_adapter, load_adapter, peft_target_modules
 from runner.models.gemma4.pipeline import PIPE_INPUT_KEYS
+from runner.parallel.tensor_parallel import RowParallelLinear, mark_sharded
 
 from conftest import ROOT, assert_one_line, torchrun
 from synthetic import global_batch
@@ -73,7 +74,7 @@ def test_lora_checkpoint_holds_only_adapters_and_the_base_identity(lora_runs, ti
     ckpt = latest_complete(lora_runs.b / "root")
     meta = read_meta(ckpt)
     assert meta["lora"]["base"] == base_identity(tiny_ckpt, str(tiny_ckpt))
-    assert meta["tensors"] and all(".lora_" in n or n.endswith("layer_scalar") for n in meta["tensors"]), meta["tensors"]
+    assert meta["tensors"] and all(".lora_" in n or n.endswith("layer_scalar") for n in meta["tensors"])
     for f in ckpt.glob("layer_*-model_states.pt"):
         assert all(".lora_" in k or k == "layer_scalar" for k in torch.load(f, weights_only=True)), f
     # the optimizer of stage 0 (layers 0-2) holds Adam moments of exactly its adapters
@@ -165,3 +166,38 @@ def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
         want = with_adapter(**{k: mb[k] for k in PIPE_INPUT_KEYS}).logits
     assert torch.allclose(logits(export / "merged"), want, rtol=1e-4, atol=1e-4)
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in with_adapter.named_parameters() if "lora_B" in n)
+
+
+def test_lora_init_is_peft_default_and_the_same_at_every_layout():
+    """B zeros; A Kaiming-uniform as PEFT draws it (bound 1/sqrt(in)), drawn whole from (seed, module name), so
+    a TP shard is exactly its slice of the tp-1 adapter."""
+    cfg = RunLoraConfig(enabled=True, rank=4)
+    whole = RowParallelLinear(16, 8, None)
+    whole.add_lora(cfg.rank, cfg.scaling, 0.0)
+    init_adapter("model.language_model.layers.0.mlp.down_proj", whole, cfg, seed=42)
+    a = whole.lora_A.weight
+    assert not whole.lora_B.weight.any() and a.std() > 0 and a.abs().max() <= 1 / 16**0.5
+    for rank in range(2):
+        shard = torch.nn.Parameter(torch.empty(4, 8))
+        mark_sharded(shard, 1, 2, rank)
+        holder = SimpleNamespace(lora_A=SimpleNamespace(weight=shard))
+        init_adapter("model.language_model.layers.0.mlp.down_proj", holder, cfg, seed=42)
+        assert torch.equal(shard, a[:, rank * 8:(rank + 1) * 8])
+
+
+def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
+    with pytest.raises(UserError) as err:
+        load_adapter([], RunLoraConfig(enabled=True, rank=8, alpha=8, init_from=str(peft_adapter)))
+    assert_one_line(str(err.value), ["lora.init_from", "lora.rank = 4", "set lora.rank: 4"])
+
+
+@pytest.mark.parametrize("override,words", [
+    ("lora.target_modules=[q_proj, qkv]", ["lora.target_modules", "q_proj, k_proj"]),
+    ("lora.vision_tower=true", ["lora.vision_tower", "false"]),
+    ("lora.rank=0", ["lora.rank must be >= 1"]),
+    ("lora.init_from=/nonexistent/adapter", ["lora.init_from", "PEFT adapter directory"]),
+])
+def test_lora_recipe_errors_are_one_line(override, words):
+    with pytest.raises(UserError) as err:
+        load_config(ROOT / "recipes" / "tiny_lora_demo.yaml", ["data.train=x", override])
+    assert_one_line(str(err.value), words)

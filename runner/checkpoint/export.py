@@ -198,7 +198,8 @@ def export_adapter(tensors: dict[str, torch.Tensor], lora: dict, src: HFCheckpoi
     """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors under PEFT's key names) that
     `PeftModel.from_pretrained(base, out_dir)` loads."""
     adapters = _adapters(tensors)
-    save_file({peft_key(module, part): t.contiguous() for module, parts in adapters.items() for part, t in parts.items()},
+    save_file({peft_key(module, part): t.contiguous() for module, parts in adapters.items()
+               for part, t in parts.items()},
               out_dir / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
     peft_config(LoraConfig(**lora["config"]), str(src.path)).save_pretrained(str(out_dir))
     return out_dir
