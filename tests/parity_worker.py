@@ -75,7 +75,6 @@ def main() -> None:
     base: dict[str, torch.Tensor] = {}
     if args.lora:  # the runner's LoRA started from a PEFT adapter directory; the base must not move
         assert apply_peft_adapter(model, args.ckpt, args.lora)
-        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
     kinds = args.batches.split(",")
     multiple = args.tp if args.sequence_parallel else 1  # sequences split into tp slices
@@ -86,6 +85,8 @@ def main() -> None:
         batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
         ds = {**json.load(open(args.ds_config)), **{k: ds[k] for k in batch_keys}}
         model.to(torch.bfloat16)
+    if args.lora:
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW if args.ds_config else CapturingAdamW)(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
