@@ -239,6 +239,7 @@ class ParamCounter:
     text_config: Gemma4TextConfig
     counts: ModelParams
     freeze: FreezeConfig
+    lora: bool = False  # the whole base frozen, embed_vision too; only the adapters (in `counts`) train
 
     def count(self, specs: list) -> list[SpecParams]:
         """One stage's specs; a tied module listed twice on one stage (pp = 1) is built, and counted, once."""
@@ -259,7 +260,7 @@ class ParamCounter:
             return SpecParams("", lp.local + lp.adapter, lp.replicated, trainable, layer=idx)
         if kind is Gemma4VisionStage:
             n = c.vision_tower + c.embed_vision
-            trainable = c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
+            trainable = 0 if self.lora else c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
             return SpecParams("vision", n, n, trainable, vision="frozen" if frozen.vision_tower else "trainable")
         if kind is Gemma4FinalNorm:
             n = tc.hidden_size
@@ -694,7 +695,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim)
     # LoRA freezes the whole base (bf16 weights only: no gradient, master copy or Adam state); adapters train
     freeze = FreezeConfig(embeddings=True, vision_tower=True, language_model=True) if cfg.lora.enabled else cfg.freeze
-    counter = ParamCounter(tc, counts, freeze)
+    counter = ParamCounter(tc, counts, freeze, cfg.lora.enabled)
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     # ZeRO keeps an fp32 copy of its partition even of fp32 weights; without ZeRO only bf16 needs one
     master = MASTER_BYTES if zero_stage >= 1 or cfg.model.dtype == "bfloat16" else 0

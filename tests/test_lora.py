@@ -151,7 +151,7 @@ def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(lora_runs, tiny_ckp
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_resume_refuses_another_base_or_kind(lora_runs, tiny_ckpt, tmp_path):
+def test_lora_resume_and_export_refuse_another_base_or_kind(lora_runs, tiny_ckpt, tmp_path, capsys):
     ckpt = latest_complete(lora_runs.b / "root")
     meta = read_meta(ckpt)
     cfg = RunLoraConfig(**meta["lora"]["config"])
@@ -164,6 +164,8 @@ def test_lora_resume_refuses_another_base_or_kind(lora_runs, tiny_ckpt, tmp_path
     with pytest.raises(UserError) as err:
         check_lora_resume(meta, RunLoraConfig(), tiny_ckpt, str(tiny_ckpt), ckpt)
     assert_one_line(str(err.value), ["holds LoRA adapters", "lora.enabled: false"])
+    assert cli(["export", str(ckpt), str(tmp_path / "export"), "--source", str(other)]) == 2
+    assert_one_line(capsys.readouterr().err.removeprefix("error: ").strip(), ["adapters for the base", "--source"])
 
 
 def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):

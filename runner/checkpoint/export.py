@@ -26,7 +26,7 @@ from runner.checkpoint.native import LATEST_NAME, META_NAME, latest_complete, la
 from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key
 from runner.config import LoraConfig
 from runner.errors import UserError
-from runner.lora import PARTS, peft_config
+from runner.lora import PARTS, base_identity, peft_config
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -142,10 +142,14 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
     if merge and not lora:
         raise UserError(f"{ckpt}: --merge merges LoRA adapters, but this checkpoint is a full fine-tune; export it "
                         f"without --merge")
-    src = HFCheckpoint(source or (lora["base"]["path"] if lora else meta["source"]))
+    base = str(source or (lora["base"]["path"] if lora else meta["source"]))
+    src = HFCheckpoint(base)
+    if lora and base_identity(src.path, base)["fingerprint"] != lora["base"]["fingerprint"]:
+        raise UserError(f"{ckpt} holds adapters for the base model {lora['base']['path']}, but {base} has another "
+                        f"config or weight index; pass that base with --source")
     out_dir = _empty_out_dir(out_dir)
     if lora and not merge:
-        return export_adapter(dict(checkpoint_tensors(ckpt, meta)), lora, src, out_dir)
+        return export_adapter(dict(checkpoint_tensors(ckpt, meta)), lora, base, out_dir)
     writer = ShardWriter(out_dir, max_shard_size)
     if lora:
         merge_adapters(dict(checkpoint_tensors(ckpt, meta)), lora, src, writer)
@@ -194,14 +198,14 @@ def _adapters(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return out
 
 
-def export_adapter(tensors: dict[str, torch.Tensor], lora: dict, src: HFCheckpoint, out_dir: Path) -> Path:
+def export_adapter(tensors: dict[str, torch.Tensor], lora: dict, base: str, out_dir: Path) -> Path:
     """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors under PEFT's key names) that
-    `PeftModel.from_pretrained(base, out_dir)` loads."""
+    `PeftModel.from_pretrained(base, out_dir)` loads; `base` (a directory or Hub id) is its base_model_name_or_path."""
     adapters = _adapters(tensors)
     save_file({peft_key(module, part): t.contiguous() for module, parts in adapters.items()
                for part, t in parts.items()},
               out_dir / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-    peft_config(LoraConfig(**lora["config"]), str(src.path)).save_pretrained(str(out_dir))
+    peft_config(LoraConfig(**lora["config"]), base).save_pretrained(str(out_dir))
     return out_dir
 
 
