@@ -56,12 +56,18 @@ PROMPT_TOKENS = 128
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: the reference (no DeepSpeed config) or the runner at tp x pp."""
+    """One training run: the reference (no DeepSpeed config), a variant of it with other attention
+    kernels (the noise floor: the same function in other bf16 arithmetic), or the runner at tp x pp."""
 
     name: str
     tp: int = 1
     pp: int = 1
     ds_config: str | None = None
+    attn: str | None = None  # a reference variant's model.attn_implementation
+
+    @property
+    def kind(self) -> str:
+        return "runner" if self.ds_config else "noise floor" if self.attn else "reference"
 
     @property
     def procs(self) -> int:
@@ -172,7 +178,7 @@ def reference(recipe_path: str) -> int:
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
-        n_labels, n_tokens, n_skipped = step_counts(micro, ps, sum(train_data.skipped.values()))
+        n_labels, n_tokens, n_skipped, _ = step_counts(micro, ps, sum(train_data.skipped.values()))
         if n_labels == 0:  # as the runner: no update, the next global batch takes the step
             continue
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -351,7 +357,8 @@ def plan_runs(args: argparse.Namespace, slots: int) -> list[Run]:
                 print(f"tp={tp} pp={pp}: skipped, needs {tp * pp} devices, this machine has {slots}", flush=True)
                 continue
             runs.append(Run(f"tp{tp}pp{pp} {Path(ds_config).stem}", tp, pp, ds_config))
-    return [Run(REFERENCE), *sorted(runs, key=lambda r: r.procs)]
+    variants = [Run(f"{REFERENCE} {attn}", attn=attn) for attn in filter(None, args.reference_variants.split(","))]
+    return [Run(REFERENCE), *variants, *sorted(runs, key=lambda r: r.procs)]
 
 
 def run_all(runs: list[Run], slots: int, launch, exclusive: bool) -> None:
@@ -398,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp32-grads-layouts", default=None, help="tp x pp of the runs with --fp32-grads-config "
                     "(default 1x1 on GPUs, none on CPU; '' for none)")
     ap.add_argument("--fp32-grads-config", default="ds_configs/gpu_bf16_zero1_fp32_grads.json")
+    ap.add_argument("--reference-variants", default="", metavar="ATTN,...",
+                    help="also train the reference with these model.attn_implementation values (e.g. eager): how far "
+                         "the same function drifts in other bf16 arithmetic, the noise floor the runs are read against")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--micro", type=int, default=2, help="samples per micro-batch")
@@ -479,8 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     def launch(r: Run, devices: list[int]) -> None:
         run_dir = base / r.name.replace(" ", "_")
         shutil.rmtree(run_dir, ignore_errors=True)  # a kept BENCH_WORK must not add an earlier call's metrics
+        own = {"model.attn_implementation": r.attn} if r.attn else {}
         rec, _ = recipe(run_dir, ckpt, data, "text", r.tp, r.pp, 1, args.steps, 1,
-                        {k: str(v) for k, v in overrides.items()}, 0)
+                        {k: str(v) for k, v in {**overrides, **own}.items()}, 0)
         port = 29600 + runs.index(r)
         env = ["env", f"MASTER_PORT={port}"] + ([f"CUDA_VISIBLE_DEVICES={','.join(map(str, devices))}"] if gpus else [])
         if r.ds_config is None:
@@ -527,13 +538,14 @@ def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Nam
     entries = []
     for r in runs:
         c = curves[r.name]
-        entry = {"name": r.name, "kind": "reference" if r.ds_config is None else "runner", "tp": r.tp, "pp": r.pp,
+        entry = {"name": r.name, "kind": r.kind, "tp": r.tp, "pp": r.pp,
                  "dp": 1, "ds_config": r.ds_config, "steps_logged": len(c["loss"]),
                  "wall_s": round(walls[r.name]) if r.name in walls else None,
                  "step_time_median_s": statistics.median(c["step_time"][1:]) if len(c["step_time"]) > 1 else None,
                  "step1_loss": c["loss"][0] if c["loss"] else None, "final_loss": c["loss"][-1] if c["loss"] else None}
-        if r.ds_config is not None:
+        if r.kind != "reference":
             entry.update(compare(c, ref, args.smooth))
+        if r.kind == "runner":
             failures = acceptance(entry, args.steps)
             entry.update(passed=not failures, failures=failures)
         elif c["eval_loss"]:
@@ -557,7 +569,8 @@ def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Nam
     for e in entries:
         dev = f"{e['max_smoothed_rel_deviation']:.3%}" if "max_smoothed_rel_deviation" in e else "-"
         eval_dev = f"{e['final_eval_rel_deviation']:+.3%}" if "final_eval_rel_deviation" in e else "-"
-        verdict = "" if e["kind"] == "reference" else "PASS" if e["passed"] else "FAIL"
+        verdict = {"reference": "", "noise floor": "noise floor"}.get(e["kind"])
+        verdict = ("PASS" if e["passed"] else "FAIL") if verdict is None else verdict
         print(f"{e['name']:42} {e['steps_logged']:>5} {e['step_time_median_s'] or 0:>7.3f} "
               f"{e['final_loss'] or 0:>10.4f} {dev:>16} {eval_dev:>14} {verdict}")
     print(f"record: {out / (stem + '.json')}", flush=True)

@@ -160,19 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as err:  # one clear line, no traceback
-        if _reports(err):
-            print(f"error: {err}", file=sys.stderr)
-            _mark_user_error(err)
-        else:  # give the printing process time before the launcher stops the job on this exit
-            time.sleep(2)
-        return 2
+    except UserError as err:
+        return report(err)
     except RuntimeError as err:
         if not _lost_peer(err):
             raise
         # another process failed first and said why; this one's trace would bury that line
         print(f"stopped: another process of the job failed ({str(err).splitlines()[0][:200]})", file=sys.stderr)
         return 1
+
+
+def report(err: UserError) -> int:
+    """One clear line, no traceback (printed by one process); the exit code of a user error (2)."""
+    if _reports(err):
+        print(f"error: {err}", file=sys.stderr)
+        _mark_user_error(err)
+    else:  # give the printing process time before the launcher stops the job on this exit
+        time.sleep(2)
+    return 2
 
 
 def _mark_user_error(err: UserError) -> None:

@@ -18,6 +18,13 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_N
 from torch import nn
 from transformers import AttentionInterface, Gemma4Config, Gemma4ForConditionalGeneration, PretrainedConfig
 from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.masking_utils import (
+    and_masks,
+    blockwise_overlay,
+    create_causal_mask,
+    packed_sequence_mask_function,
+    sliding_window_overlay,
+)
 from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4MultimodalEmbedder,
     Gemma4RMSNorm,
@@ -25,13 +32,15 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4TextDecoderLayer,
     Gemma4TextRotaryEmbedding,
     Gemma4VisionModel,
+    get_block_sequence_ids_for_mask,
 )
 
 __all__ = [
     "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "peft_key", "peft_lora_config", "read_peft_lora_config",
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
-    "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "decoder_layer_forward",
-    "flex_attention_forward", "is_kv_shared_layer", "register_attention", "rms_norm_eps", "set_attn_implementation",
+    "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
+    "decoder_layer_forward", "flex_attention_forward", "is_kv_shared_layer", "process_groups", "register_attention",
+    "rms_norm_eps", "set_attn_implementation",
 ]
 
 
@@ -71,6 +80,29 @@ def build_masks(config: Gemma4Config, hidden: torch.Tensor, attention_mask: torc
     )
 
 
+def build_packed_masks(config: Gemma4Config, hidden: torch.Tensor, document_ids: torch.Tensor,
+                       mm_token_type_ids: torch.Tensor) -> dict:
+    """`build_masks` for packed rows (`runner/data/packing.py`), ANDed with "same document id": the
+    full layers causal, the sliding ones the window OR (under `use_bidirectional_attention ==
+    "vision"`) bidirectional within each image, as Gemma4's `create_masks_for_vision_model`; a
+    BlockMask under FlexAttention. transformers' own packed path (positions restarting, no 2-D mask)
+    is not used: in 5.25 it looks the image overlay up by position within the sample, so one sample's
+    image would open bidirectional attention at the same positions of the next. Here every function
+    sees row indices; a window within one sample is the same counted either way."""
+    tc = config.get_text_config()
+    same_document = packed_sequence_mask_function(document_ids)
+    kwargs = {"config": tc, "inputs_embeds": hidden, "attention_mask": None, "cache": None, "position_ids": None}
+    images = None
+    if tc.use_bidirectional_attention == "vision":
+        images = blockwise_overlay(get_block_sequence_ids_for_mask(mm_token_type_ids, hidden.device))
+    return {
+        "full_attention": create_causal_mask(**kwargs, and_mask_function=same_document),
+        "sliding_attention": create_causal_mask(
+            **kwargs, or_mask_function=images, and_mask_function=and_masks(sliding_window_overlay(tc.sliding_window),
+                                                                            same_document)),
+    }
+
+
 def decoder_layer_forward(layer: Gemma4TextDecoderLayer, hidden: torch.Tensor, position_embeddings: Any,
                           attention_mask: Any, position_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """transformers' decoder-layer forward for training: no per-layer input (31B, 26B-A4B), no KV
@@ -106,3 +138,9 @@ def read_peft_lora_config(path: str | Path) -> peft.LoraConfig:
     if not isinstance(config, peft.LoraConfig):
         raise TypeError(f"{path} holds a {type(config).__name__}, not a LoraConfig")
     return config
+
+
+def process_groups() -> list:
+    """Every process group this rank belongs to: torch's own registry (private; DeepSpeed creates its
+    pipeline groups without a timeout, so the runner sets one on each after they exist)."""
+    return list(torch.distributed.distributed_c10d._world.pg_map)

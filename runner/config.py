@@ -50,6 +50,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # decoder layers per pipeline stage, first to last (empty: even split); e.g. [7, 5]
     stage_layers: list[int] = field(default_factory=list)
+    # how long a collective waits for every rank before the job stops with one line naming the rank and
+    # the operation (fractions allowed); a frozen or dead rank otherwise hangs the job forever
+    timeout_minutes: float = 30.0
 
     @property
     def seq_slices(self) -> int:
@@ -70,6 +73,11 @@ class TrainConfig:
     # in backward (the first ones of the stage, Megatron's "block" method); the rest keep their
     # activations, trading memory (runner plan shows it) for less recompute. None: all of them
     recompute_num_layers: int | None = None
+    # a step whose loss or grad norm is inf/NaN never updates the weights; stop: end the run there
+    # (exit 2, nothing saved); skip: drop that global batch and go on, stopping after
+    # max_nonfinite_steps such steps in a row
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -126,6 +134,16 @@ class DataConfig:
     group_by_length: bool = True
     pad_to_multiple_of: int = 8  # dynamic padding granularity: fewer distinct shapes, more padding
     buckets: list[int] = field(default_factory=list)  # fixed lengths to pad up to (empty: dynamic)
+    # whole samples packed first-fit into rows of pack_length tokens, each blind to the others
+    # (runner/data/packing.py): a step keeps train.global_batch_size samples, in as few micro-batches of
+    # train.micro_batch_size rows as they fill
+    packing: bool = False
+    pack_length: int = 4096
+
+    @property
+    def row_length(self) -> int:
+        """The longest row a micro-batch holds: a packed row, or a padded sample."""
+        return self.pack_length if self.packing else self.max_length
 
 
 @dataclass
@@ -296,6 +314,8 @@ def validate(cfg: RunConfig, source: str) -> None:
          "train.recompute_num_layers must be >= 0, or null to recompute every decoder layer"),
         (cfg.train.recompute_num_layers is None or cfg.train.activation_checkpointing,
          "train.recompute_num_layers needs train.activation_checkpointing: true"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+        (cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes must be > 0 (fractions allowed, e.g. 0.5)"),
         (cfg.model.wide_head_backward != "gemm" or cfg.model.attn_implementation == "flex_attention",
          "model.wide_head_backward: gemm needs model.attn_implementation: flex_attention"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
@@ -314,6 +334,13 @@ def validate(cfg: RunConfig, source: str) -> None:
          f"data.buckets {cfg.data.buckets} must include a length >= data.max_length {cfg.data.max_length}"),
         (all(b % slices == 0 for b in cfg.data.buckets),
          f"{split}: make every data.buckets length a multiple of {slices} (now {cfg.data.buckets})"),
+        (not cfg.data.packing or cfg.data.pack_length >= cfg.data.max_length,
+         f"data.pack_length {cfg.data.pack_length} is below data.max_length {cfg.data.max_length}: a sample may not "
+         f"fit a row; raise data.pack_length or lower data.max_length"),
+        (not cfg.data.packing or cfg.data.pack_length % slices == 0,
+         f"{split}: set data.pack_length to a multiple of {slices} (now {cfg.data.pack_length})"),
+        (not (cfg.data.packing and cfg.data.buckets),
+         "data.buckets pads unpacked micro-batches; packed rows are data.pack_length long: remove data.buckets"),
         (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

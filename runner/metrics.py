@@ -3,7 +3,9 @@ bar, `OUTPUT_DIR/metrics.jsonl` and TensorBoard. Only the first rank writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,11 +61,29 @@ def mem_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def cut_back(path: Path, step: int) -> None:
+    """Keep only the records (train and eval) up to `step` in a JSONL file: a run resumed from step k
+    after a hard kill appends steps k+1… again, and each step must appear once. A torn last line goes
+    too. Atomic: a kill during the cut leaves the old file."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Writes one JSON object per step to metrics.jsonl and TensorBoard, prints a log line and
-    keeps a progress bar on the first rank; a no-op elsewhere."""
+    keeps a progress bar on the first rank; a no-op elsewhere. `start_step`: the step the run
+    resumed from (0 for a fresh one); what an earlier run logged after it is dropped first."""
 
-    def __init__(self, out_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, progress_bar: bool) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, enabled: bool, tensorboard: bool, progress_bar: bool,
+                 start_step: int = 0) -> None:
         self.enabled = enabled
         self.total = total_steps
         self.jsonl = None
@@ -72,12 +92,13 @@ class MetricsLogger:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        cut_back(out_dir / "metrics.jsonl", start_step)
         self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:  # tensorboard is optional
                 print("tensorboard not installed: metrics go to metrics.jsonl only", file=sys.stderr)
 
@@ -110,5 +131,5 @@ def format_line(r: dict[str, Any]) -> str:
     return (
         f"step {r['step']}/{r['total_steps']} epoch {r['epoch']} | loss {r['loss']:.4f} | grad_norm "
         f"{r['grad_norm']:.4f} | lr {r['lr']:.3g} | mem {r['mem_gib']:.2f} GiB | {r['tokens_per_sec']:.0f} tok/s "
-        f"({r['tokens_per_sec_per_gpu']:.0f}/gpu) | MFU {mfu} | label tokens {r['label_tokens']} | {r['step_time']:.2f}s"
+        f"({r['tokens_per_sec_per_gpu']:.0f}/gpu) | fill {r.get('fill', 1.0):.2f} | MFU {mfu} | label tokens {r['label_tokens']} | {r['step_time']:.2f}s"
     )

@@ -42,19 +42,27 @@ def global_grad_norm(params: list[nn.Parameter], ps: ParallelState) -> torch.Ten
 
 
 class GlobalNormAdamW(torch.optim.AdamW):
-    """AdamW that measures (and with `max_grad_norm > 0` clips to) the true global gradient norm."""
+    """AdamW that measures (and with `max_grad_norm > 0` clips to) the true global gradient norm.
+
+    A non-finite norm skips the update the way DeepSpeed's bf16 and ZeRO optimizers do: no change to
+    weights or Adam state, and `overflow` set, which tells DeepSpeed's engine not to step the LR
+    scheduler (it zeroes the gradients either way). The norm is equal on every rank, so all skip."""
 
     def __init__(self, params, ps: ParallelState, max_grad_norm: float = 0.0, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.ps = ps
         self.max_grad_norm = max_grad_norm
         self._global_grad_norm: float | None = None
+        self.overflow = False
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"]]
         norm = global_grad_norm(params, self.ps)
         self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
         if self.max_grad_norm > 0:
             coef = self.max_grad_norm / (norm + 1e-6)
             if coef < 1:

@@ -576,14 +576,14 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
     eager = cfg.model.attn_implementation == "eager"
     gemm = cfg.model.wide_head_gemm
     return MemoryModel(
-        tokens=cfg.train.micro_batch_size * cfg.data.max_length,
+        tokens=cfg.train.micro_batch_size * cfg.data.row_length,
         batch=cfg.train.micro_batch_size,
-        seq=cfg.data.max_length,
+        seq=cfg.data.row_length,
         hidden=tc.hidden_size,
         vocab_local=tc.vocab_size // tp,
         softcap=tc.final_logit_softcapping is not None,
         materialized={t: eager or s.head_dim > fused_attn_max_head_dim for t, s in shapes.items()},
-        backward_scratch={t: gemm_backward_bytes(s, cfg.train.micro_batch_size, cfg.data.max_length)
+        backward_scratch={t: gemm_backward_bytes(s, cfg.train.micro_batch_size, cfg.data.row_length)
                           if gemm and s.head_dim > WIDE_HEAD_DIM else 0 for t, s in shapes.items()},
         shapes=shapes,
         vision_shape=LayerShape(
@@ -762,8 +762,8 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             activations_gib={k: round(v / GIB, 3) for k, v in activations.items()},
         ))
 
-    tokens = cfg.train.micro_batch_size * cfg.data.max_length
-    layer_fwd, head_fwd = forward_flops_per_token(tc, cfg.data.max_length)
+    tokens = cfg.train.micro_batch_size * cfg.data.row_length
+    layer_fwd, head_fwd = forward_flops_per_token(tc, cfg.data.row_length)
     layer_cost = [f * tokens / dims.tp / 1e12 for f in layer_fwd]  # forward; split_cost adds backward, recompute
     recompute = recomputed_layers(cfg.train.activation_checkpointing, cfg.train.recompute_num_layers, len(layer_fwd))
     head_passes = 3 if not freeze.embeddings else 2  # the tied weight's gradient only when trained
@@ -777,7 +777,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         source=source,
         dims=dims,
         micro_batch_size=cfg.train.micro_batch_size,
-        max_length=cfg.data.max_length,
+        max_length=cfg.data.row_length,
         micro_batches=gas,
         activation_checkpointing=cfg.train.activation_checkpointing,
         recompute_num_layers=cfg.train.recompute_num_layers,

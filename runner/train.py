@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,20 @@ from runner.checkpoint.hf_load import load_hf_weights
 from runner.config import RunConfig, fp32_grad_accum, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
 from runner.data.collate import Gemma4Collator
 from runner.data.loader import MicroBatchLoader
+from runner.data.packing import Packer
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource
 from runner.errors import UserError, from_the_recipe
 from runner.evaluate import generate_on_export
+from runner.guard import (
+    Where,
+    any_rank,
+    collective_timeout,
+    is_finite,
+    nonfinite_error,
+    output_lock,
+    set_collective_timeout,
+)
 from runner.lora import apply_lora, base_identity, check_lora_resume
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
@@ -39,7 +50,7 @@ from runner.models.gemma4.pipeline import (
 )
 from runner.optim import build_optimizer, lr_lambda, matrix_group_count
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
-from runner.preflight import preflight
+from runner.preflight import Checked, preflight
 from runner.profiling import profile_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +65,9 @@ def use_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def init_distributed() -> None:
-    """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU."""
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU. A collective
+    that waits longer than `timeout_minutes` for a rank fails instead of hanging the job."""
     if not dist.is_initialized():
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # started without a launcher: one process
             for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -65,7 +77,8 @@ def init_distributed() -> None:
         use_expandable_segments()
         if not cpu:  # before building anything: each rank its own GPU, not GPU 0
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name(),
+                                   timeout=timedelta(minutes=timeout_minutes))
 
 
 def comm_device() -> str:
@@ -134,21 +147,35 @@ def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: Parallel
                               lengths=lengths, keep_tail=keep_tail)
     except UserError as err:
         raise UserError(f"{split}: {err}", on_every_rank=True) from None
-    return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample)
+    packer = None
+    if cfg.data.packing:
+        packer = Packer(cfg.data.pack_length, cfg.train.micro_batch_size, collator.pad_id, collator.max_patches,
+                        collator.patch_dim)
+    return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample,
+                            packer=packer)
 
 
 def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState,
-                skipped: int = 0) -> tuple[int, int, int]:
-    """(label tokens, non-pad tokens, `skipped` samples) of the whole global batch: all micro-batches,
-    all DP ranks, in one all-reduce."""
+                skipped: int = 0) -> tuple[int, int, int, int]:
+    """(label tokens, non-pad tokens, `skipped` samples, token slots: non-pad and pad) of the whole
+    global batch: all micro-batches, all DP ranks, in one all-reduce. (`attention_mask` is 0 on padding,
+    a 0/1 mask or packed document ids.)"""
     local = torch.tensor([
         sum(count_label_tokens(m["labels"]) for m in micro_batches),
-        sum(int(m["attention_mask"].sum()) for m in micro_batches),
+        sum(int((m["attention_mask"] > 0).sum()) for m in micro_batches),
         skipped,
+        sum(m["input_ids"].numel() for m in micro_batches),
     ], dtype=torch.float64, device=comm_device())
     if ps.dims.dp > 1:
         dist.all_reduce(local, group=ps.dp_group)
-    return int(local[0]), int(local[1]), int(local[2])
+    return int(local[0]), int(local[1]), int(local[2]), int(local[3])
+
+
+def set_micro_batches(engine, count: int) -> None:
+    """This step's number of micro-batches on this DP replica (packed steps differ per step and replica),
+    through DeepSpeed's own setter, which keeps the micro-batch size."""
+    if count != engine.gradient_accumulation_steps():
+        engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * count * engine.dp_world_size)
 
 
 def data_state(loader: MicroBatchLoader, ps: ParallelState) -> dict:
@@ -175,9 +202,11 @@ def spans_an_epoch(loader: MicroBatchLoader, empty_in_a_row: int) -> bool:
 
 
 def save_checkpoint(engine, root: Path, step: int, loader: MicroBatchLoader, ps: ParallelState, source: str | Path,
-                    keep: int) -> Path:
-    """A native checkpoint of `step` with the data position, for an exact resume."""
-    return native.save(engine, root, step, {"step": step, "data": data_state(loader, ps)}, source=source, keep=keep)
+                    keep: int, nonfinite_steps: int) -> Path:
+    """A native checkpoint of `step` with the data position (for an exact resume) and the run's count of
+    updates skipped as non-finite."""
+    return native.save(engine, root, step, {"step": step, "data": data_state(loader, ps),
+                                            "nonfinite_steps": nonfinite_steps}, source=source, keep=keep)
 
 
 class StopFlag:
@@ -200,7 +229,7 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
     total, labels = 0.0, 0
     for _ in range(steps):
         micro = loader.next_step()
-        n_labels, _, _ = step_counts(micro, ps)
+        n_labels = step_counts(micro, ps)[0]
         if n_labels == 0:
             continue
         model.token_loss.set_label_count(n_labels, len(micro))
@@ -212,9 +241,15 @@ def evaluate(engine, model: Gemma4Pipeline, loader: MicroBatchLoader, ps: Parall
 
 def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     checked = preflight(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))  # before anything is built
+    init_distributed(cfg.parallel.timeout_minutes)
+    with collective_timeout(cfg.parallel.timeout_minutes) as where, output_lock(Path(cfg.output.dir)):
+        return _train(cfg, ds_config_path, checked, where)
+
+
+def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: Where) -> int:
+    """The job once it holds the output dir; `where` tells a collective timeout what was running."""
     model_dir, config, processor = checked.model_dir, checked.config, checked.processor
     train_source, eval_source, resume_from = checked.train_source, checked.eval_source, checked.resume_from
-    init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     with from_the_recipe():  # the recipe, the DeepSpeed config and the world size: the same on every process
         dims = parallel_dims(cfg, world)
@@ -232,8 +267,17 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     ckpt_root = out_dir / "checkpoints"
     resuming = resume_from is not None
     if resuming:  # the layout, before building the model (minutes on the 31B)
-        meta = native.check_resumable(resume_from, dims, zero=ds_config.get("zero_optimization", {}).get("stage", 0) >= 1)
+        zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
+        meta = native.check_resumable(resume_from, dims, zero=zero)
         check_lora_resume(meta, cfg.lora, model_dir, cfg.model.path, resume_from)
+        if meta["step"] == total_steps:  # nothing left to train
+            if rank == 0:
+                export = out_dir / "export"
+                found = f"its export is {export}" if export.is_dir() else f"export it: runner export {resume_from} OUT"
+                print(f"the run in {out_dir} is finished ({resume_from} is step {total_steps} of {total_steps}); "
+                      f"{found}, or raise train.max_steps to train on", flush=True)
+            dist.destroy_process_group()
+            return 0
 
     device = get_accelerator().current_device_name()
     with torch.device(device):
@@ -253,15 +297,17 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
         matrix_groups=matrix_group_count(model.stage_layer_counts(), not cfg.freeze.language_model))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    set_collective_timeout(cfg.parallel.timeout_minutes)  # every group exists now
 
-    step = 0
+    step = nonfinite_steps = 0  # nonfinite_steps: updates skipped for an inf/NaN loss or grad norm, whole run
     if resuming:
         client = native.resume(engine, resume_from)
-        step = client["step"]
+        step, nonfinite_steps = client["step"], client.get("nonfinite_steps", 0)
         if step > total_steps:
             raise UserError(f"the checkpoint is at step {step}, past train.max_steps={total_steps}; raise max_steps")
         train_data.load_state_dict(client["data"])
-    logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar)
+    logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar,
+                           start_step=step)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         sp = " with sequence parallelism" if dims.sequence_parallel and dims.tp > 1 else ""
@@ -276,11 +322,18 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
     peak = peak_flops_per_device()
     last_ckpt = resume_from if resuming else native.latest_complete(ckpt_root)
     empty_in_a_row = 0  # global batches whose samples were all skipped as bad
+    nonfinite_in_a_row = 0
+
+    def save(at_step: int) -> Path:
+        return save_checkpoint(engine, ckpt_root, at_step, train_data, ps, model_dir, cfg.checkpoint.keep,
+                               nonfinite_steps)
+
     while not finished(cfg, step, total_steps, train_data):
+        where.at = f"in step {step + 1}"
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
-        n_labels, n_tokens, n_skipped = step_counts(micro, ps, sum(train_data.skipped.values()))
+        n_labels, n_tokens, n_skipped, n_slots = step_counts(micro, ps, sum(train_data.skipped.values()))
         if n_labels == 0:  # no update from it (data.on_bad_sample: skip); every rank agrees, the count is global
             empty_in_a_row += 1
             if spans_an_epoch(train_data, empty_in_a_row):
@@ -292,44 +345,67 @@ def train(cfg: RunConfig, ds_config_path: str | None = None) -> int:
                       f"the next global batch takes the step", flush=True)
             continue
         empty_in_a_row = 0
-        model.token_loss.set_label_count(n_labels, gas)
+        set_micro_batches(engine, len(micro))  # packed: as many as this replica's samples fill
+        model.token_loss.set_label_count(n_labels, len(micro))
         profiling = step + 1 == cfg.logging.profile_step
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
+        dt = time.time() - t0
+        grad_norm = engine.get_global_grad_norm()
+        # one all-reduce (MAX) per step: the peak memory of any rank, whether any rank got SIGTERM, and
+        # whether any rank saw an inf/NaN loss or grad norm (the optimizer then skipped the update)
+        status = torch.tensor([mem_gib(), float(stop.requested), float(not is_finite(loss, grad_norm))],
+                              device=comm_device())
+        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        mem, stopping, nonfinite = float(status[0]), bool(status[1]), bool(status[2])
+        if nonfinite:  # nothing saved or logged for it; under skip the next global batch takes the step
+            nonfinite_steps += 1
+            nonfinite_in_a_row += 1
+            if cfg.train.on_nonfinite == "stop" or nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise nonfinite_error(step + 1, float(loss), grad_norm, nonfinite_in_a_row, cfg.train.on_nonfinite,
+                                      last_ckpt)
+            if rank == 0:
+                print(f"step {step + 1}: loss {float(loss):.4g}, grad norm {float(grad_norm or 0):.4g} not finite; "
+                      f"update skipped ({nonfinite_in_a_row} in a row, train.max_nonfinite_steps="
+                      f"{cfg.train.max_nonfinite_steps}), the next global batch takes the step", flush=True)
+            continue
+        nonfinite_in_a_row = 0
         step += 1
         done = finished(cfg, step, total_steps, train_data)
-        dt = time.time() - t0
-        # one all-reduce (MAX) per step: the peak memory of any rank, and whether any rank got SIGTERM
-        status = torch.tensor([mem_gib(), float(stop.requested)], device=comm_device())
-        dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        mem, stopping = float(status[0]), bool(status[1])
         if flops_per_token is None:
             seq = max(m["input_ids"].shape[1] for m in micro)
+            if cfg.data.packing:  # a packed token attends within its own sample: this replica's mean sample length
+                samples = sum(int(m["attention_mask"].amax(1).sum()) for m in micro)
+                seq = sum(int((m["attention_mask"] > 0).sum()) for m in micro) // max(samples, 1)
             flops_per_token = train_flops_per_token(config.text_config, seq)
         tok_s = n_tokens / dt
         if step % cfg.logging.every_steps == 0 or done:
             logger.log({
                 "step": step, "total_steps": total_steps, "epoch": train_data.epoch,
-                "loss": float(loss), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "loss": float(loss), "grad_norm": float(grad_norm or 0.0),
                 "lr": scheduler.get_last_lr()[0], "mem_gib": mem, "tokens_per_sec": tok_s,
                 "tokens_per_sec_per_gpu": tok_s / world,
                 "mfu": (tok_s / world * flops_per_token / peak) if peak else None,
-                "label_tokens": n_labels, "tokens": n_tokens, "step_time": dt, "data_time": data_time,
+                "label_tokens": n_labels, "tokens": n_tokens, "fill": n_tokens / n_slots, "step_time": dt,
+                "data_time": data_time,
                 "skipped_samples": n_skipped,  # this epoch's so far, all DP ranks
+                "nonfinite_steps": nonfinite_steps,
             })
         # no eval when stopping: a launcher kills the workers ~30 s after SIGTERM
         if eval_data is not None and step % cfg.eval.every_steps == 0 and not stopping:
             logger.log({"split": "eval", "step": step, **evaluate(engine, model, eval_data, ps, cfg.eval.max_batches)})
         every = cfg.checkpoint.every_steps
         if stopping or (done and cfg.checkpoint.at_end) or (every and step % every == 0):
-            last_ckpt = save_checkpoint(engine, ckpt_root, step, train_data, ps, model_dir, cfg.checkpoint.keep)
+            last_ckpt = save(step)
+            stopping = any_rank(stop.requested)  # a SIGTERM during the save: stop right after it
         if stopping and not done:
             if rank == 0:
                 print(f"SIGTERM: saved {last_ckpt} after step {step}; resume with checkpoint.resume=auto", flush=True)
             break
     if empty_in_a_row and cfg.checkpoint.at_end:  # the epochs ended on global batches that took no step
-        last_ckpt = save_checkpoint(engine, ckpt_root, step, train_data, ps, model_dir, cfg.checkpoint.keep)
+        last_ckpt = save(step)
     logger.close()
+    where.at = "in the export"
     exported = None
     if cfg.checkpoint.export and finished(cfg, step, total_steps, train_data) and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")

@@ -105,8 +105,11 @@ def main() -> None:
         engine.allreduce_gradients = capture(engine.allreduce_gradients)  # ZeRO-1 with bf16 gradients
 
     result: dict = {"losses": [], "grads": []}
+    micro_batches = 0  # this DP rank's, all steps (packed steps differ in count)
     for kind in kinds:
-        result["losses"].append(train_step(engine, model, ps, global_batch(config, kind, multiple=multiple), gas))
+        batch = global_batch(config, kind, multiple=multiple)
+        micro_batches += len(batch) // args.dp
+        result["losses"].append(train_step(engine, model, ps, batch, len(batch) // args.dp))
         grads = dict(summed) if args.ds_config else optimizer.captured[-1]
         summed.clear()
         step_grads = {}
@@ -121,7 +124,6 @@ def main() -> None:
                     dist.all_gather(copies, g.contiguous(), group=ps.tp_group)
                     assert all(torch.equal(c, g) for c in copies), f"{name}: TP ranks disagree on a replicated gradient"
         result["grads"].append(step_grads)
-    micro_batches = gas * len(kinds)
     recomputed = len(decoder) if args.recompute_num_layers is None else args.recompute_num_layers
     want = [micro_batches * (2 if checkpointing and i < recomputed else 1) for i in range(len(decoder))]
     assert [forwards[id(layer)] for layer in decoder] == want, ([forwards[id(layer)] for layer in decoder], want)

@@ -17,10 +17,12 @@ from transformers import AutoConfig, Gemma4Config
 from runner.checkpoint.hf_load import load_hf_weights
 from runner.compat import read_peft_lora_config
 from runner.config import LoraConfig
+from runner.data.collate import Encoded
+from runner.data.packing import Packer
 from runner.lora import apply_lora, base_identity
 from runner.models.gemma4.pipeline import Gemma4Pipeline, to_pipe_batch
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
-from runner.train import step_counts
+from runner.train import set_micro_batches, step_counts
 
 IGNORE = -100
 
@@ -40,14 +42,16 @@ def _image(gen: torch.Generator, config: Gemma4Config, w: int, h: int, max_soft:
     return pixels, pos, (w // k) * (h // k)
 
 
-def _sample(gen, config: Gemma4Config, n_text: int, n_answer: int, images: list[tuple[int, int]]):
+def _sample(gen, config: Gemma4Config, n_text: int, n_answer: int, images: list[tuple[int, int]] = (),
+            bos: bool = True) -> Encoded:
+    """One sample: [bos] text, each image (boi, soft tokens, eoi) followed by 3 text tokens, the answer."""
     vocab = config.text_config.vocab_size
     low = 16  # ids below are special tokens
 
     def text(n: int) -> list[int]:
         return torch.randint(low, vocab, (n,), generator=gen).tolist()
 
-    ids, types, pix, pos = [config.text_config.bos_token_id], [0], [], []
+    ids, types, pix, pos = [config.text_config.bos_token_id] if bos else [], [0] if bos else [], [], []
     ids += text(n_text)
     types += [0] * n_text
     for w, h in images:
@@ -61,14 +65,18 @@ def _sample(gen, config: Gemma4Config, n_text: int, n_answer: int, images: list[
     prompt_len = len(ids)
     ids += text(n_answer)
     types += [0] * n_answer
-    labels = [IGNORE] * prompt_len + ids[prompt_len:]
-    return ids, types, labels, pix, pos
+    vc = config.vision_config
+    max_patches = 70 * vc.pooling_kernel_size**2
+    return Encoded(
+        torch.tensor(ids), torch.tensor([IGNORE] * prompt_len + ids[prompt_len:]), torch.tensor(types),
+        torch.stack(pix) if pix else torch.zeros(0, max_patches, 3 * vc.patch_size**2),
+        torch.stack(pos) if pos else torch.zeros(0, max_patches, 2, dtype=torch.long),
+    )
 
 
-def micro_batch(gen, config: Gemma4Config, samples: list[dict], multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Collate samples (dicts of n_text, n_answer, images) with right padding to a multiple of `multiple`."""
-    built = [_sample(gen, config, s["n_text"], s["n_answer"], s.get("images", [])) for s in samples]
-    seq = -(-max(len(b[0]) for b in built) // multiple) * multiple
+def collate(config: Gemma4Config, built: list[Encoded], multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad samples to one length, a multiple of `multiple`, images in sample order."""
+    seq = -(-max(len(e) for e in built) // multiple) * multiple
     pad = config.text_config.pad_token_id
     out = {
         "input_ids": torch.full((len(built), seq), pad, dtype=torch.long),
@@ -76,20 +84,20 @@ def micro_batch(gen, config: Gemma4Config, samples: list[dict], multiple: int = 
         "mm_token_type_ids": torch.zeros(len(built), seq, dtype=torch.long),
         "labels": torch.full((len(built), seq), IGNORE, dtype=torch.long),
     }
-    pix, pos = [], []
-    for i, (ids, types, labels, p, q) in enumerate(built):
-        n = len(ids)
-        out["input_ids"][i, :n] = torch.tensor(ids)
+    for i, e in enumerate(built):
+        n = len(e)
+        out["input_ids"][i, :n] = e.input_ids
         out["attention_mask"][i, :n] = 1
-        out["mm_token_type_ids"][i, :n] = torch.tensor(types)
-        out["labels"][i, :n] = torch.tensor(labels)
-        pix += p
-        pos += q
-    vc = config.vision_config
-    max_patches = 70 * vc.pooling_kernel_size**2
-    out["pixel_values"] = torch.stack(pix) if pix else torch.zeros(0, max_patches, 3 * vc.patch_size**2)
-    out["image_position_ids"] = torch.stack(pos) if pos else torch.zeros(0, max_patches, 2, dtype=torch.long)
+        out["mm_token_type_ids"][i, :n] = e.mm_token_type_ids
+        out["labels"][i, :n] = e.labels
+    out["pixel_values"] = torch.cat([e.pixel_values for e in built])
+    out["image_position_ids"] = torch.cat([e.image_position_ids for e in built])
     return out
+
+
+def micro_batch(gen, config: Gemma4Config, samples: list[dict], multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Collate samples (dicts of n_text, n_answer, images) with right padding to a multiple of `multiple`."""
+    return collate(config, [_sample(gen, config, **s) for s in samples], multiple)
 
 
 GLOBAL_BATCHES = {
@@ -110,9 +118,36 @@ GLOBAL_BATCHES = {
 }
 
 
+# One step's samples in the sampler's order, packed first-fit into rows of PACK_LENGTH tokens (the tiny
+# model's sliding window is 16, so most windows would cross a sample boundary if the masks let them):
+# rows [0, 1, 6] (30 + 19 + 13 tokens), [2, 3] (19 + 32: sample 2 has no bos, its image opens the row),
+# [4, 5] (26 + 36), [7] (55). 0, 1 and 2 images per sample, text-only samples.
+PACK_LENGTH = 64
+PACKED_SAMPLES = [
+    dict(n_text=10, n_answer=8, images=[(9, 6)]),
+    dict(n_text=12, n_answer=6),
+    dict(n_text=0, n_answer=10, images=[(6, 6)], bos=False),
+    dict(n_text=4, n_answer=9, images=[(6, 9), (3, 6)]),
+    dict(n_text=20, n_answer=5),
+    dict(n_text=6, n_answer=12, images=[(12, 9)]),
+    dict(n_text=8, n_answer=4),
+    dict(n_text=30, n_answer=10, images=[(9, 9)]),
+]
+# PACKED_SAMPLES as packed micro-batches of 1 or 2 rows each, or one sample per micro-batch (the reference)
+PACKED_KINDS = {"packed": 1, "packed2": 2, "unpacked": 0}
+
+
 def global_batch(config: Gemma4Config, kind: str, seed: int = 0, multiple: int = 1) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [micro_batch(gen, config, samples, multiple) for samples in GLOBAL_BATCHES[kind]]
+    if kind not in PACKED_KINDS:
+        return [micro_batch(gen, config, samples, multiple) for samples in GLOBAL_BATCHES[kind]]
+    encoded = [_sample(gen, config, **s) for s in PACKED_SAMPLES]
+    if not PACKED_KINDS[kind]:
+        return [collate(config, [e]) for e in encoded]
+    vc = config.vision_config
+    packer = Packer(PACK_LENGTH, PACKED_KINDS[kind], config.text_config.pad_token_id,
+                    70 * vc.pooling_kernel_size**2, 3 * vc.patch_size**2)
+    return packer.pack(encoded)
 
 
 def ds_config(gas: int, dp: int, clipping: float = 0.0, **extra) -> dict:
@@ -158,6 +193,7 @@ def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dic
     """One optimizer step on this DP rank's `gas` micro-batches of the global batch `micro`, the loss
     weighted by the label tokens of the whole global batch; returns the loss."""
     mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+    set_micro_batches(engine, gas)
     model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)  # the count `runner train` uses
     return float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))
 

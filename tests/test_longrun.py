@@ -16,7 +16,8 @@ STEPS, EVAL_EVERY = 5, 2
 def test_runner_follows_the_reference_and_writes_record_curves_and_plot(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     run(["env", f"BENCH_WORK={tmp_path / 'work'}", sys.executable, "-m", "benchmarks.longrun", "--out", str(out),
-         "--device", "cpu", "--ckpt", str(tiny_ckpt), "--layouts", "1x1,1x2", "--steps", str(STEPS),
+         "--device", "cpu", "--ckpt", str(tiny_ckpt), "--layouts", "1x1,1x2", "--reference-variants", "eager",
+         "--steps", str(STEPS),
          "--eval-every", str(EVAL_EVERY), "--micro", "1", "--global-batch", "2", "--text-tokens", "32",
          "--eval-samples", "3", "--smooth", "2", "--lr", "1e-3", "--warmup", "0"], timeout=600)
     (path,) = out.glob("longrun-*-cpu.json")
@@ -25,7 +26,9 @@ def test_runner_follows_the_reference_and_writes_record_curves_and_plot(tmp_path
         assert key in record, key
     assert record["gpus"] == 0 and "--layouts 1x1,1x2" in record["command"]
     runs = {r["name"]: r for r in record["runs"]}
-    assert set(runs) == {"reference", "tp1pp1 cpu_fp32", "tp1pp2 cpu_fp32"}
+    assert set(runs) == {"reference", "reference eager", "tp1pp1 cpu_fp32", "tp1pp2 cpu_fp32"}
+    floor = runs["reference eager"]  # transformers' eager attention against its sdpa: fp32, the same function
+    assert floor["kind"] == "noise floor" and "passed" not in floor and floor["max_smoothed_rel_deviation"] < 1e-3
     for name in ("tp1pp1 cpu_fp32", "tp1pp2 cpu_fp32"):
         r = runs[name]
         assert r["steps_logged"] == r["steps_compared"] == STEPS, r

@@ -13,7 +13,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_checkpoint import hf_tensors, logits, run_worker, stage_files
-from test_parity import _assert_matches_transformers, _reference, _run
 from transformers import AutoModelForImageTextToText
 
 from runner.checkpoint.native import latest_complete, read_meta
@@ -26,6 +25,7 @@ from runner.parallel.tensor_parallel import RowParallelLinear, mark_sharded
 
 from conftest import ROOT, assert_one_line, torchrun
 from synthetic import global_batch
+from test_parity import _assert_matches_transformers, _reference, _run
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

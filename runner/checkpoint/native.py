@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from runner.checkpoint.engine import DAMAGED, install, read_file, stage_layers
 from runner.errors import UserError
+from runner.guard import weights_finite
 from runner.parallel.topology import ParallelDims
 
 META_NAME = "runner_checkpoint.json"
@@ -231,12 +232,19 @@ def save(engine, root: str | Path, step: int, client_state: dict, *, source: str
     processor export copies — and every HF tensor's layer file and TP cut). Only after a barrier
     does rank 0 rename it to `step_N`, point `latest` at it (atomic replace) and delete all but the
     newest `keep`: a save that dies on any rank leaves `latest` on the previous complete checkpoint.
+    Weights with an inf or NaN on any rank are refused before anything is written, so every
+    published checkpoint is finite and keep-K never prunes the last finite one for a broken one.
     `client_state` (e.g. {"step": …, "sampler": {…}}) comes back from `resume`.
     """
     if keep < 1:
         raise UserError(f"checkpoint.keep must be >= 1, got {keep}")
-    install(engine)
     root = Path(root)
+    if not weights_finite(engine.module):
+        latest = root / LATEST_NAME
+        kept = f"{root / latest.read_text().strip()} stays the latest" if latest.is_file() else "none was saved before"
+        raise UserError(f"step {step}: the weights hold inf/NaN values, not saved as a checkpoint ({kept}); the run "
+                        f"diverged: start afresh with a lower optim.lr or more optim.warmup_steps", on_every_rank=True)
+    install(engine)
     final = root / tag_for(step)
     partial = root / (final.name + PARTIAL_SUFFIX)
     rank = dist.get_rank()

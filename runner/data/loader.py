@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from runner.data.collate import Encoded, Gemma4Collator
+from runner.data.packing import Packer
 from runner.data.sample import BadSample
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 _WARNINGS_PER_REASON = 5  # per epoch; the epoch summary has the full counts
 
 Skip = tuple[str, str]  # (reason, message)
+Batch = dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]  # a micro-batch, or a packed step's
 
 
 class _EncodedDataset(Dataset):
@@ -47,21 +49,25 @@ class _EncodedDataset(Dataset):
 
 
 class _Collate:
-    """Picklable collate_fn: the micro-batch plus the skips it contained."""
+    """Picklable collate_fn: the micro-batch (with a packer: the step's packed micro-batches) plus the
+    skips it contained."""
 
-    def __init__(self, collator: Gemma4Collator) -> None:
-        self.collator = collator
+    def __init__(self, collator: Gemma4Collator, packer: Packer | None) -> None:
+        self.collator, self.packer = collator, packer
 
-    def __call__(self, items: list[Encoded | Skip]) -> tuple[dict[str, torch.Tensor], list[Skip]]:
+    def __call__(self, items: list[Encoded | Skip]) -> tuple[Batch, list[Skip]]:
         good = [item for item in items if isinstance(item, Encoded)]
-        return self.collator.collate(good), [item for item in items if not isinstance(item, Encoded)]
+        batch = self.collator.collate(good) if self.packer is None else self.packer.pack(good)
+        return batch, [item for item in items if not isinstance(item, Encoded)]
 
 
 class MicroBatchLoader:
     """Iterates this DP rank's micro-batches forever, epoch after epoch.
 
     `next_step()` gives the grad_accum_steps micro-batches of one optimizer step; iterating gives
-    them one at a time (what DeepSpeed's `train_batch(data_iter=...)` pulls). Call `load_state_dict`
+    them one at a time (what DeepSpeed's `train_batch(data_iter=...)` pulls). With a `packer` a step's
+    grad_accum_steps sampler micro-batches are packed together (`runner/data/packing.py`): `next_step()`
+    gives its packed micro-batches, as many as they fill, and iterating gives whole steps. Call `load_state_dict`
     before iterating to resume. `skipped` counts this epoch's bad samples by reason;
     `skipped_per_epoch` keeps finished epochs' counts for the log.
     """
@@ -73,13 +79,15 @@ class MicroBatchLoader:
         sampler: StepSampler,
         num_workers: int = 0,
         on_bad: Literal["skip", "raise"] = "skip",
+        packer: Packer | None = None,
     ) -> None:
         if on_bad not in ("skip", "raise"):
             raise UserError(f"data.on_bad_sample must be 'skip' or 'raise', got {on_bad!r}")
         if len(source) != sampler.num_samples:
             raise UserError(f"sampler is sized for {sampler.num_samples} samples but the dataset has {len(source)}")
         self.dataset = _EncodedDataset(source, collator)
-        self.collate = _Collate(collator)
+        self.collate = _Collate(collator, packer)
+        self.packed = packer is not None
         self.sampler = sampler
         # fingerprint of the estimated lengths, which set the order under length grouping: another dataset
         # of the same size resumed at a saved position would repeat and miss samples
@@ -91,19 +99,19 @@ class MicroBatchLoader:
         self.position = 0  # micro-batches of this epoch already handed out
         self.skipped: Counter[str] = Counter()
         self.skipped_per_epoch: dict[int, dict[str, int]] = {}
-        self._iter: Iterator[dict[str, torch.Tensor]] | None = None
+        self._iter: Iterator[Batch] | None = None
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> Batch:
         if self._iter is None:
             self._iter = self._generate()
         return next(self._iter)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of one optimizer step."""
-        return [next(self) for _ in range(self.sampler.grad_accum_steps)]
+        return next(self) if self.packed else [next(self) for _ in range(self.sampler.grad_accum_steps)]
 
     @property
     def steps_delivered(self) -> int:
@@ -111,18 +119,20 @@ class MicroBatchLoader:
         included: what `train.epochs` counts."""
         return (self.epoch * self.sampler.micro_batches_per_epoch + self.position) // self.sampler.grad_accum_steps
 
-    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _generate(self) -> Iterator[Batch]:
+        per_item = self.sampler.grad_accum_steps if self.packed else 1  # sampler micro-batches per item
         while True:
             batches = self.sampler.epoch(self.epoch)[self.position :]
+            items = [sum(batches[i:i + per_item], []) for i in range(0, len(batches), per_item)]
             loader = DataLoader(
                 self.dataset,
-                batch_sampler=batches,
+                batch_sampler=items,
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
             )
             for batch, skips in loader:
                 self._count(skips)
-                self.position += 1
+                self.position += per_item
                 yield batch
             self._end_epoch()
 

@@ -3,7 +3,8 @@
 Each class is one entry of the layer-spec list in `pipeline.py`. Between layers travels one tuple of
 tensors only (never None); between stages that tuple is
 `(hidden, attention_mask, position_ids, mm_token_type_ids)`: the small integer tensors ride along
-so every stage rebuilds its own attention masks and RoPE tables locally.
+so every stage rebuilds its own attention masks and RoPE tables locally. Under packing
+(`runner/data/packing.py`) `attention_mask` holds each token's document id (0 on padding).
 
 transformers' own modules are reused wherever they fit — the vision tower, the multimodal
 embedder, the decoder layer, RMSNorm, rotary embedding and mask builders — only the decoder
@@ -28,11 +29,13 @@ from runner.compat import (
     Gemma4VisionModel,
     attn_implementation,
     build_masks,
+    build_packed_masks,
     decoder_layer_forward,
     is_kv_shared_layer,
     rms_norm_eps,
     set_attn_implementation,
 )
+from runner.data.packing import document_positions
 from runner.errors import UserError
 from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, WIDE_HEAD_DIM, WIDE_HEAD_FWD_TILES
 from runner.parallel.tensor_parallel import (
@@ -134,8 +137,7 @@ class Gemma4TokenEmbedding(VocabParallelEmbedding):
             hidden = hidden.masked_scatter(mask, image_features.to(hidden.dtype))
         if self.sequence_parallel:  # the decoder layers take this rank's slice of the sequence
             hidden = split_seq(hidden, self.tp_group)
-        batch, seq = input_ids.shape
-        position_ids = torch.arange(seq, device=input_ids.device).repeat(batch, 1)
+        position_ids = document_positions(attention_mask)  # 0… per packed sample (a padded row: 0…n-1)
         return hidden, attention_mask, position_ids, mm_token_type_ids
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,10 @@ class MaskCache:
             if self.entries[i][0] == key:
                 self.entries.append(self.entries.pop(i))  # most recently used last
                 return self.entries[-1][2]
-        masks = build_masks(self.config, hidden, attention_mask, position_ids, mm_token_type_ids)
+        if bool((attention_mask > 1).any()):  # document ids of packed rows, not a 0/1 padding mask
+            masks = build_packed_masks(self.config, hidden, attention_mask, mm_token_type_ids)
+        else:
+            masks = build_masks(self.config, hidden, attention_mask, position_ids, mm_token_type_ids)
         self.entries.append((key, ints, masks))
         del self.entries[: max(0, len(self.entries) - self.capacity)]
         return masks
