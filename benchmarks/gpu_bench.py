@@ -260,6 +260,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--text-tokens", type=int, default=4000)
     ap.add_argument("--baseline", default="zero3", choices=["zero3", "none"])
+    ap.add_argument("--lora", type=int, default=0, metavar="RANK",
+                    help="LoRA of this rank (alpha 2*rank, every decoder linear) in every run and the baseline (PEFT)")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
     args = ap.parse_args()
@@ -294,6 +296,9 @@ def main() -> int:
         for index, layout in enumerate(layouts):
             shape, *sets = layout.split(":")
             overrides = dict(kv.split("=", 1) for part in sets for kv in part.split(";"))
+            if args.lora:
+                overrides = {"lora.enabled": "true", "lora.rank": str(args.lora), "lora.alpha": str(2 * args.lora),
+                             **overrides}
             code = Path(overrides.pop("code", ROOT)).resolve()
             tp, pp = map(int, shape.split("x"))
             if gpus % (tp * pp):
@@ -340,7 +345,7 @@ def main() -> int:
             rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                 "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
+                                 "--lora-rank", str(args.lora), "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
             if base_out.exists():  # also a run stopped at --timeout after its timed steps
                 results["baseline"][workload] = {**json.loads(base_out.read_text()), "rc": rc}
         write_records(out, results)

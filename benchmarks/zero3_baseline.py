@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--gas", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lora-rank", type=int, default=0, help="PEFT LoRA of this rank (alpha 2*rank) on every decoder "
+                    "linear of the frozen model, as the runner's lora section builds it (0: full fine-tuning)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -47,6 +49,14 @@ def main() -> None:
     model.model.language_model.embed_tokens.weight.requires_grad_(False)
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        from runner.config import LORA_TARGETS
+        from runner.lora import peft_target_modules
+
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                 target_modules=peft_target_modules(list(LORA_TARGETS))))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 

@@ -52,10 +52,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from runner.checkpoint.export import export_hf, parse_size
+    from runner.compat import ADAPTER_CONFIG_NAME
 
     out = export_hf(Path(args.checkpoint), Path(args.out_dir), max_shard_size=parse_size(args.max_shard_size),
-                    source=args.source)
-    print(f"wrote HF checkpoint to {out}")
+                    source=args.source, merge=args.merge)
+    print(f"wrote {'PEFT adapter' if (out / ADAPTER_CONFIG_NAME).is_file() else 'HF checkpoint'} to {out}")
     return 0
 
 
@@ -129,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_data)
 
-    p = sub.add_parser("export", help="write a native checkpoint as an HF directory (sharded safetensors, config, processor)")
+    p = sub.add_parser("export", help="write a native checkpoint as an HF directory (sharded safetensors, config, "
+                                      "processor), a LoRA one as a PEFT adapter directory")
     p.add_argument("checkpoint", help="a checkpoint dir (OUTPUT_DIR/checkpoints/step_N) or the root holding `latest`")
     p.add_argument("out_dir")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--source", default=None,
                    help="HF model dir or Hub id to copy config/tokenizer/processor from (default: the one recorded at save)")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA checkpoint: full HF weights with the adapters merged (default: a PEFT adapter dir)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("evaluate",

@@ -1,16 +1,20 @@
-"""Every transformers internal the runner reads, in one place.
+"""Every transformers and PEFT internal the runner reads, in one place.
 
 transformers renames module attributes and private helpers between minor releases (5.25 renamed
 `Gemma4RMSNorm.eps` to `variance_epsilon`); the runner reaches them only through this module, so
 the next rename is a one-place fix. The range tested against is declared in pyproject.toml
-(`transformers>=5.17,<5.26`); `tests/test_compat.py` checks each seam on the installed release.
+(`transformers>=5.17,<5.26`, `peft>=0.17,<0.22`); `tests/test_compat.py` checks each seam on the installed
+release.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import peft
 import torch
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from torch import nn
 from transformers import AttentionInterface, Gemma4Config, Gemma4ForConditionalGeneration, PretrainedConfig
 from transformers.integrations.flex_attention import flex_attention_forward
@@ -32,6 +36,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 )
 
 __all__ = [
+    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "peft_key", "peft_lora_config", "read_peft_lora_config",
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
     "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
     "decoder_layer_forward", "flex_attention_forward", "is_kv_shared_layer", "process_groups", "register_attention",
@@ -109,6 +114,30 @@ def decoder_layer_forward(layer: Gemma4TextDecoderLayer, hidden: torch.Tensor, p
 def is_kv_shared_layer(attn: nn.Module) -> bool:
     """Whether an attention module reuses an earlier layer's keys/values (E2B/E4B's last layers)."""
     return bool(getattr(attn, "is_kv_shared_layer", False))
+
+
+# A saved PEFT adapter names a LoRA weight by the wrapped model's module path: PeftModel.base_model (LoraModel)
+# .model (the transformers model), without the adapter name ("default") that the live modules carry.
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+def peft_key(module_name: str, part: str) -> str:
+    """The key of `part` ("lora_A" / "lora_B") of the adapter on transformers module `module_name` in
+    adapter_model.safetensors."""
+    return f"{PEFT_KEY_PREFIX}{module_name}.{part}.weight"
+
+
+def peft_lora_config(**kwargs: Any) -> peft.LoraConfig:
+    """PEFT's LoraConfig (written as adapter_config.json by its `save_pretrained`)."""
+    return peft.LoraConfig(**kwargs)
+
+
+def read_peft_lora_config(path: str | Path) -> peft.LoraConfig:
+    """The LoraConfig of a PEFT adapter directory (its adapter_config.json)."""
+    config = peft.PeftConfig.from_pretrained(str(path))
+    if not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"{path} holds a {type(config).__name__}, not a LoraConfig")
+    return config
 
 
 def process_groups() -> list:

@@ -87,6 +87,29 @@ class FreezeConfig:
     language_model: bool = False
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters in the decoder layers' linears; the base model frozen. Keys and defaults are PEFT's
+    `LoraConfig` (r, lora_alpha, lora_dropout, target_modules, use_rslora, init_lora_weights)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    vision_tower: bool = False  # adapters in the vision tower too (not implemented: refused)
+    init: Literal["peft_default", "gaussian"] = "peft_default"  # A Kaiming-uniform (gaussian: N(0, 1/r)), B zeros
+    use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+    init_from: str = ""  # a PEFT adapter directory to continue from (its rank and targets must match)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
@@ -160,6 +183,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -329,6 +353,15 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
         (bool(cfg.output.dir.strip()), "output.dir is empty; set it to the directory for metrics and checkpoints"),
+        (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (bool(cfg.lora.target_modules) and set(cfg.lora.target_modules) <= set(LORA_TARGETS),
+         f"lora.target_modules = {cfg.lora.target_modules} must be a non-empty list of {', '.join(LORA_TARGETS)}"),
+        (not cfg.lora.vision_tower, "lora.vision_tower: true is not implemented yet (adapters go in the decoder "
+         "layers only); set lora.vision_tower: false"),
+        (not cfg.lora.init_from or Path(cfg.lora.init_from).expanduser().is_dir(),
+         f"lora.init_from = {cfg.lora.init_from!r} is not a directory; give a PEFT adapter directory "
+         f"(adapter_config.json, adapter_model.safetensors) or leave it empty"),
         (cfg.checkpoint.resume in ("auto", "none") or Path(cfg.checkpoint.resume).expanduser().exists(),
          f"checkpoint.resume = {cfg.checkpoint.resume!r} is neither auto, none nor an existing path; use auto "
          f"(continue the run in output.dir), none (start afresh) or a checkpoint directory"),

@@ -28,6 +28,7 @@ from transformers import AutoConfig, Gemma4Config, Gemma4TextConfig
 from runner.compat import Gemma4MultimodalEmbedder, Gemma4TextDecoderLayer, Gemma4VisionModel
 from runner.config import (
     FreezeConfig,
+    LoraConfig,
     RunConfig,
     fp32_grad_accum,
     is_fp32_name,
@@ -159,17 +160,28 @@ class LayerParams:
     full: int
     local: int
     replicated: int
+    adapter: int = 0  # LoRA adapter parameters on one TP rank
 
 
-def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int) -> LayerParams:
+def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int,
+                         lora: LoraConfig | None = None) -> LayerParams:
     """The runner's TP plan applied to the layer transformers builds (meta device): column/row-parallel
     linears split tp ways, K/V split or — with fewer KV heads than tp — replicated over tp/kv ranks,
-    norms whole on every rank."""
+    norms whole on every rank; with `lora`, the adapters' shards (column: A whole, B split as the weight;
+    row: A split, B whole)."""
     with torch.device("meta"):
         layer = Gemma4TextDecoderLayer(text_config, layer_idx)
     attn = layer.self_attn
     kv_heads = attn.k_proj.out_features // attn.head_dim
     replicas = tp // kv_heads if kv_heads < tp else 1
+    adapter = 0
+    for path, style in DECODER_TP_PLAN.items() if lora else ():
+        parent, attr = path.split(".")
+        linear = getattr(getattr(layer, parent), attr)
+        if linear is not None and attr in lora.target_modules:
+            rows = linear.out_features * (replicas if attr in ("k_proj", "v_proj") else 1) // tp
+            adapter += lora.rank * (linear.in_features // tp + linear.out_features if style == "rowwise"
+                                    else linear.in_features + rows)
     full = local = replicated = 0
     for name, p in layer.named_parameters():
         module, _, _ = name.rpartition(".")
@@ -181,7 +193,7 @@ def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int)
             local += p.numel() * replicas // tp
         else:
             local += p.numel() // tp
-    return LayerParams(full, local, replicated)
+    return LayerParams(full, local, replicated, adapter)
 
 
 @dataclass(frozen=True)
@@ -207,9 +219,9 @@ class ModelParams:
     total: int  # the HF model's, each tensor once
 
 
-def model_params(config: Gemma4Config, tp: int) -> ModelParams:
+def model_params(config: Gemma4Config, tp: int, lora: LoraConfig | None = None) -> ModelParams:
     tc, vc = config.text_config, config.vision_config
-    per_type = {t: decoder_layer_params(tc, tc.layer_types.index(t), tp) for t in set(tc.layer_types)}
+    per_type = {t: decoder_layer_params(tc, tc.layer_types.index(t), tp, lora) for t in set(tc.layer_types)}
     with torch.device("meta"):
         vision_tower = _numel(Gemma4VisionModel(vc))
         embed_vision = _numel(Gemma4MultimodalEmbedder(vc, tc))
@@ -227,6 +239,7 @@ class ParamCounter:
     text_config: Gemma4TextConfig
     counts: ModelParams
     freeze: FreezeConfig
+    lora: bool = False  # the whole base frozen, embed_vision too; only the adapters (in `counts`) train
 
     def count(self, specs: list) -> list[SpecParams]:
         """One stage's specs; a tied module listed twice on one stage (pp = 1) is built, and counted, once."""
@@ -243,10 +256,11 @@ class ParamCounter:
         if kind is Gemma4DecoderLayerPipe:
             idx = spec.module_args[1]
             lp = c.per_type[tc.layer_types[idx]]
-            return SpecParams("", lp.local, lp.replicated, 0 if frozen.language_model else lp.local, layer=idx)
+            trainable = lp.adapter + (0 if frozen.language_model else lp.local)
+            return SpecParams("", lp.local + lp.adapter, lp.replicated, trainable, layer=idx)
         if kind is Gemma4VisionStage:
             n = c.vision_tower + c.embed_vision
-            trainable = c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
+            trainable = 0 if self.lora else c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
             return SpecParams("vision", n, n, trainable, vision="frozen" if frozen.vision_tower else "trainable")
         if kind is Gemma4FinalNorm:
             n = tc.hidden_size
@@ -677,9 +691,11 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     bucket = ds.bucket if ds.zero_optimizer else 0
     comm_copy = fp32_accum and not ds.fp32_communication
     tc = config.text_config
-    counts = model_params(config, dims.tp)
+    counts = model_params(config, dims.tp, cfg.lora if cfg.lora.enabled else None)
     memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim)
-    counter = ParamCounter(tc, counts, cfg.freeze)
+    # LoRA freezes the whole base (bf16 weights only: no gradient, master copy or Adam state); adapters train
+    freeze = FreezeConfig(embeddings=True, vision_tower=True, language_model=True) if cfg.lora.enabled else cfg.freeze
+    counter = ParamCounter(tc, counts, freeze, cfg.lora.enabled)
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     # ZeRO keeps an fp32 copy of its partition even of fp32 weights; without ZeRO only bf16 needs one
     master = MASTER_BYTES if zero_stage >= 1 or cfg.model.dtype == "bfloat16" else 0
@@ -687,7 +703,8 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     optim_shards = dims.dp if zero_stage >= 1 else 1
 
     all_specs = stage_specs(config, dims.pp, cfg.parallel.stage_layers)
-    groups = matrix_group_count([sum(map(is_decoder_spec, specs)) for specs in all_specs], not cfg.freeze.language_model)
+    groups = matrix_group_count([sum(map(is_decoder_spec, specs)) for specs in all_specs],
+                                cfg.lora.enabled or not freeze.language_model)
     stages, totals = [], []  # totals: per stage, GiB on the card as a function of the layers recomputed
     for stage, specs in enumerate(all_specs):
         parts = counter.count(specs)
@@ -749,7 +766,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     layer_fwd, head_fwd = forward_flops_per_token(tc, cfg.data.row_length)
     layer_cost = [f * tokens / dims.tp / 1e12 for f in layer_fwd]  # forward; split_cost adds backward, recompute
     recompute = recomputed_layers(cfg.train.activation_checkpointing, cfg.train.recompute_num_layers, len(layer_fwd))
-    head_passes = 3 if not cfg.freeze.embeddings else 2  # the tied weight's gradient only when trained
+    head_passes = 3 if not freeze.embeddings else 2  # the tied weight's gradient only when trained
     head_cost = head_fwd * head_passes * tokens / dims.tp / 1e12
     balanced = balanced_stage_layers(layer_cost, head_cost, dims.pp, recompute)
     layer_counts = [len(st.decoder_layers) for st in stages]

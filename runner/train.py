@@ -41,6 +41,7 @@ from runner.guard import (
     output_lock,
     set_collective_timeout,
 )
+from runner.lora import apply_lora, base_identity, check_lora_resume
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -267,7 +268,9 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     resuming = resume_from is not None
     if resuming:  # the layout, before building the model (minutes on the 31B)
         zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
-        if native.check_resumable(resume_from, dims, zero=zero)["step"] == total_steps:  # nothing left to train
+        meta = native.check_resumable(resume_from, dims, zero=zero)
+        check_lora_resume(meta, cfg.lora, model_dir, cfg.model.path, resume_from)
+        if meta["step"] == total_steps:  # nothing left to train
             if rank == 0:
                 export = out_dir / "export"
                 found = f"its export is {export}" if export.is_dir() else f"export it: runner export {resume_from} OUT"
@@ -283,9 +286,11 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
                                stage_layers=cfg.parallel.stage_layers,
                                recompute_num_layers=cfg.train.recompute_num_layers)
     model.to(DTYPES[cfg.model.dtype])
-    if not resuming:  # a resumed run takes every weight from its checkpoint
+    if not resuming or cfg.lora.enabled:  # a resumed run takes every weight from its checkpoint, but a LoRA base
         load_hf_weights(model, model_dir)
     model.freeze(**vars(cfg.freeze))
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora, cfg.train.seed, base_identity(model_dir, cfg.model.path))
     optimizer = build_optimizer(
         model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip, device=comm_device(),
         zero_optimizer=runs_zero_optimizer(ds_config, bf16=cfg.model.dtype == "bfloat16"),

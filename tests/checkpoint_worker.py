@@ -24,7 +24,7 @@ from runner.checkpoint.export import export_after_training  # noqa: E402
 from runner.checkpoint.native import resume, save  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 
-from synthetic import ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
+from synthetic import apply_peft_adapter, ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
 
 class FailAfterWrite(Gemma4CheckpointEngine):
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", default="", help="export the step-0 checkpoint here")
     ap.add_argument("--fail-save", default="", help="STEP:RANK — that rank's save at that step dies")
+    ap.add_argument("--lora", default="", help="LoRA started from this PEFT adapter directory")
     ap.add_argument("--backend", default="gloo", help="nccl with DS_ACCELERATOR=cuda runs it on GPUs")
     args = ap.parse_args()
 
@@ -65,6 +66,8 @@ def main() -> None:
     np.random.seed(1234)
     torch.manual_seed(1234)
     ps, config, model = load_pipeline(args, backend=args.backend)
+    if args.lora:  # LoRA on the frozen base, started from a PEFT adapter directory
+        assert apply_peft_adapter(model, args.ckpt, args.lora)
     write_stage_tensors(model, ps, os.path.join(args.out, f"load_stage{ps.pp_rank}.pt"))
 
     micro_per_step = len(global_batch(config, "text"))
@@ -73,7 +76,7 @@ def main() -> None:
         "type": "WarmupLR",
         "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 10, "warmup_type": "linear"},
     })
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     install(engine)
 

@@ -19,7 +19,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm  # noqa: E4
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
 
-from synthetic import ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
+from synthetic import apply_peft_adapter, ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
 
 class CapturingAdamW(torch.optim.AdamW):
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--freeze", default="", help="comma list of embeddings,vision_tower,language_model")
     ap.add_argument("--stage-layers", default="", help="comma list: decoder layers per stage (empty: even split)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--lora", default="", help="LoRA on the frozen base, started from this PEFT adapter directory")
     ap.add_argument("--ds-config", default="", help="a GPU config of ds_configs/ instead of the fp32 one (bf16 model); "
                     "only the once-per-step sums of partial gradients are captured (DeepSpeed steps flat copies), "
                     "replicated weights are compared across TP ranks after the steps")
@@ -71,6 +72,9 @@ def main() -> None:
     fused = {getattr(m, "fused", isinstance(m, FusedRMSNorm)) for m in norms}  # HeadShared/FinalNorm carry a flag
     assert norms and fused == {not args.no_fused_rms_norm}, fused
     model.freeze(**{part: True for part in args.freeze.split(",") if part})
+    base: dict[str, torch.Tensor] = {}
+    if args.lora:  # the runner's LoRA started from a PEFT adapter directory; the base must not move
+        assert apply_peft_adapter(model, args.ckpt, args.lora)
 
     kinds = args.batches.split(",")
     multiple = args.tp if args.sequence_parallel else 1  # sequences split into tp slices
@@ -81,6 +85,8 @@ def main() -> None:
         batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
         ds = {**json.load(open(args.ds_config)), **{k: ds[k] for k in batch_keys}}
         model.to(torch.bfloat16)
+    if args.lora:
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW if args.ds_config else CapturingAdamW)(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
@@ -128,6 +134,9 @@ def main() -> None:
             copies = [torch.empty_like(tensor) for _ in range(ps.dims.tp)]
             dist.all_gather(copies, tensor.detach().contiguous(), group=ps.tp_group)
             assert all(torch.equal(c, copies[0]) for c in copies), f"{name}: TP copies diverged"
+    for name, p in model.named_parameters():  # a LoRA run's base: bit-unchanged, never a gradient
+        if name in base:
+            assert p.grad is None and torch.equal(p, base[name]), f"{name}: frozen base weight changed or got a grad"
     embed = model.tied_modules["embed"] if "embed" in model.tied_modules else None
     if embed is not None:
         result["embed_weight"] = gather_full(embed.weight, ps.tp_group)

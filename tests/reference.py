@@ -4,6 +4,7 @@ ground truth every parallel layout must reproduce."""
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
 from synthetic import global_batch
@@ -35,9 +36,13 @@ def global_loss(model, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Te
     return total / count
 
 
-def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0) -> dict:
-    """Losses and gradients (HF names) per step, and the embedding after the last step."""
+def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0, adapter: str = "") -> dict:
+    """Losses and gradients (HF names; a PEFT adapter's as the runner names them: `….q_proj.lora_A.weight`)
+    per step, and the embedding after the last step. `adapter`: PEFT's LoRA model with that adapter,
+    trainable, on the frozen base."""
     model = load_reference(ckpt)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     out: dict = {"losses": [], "grads": []}
     for kind in kinds:
@@ -45,7 +50,8 @@ def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0) -> dict:
         loss = global_loss(model, global_batch(model.config, kind))
         loss.backward()
         out["losses"].append(float(loss.detach()))
-        out["grads"].append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        out["grads"].append({n.removeprefix("base_model.model.").replace(".default.", "."): p.grad.detach().clone()
+                             for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
-    out["embed_weight"] = model.model.language_model.embed_tokens.weight.detach().clone()
+    out["embed_weight"] = model.get_input_embeddings().weight.detach().clone()
     return out

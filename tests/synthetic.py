@@ -15,8 +15,11 @@ import torch
 from transformers import AutoConfig, Gemma4Config
 
 from runner.checkpoint.hf_load import load_hf_weights
+from runner.compat import read_peft_lora_config
+from runner.config import LoraConfig
 from runner.data.collate import Encoded
 from runner.data.packing import Packer
+from runner.lora import apply_lora, base_identity
 from runner.models.gemma4.pipeline import Gemma4Pipeline, to_pipe_batch
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.train import set_micro_batches, step_counts
@@ -193,3 +196,11 @@ def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dic
     set_micro_batches(engine, gas)
     model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)  # the count `runner train` uses
     return float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))
+
+
+def apply_peft_adapter(model: Gemma4Pipeline, ckpt: str, adapter: str) -> int:
+    """The runner's LoRA on the frozen base `ckpt`, started from the PEFT adapter directory `adapter` (its r
+    and lora_alpha); returns the number of adapted linears."""
+    saved = read_peft_lora_config(adapter)
+    return apply_lora(model, LoraConfig(enabled=True, rank=saved.r, alpha=saved.lora_alpha, init_from=adapter),
+                      seed=0, base=base_identity(ckpt, ckpt))

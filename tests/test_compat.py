@@ -75,3 +75,33 @@ def test_masks_and_decoder_layer_forward_match_the_keyword_call():
         ours = decoder_layer_forward(layer, x, rope, masks[layer_type], pos)
         theirs = layer(x, shared_kv_states={}, position_embeddings=rope, attention_mask=masks[layer_type], position_ids=pos)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_installed_peft_is_in_the_declared_range_and_names_adapters_as_the_runner_does(tmp_path):
+    import peft
+    import tomllib
+    from peft import get_peft_model
+    from safetensors import safe_open
+
+    from runner.compat import (
+        ADAPTER_CONFIG_NAME,
+        ADAPTER_WEIGHTS_NAME,
+        peft_key,
+        peft_lora_config,
+        read_peft_lora_config,
+    )
+    from runner.models.gemma4.tiny import make_tiny
+
+    from conftest import ROOT
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("peft"))
+    low, high = (part.split("=")[-1].lstrip("<") for part in spec.removeprefix("peft").split(","))
+    assert Version(low) <= Version(peft.__version__) < Version(high), peft.__version__
+    model = transformers.AutoModelForImageTextToText.from_pretrained(make_tiny(tmp_path / "tiny", seed=0))
+    target = "model.language_model.layers.0.self_attn.q_proj"
+    get_peft_model(model, peft_lora_config(r=2, target_modules=[target])).save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / ADAPTER_CONFIG_NAME).is_file()
+    with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME, framework="pt") as f:
+        assert set(f.keys()) == {peft_key(target, "lora_A"), peft_key(target, "lora_B")}
+    assert read_peft_lora_config(tmp_path / "adapter").r == 2

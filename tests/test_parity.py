@@ -26,8 +26,8 @@ LAYOUTS = [  # (tp, pp, dp)
 
 
 @functools.cache
-def _reference(ckpt: str, kinds: str, lr: float) -> dict:
-    return reference_run(ckpt, kinds.split(","), lr)
+def _reference(ckpt: str, kinds: str, lr: float, adapter: str = "") -> dict:
+    return reference_run(ckpt, kinds.split(","), lr, adapter)
 
 
 def _run(tmp_path, ckpt, tp: int, pp: int, dp: int, kinds: str, lr: float = 0.0, freeze: str = "",
@@ -66,12 +66,13 @@ def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt, layout, sp)
 
 
 def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...],
-                                 kinds: str = "text,image", ref_kinds: str = "") -> None:
-    """Loss and every parameter's gradient of each step (by default a text and an image step) against
-    transformers' on `ref_kinds` (default: the same global batches)."""
+                                 kinds: str = "text,image", ref_kinds: str = "", adapter: str = "") -> None:
+    """Loss and every trainable parameter's gradient of each step (by default a text and an image step) against
+    transformers' on `ref_kinds` (default: the same global batches); with `adapter`, PEFT's LoRA model with
+    that adapter against the runner's LoRA started from it."""
     tp, pp, dp = layout
-    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra)
-    ref = _reference(str(tiny_ckpt), ref_kinds or kinds, 0.0)
+    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra + (("--lora", adapter) if adapter else ()))
+    ref = _reference(str(tiny_ckpt), ref_kinds or kinds, 0.0, adapter)
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]
         assert abs(loss - ref["losses"][step]) <= LOSS_RTOL * abs(ref["losses"][step]), (kind, loss, ref["losses"][step])

@@ -392,3 +392,25 @@ def test_sequence_parallel_slices_what_lies_between_blocks():
     with pytest.raises(UserError, match="padded up to data.max_length at most: set it to a multiple of 2"):
         load_config(RECIPES["tp2_pp2"], ["parallel.sequence_parallel=true", "data.max_length=1001"])
     load_config(RECIPES["tp2_pp2"], ["parallel.sequence_parallel=true", "data.max_length=1001", "data.buckets=[512,1024]"])
+
+
+def test_plan_of_a_lora_recipe_trains_exactly_peft_adapters():
+    """The 31B LoRA recipe at tp 1: the plan's trainable parameters are what PEFT's get_peft_model makes
+    trainable on transformers' 31B (built on the meta device) with the same LoraConfig; at tp 2 each GPU
+    holds about half (A of column-parallel and B of row-parallel linears are whole on each)."""
+    from peft import get_peft_model
+
+    from runner.config import LORA_TARGETS
+    from runner.lora import peft_config
+
+    recipe = ROOT / "recipes" / "gemma4_31b_lora_1x1.yaml"
+    plan = make_plan(load_config(recipe), world_size=1)
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(gemma4_31b_config(60))
+    cfg = load_config(recipe).lora
+    assert cfg.target_modules == list(LORA_TARGETS)
+    peft = get_peft_model(model, peft_config(cfg, "base"))
+    assert plan.stages[0].trainable_params == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    tp2 = make_plan(load_config(ROOT / "recipes" / "gemma4_31b_lora_tp2.yaml"), world_size=2).stages[0]
+    assert 0.5 < tp2.trainable_params / plan.stages[0].trainable_params < 0.75
+    assert plan.stages[0].memory_gib["optimizer"] < 2 and plan.stages[0].memory_gib["grads"] < 0.5

@@ -55,11 +55,12 @@ def read_file(path: str | os.PathLike, load: Callable[..., dict] = torch.load, *
         raise UserError(f"{path}: cannot be read ({reason}); {DAMAGED}") from None
 
 
-def check_layer_state(layer: nn.Module, state: dict, path: str) -> None:
+def check_layer_state(layer: nn.Module, state: dict, path: str,
+                      keep: Callable[[torch.Tensor], bool] = lambda t: True) -> None:
     """One clear line, naming file and HF tensor, when a layer file does not fit the layer it is
-    loaded into (DeepSpeed's own strict load names neither)."""
+    loaded into (DeepSpeed's own strict load names neither); `keep`: which tensors checkpoints hold."""
     prefix = getattr(layer, "hf_prefix", "")
-    expected = layer.state_dict()
+    expected = {k: t for k, t in layer.state_dict(keep_vars=True).items() if keep(t)}
     for names, problem in ((expected.keys() - state.keys(), "is missing"), (state.keys() - expected.keys(), "is unexpected")):
         if names:
             more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
@@ -90,6 +91,7 @@ class Gemma4CheckpointEngine(CheckpointEngine):
                             "rank finished writing; remove the decoupled writer from the DeepSpeed config")
         self.name = f"Gemma4({inner.name})"
         self.inner = inner
+        self.model = model
         self.layers = stage_layers(model)
 
     def create(self, info: CheckpointCommitInfo) -> None:
@@ -114,7 +116,7 @@ class Gemma4CheckpointEngine(CheckpointEngine):
         state = read_file(path, self.inner.load, map_location=map_location)
         match = LAYER_FILE.match(os.path.basename(path))
         if match:
-            check_layer_state(self.layers[int(match[1])], state, path)
+            check_layer_state(self.layers[int(match[1])], state, path, self.model.checkpointed)
         return state
 
 

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +23,10 @@ from safetensors.torch import save_file
 from runner.checkpoint.engine import read_file
 from runner.checkpoint.hf_load import INDEX_NAME, HFCheckpoint
 from runner.checkpoint.native import LATEST_NAME, META_NAME, latest_complete, layer_files, read_meta
+from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key
+from runner.config import LoraConfig
 from runner.errors import UserError
+from runner.lora import PARTS, base_identity, peft_config
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -97,27 +101,13 @@ def _join_shards(parts: list[dict[str, torch.Tensor]], entry: dict) -> torch.Ten
     return torch.cat([part[entry["key"]] for part in parts[:: entry["tp_replicas"]]], dim=entry["tp_dim"])
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-              source: str | Path | None = None) -> Path:
-    """Write the HF directory of a native checkpoint (a step_* dir, or a root holding `latest`).
-
-    Weights: sharded safetensors + `model.safetensors.index.json`, every tensor in the dtype the
-    source HF checkpoint stores it in. config.json, tokenizer, processor and chat-template files are
-    copied from the source HF model recorded at save time, or from `source` if given (the source
-    moved, or the checkpoint came from elsewhere).
-    """
-    ckpt = checkpoint_dir(checkpoint)
-    meta = read_meta(ckpt)
-    src = HFCheckpoint(source or meta["source"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.glob("*.safetensors")) or (out_dir / INDEX_NAME).exists():
-        raise UserError(f"{out_dir} already holds a checkpoint; export into an empty directory")
+def checkpoint_tensors(ckpt: Path, meta: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) of everything a native checkpoint holds, TP shards joined, one layer's
+    files in memory at a time."""
     by_layer: dict[int, list[tuple[str, dict]]] = defaultdict(list)
     for name, entry in meta["tensors"].items():
         by_layer[entry["layer"]].append((name, entry))
     tp = meta["layout"]["tp"]
-    writer = ShardWriter(out_dir, max_shard_size)
     for layer in sorted(by_layer):
         files = layer_files(ckpt, layer)
         if len(files) != tp:
@@ -125,7 +115,46 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
                             f"it is damaged — export an older checkpoint")
         parts = [read_file(f, map_location="cpu", weights_only=True) for f in files]
         for name, entry in by_layer[layer]:
-            tensor = _join_shards(parts, entry)
+            yield name, _join_shards(parts, entry)
+
+
+def _empty_out_dir(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("*.safetensors")) or (out_dir / INDEX_NAME).exists():
+        raise UserError(f"{out_dir} already holds a checkpoint; export into an empty directory")
+    return out_dir
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+              source: str | Path | None = None, merge: bool = False) -> Path:
+    """Write the HF directory of a native checkpoint (a step_* dir, or a root holding `latest`).
+
+    Weights: sharded safetensors + `model.safetensors.index.json`, every tensor in the dtype the
+    source HF checkpoint stores it in. config.json, tokenizer, processor and chat-template files are
+    copied from the source HF model recorded at save time, or from `source` if given (the source
+    moved, or the checkpoint came from elsewhere). A LoRA checkpoint becomes a PEFT adapter
+    directory, or with `merge` the source's weights with the adapters merged in.
+    """
+    ckpt = checkpoint_dir(checkpoint)
+    meta = read_meta(ckpt)
+    lora = meta.get("lora")
+    if merge and not lora:
+        raise UserError(f"{ckpt}: --merge merges LoRA adapters, but this checkpoint is a full fine-tune; export it "
+                        f"without --merge")
+    base = str(source or (lora["base"]["path"] if lora else meta["source"]))
+    src = HFCheckpoint(base)
+    if lora and base_identity(src.path, base)["fingerprint"] != lora["base"]["fingerprint"]:
+        raise UserError(f"{ckpt} holds adapters for the base model {lora['base']['path']}, but {base} has another "
+                        f"config or weight index; pass that base with --source")
+    out_dir = _empty_out_dir(out_dir)
+    if lora and not merge:
+        return export_adapter(dict(checkpoint_tensors(ckpt, meta)), lora, base, out_dir)
+    writer = ShardWriter(out_dir, max_shard_size)
+    if lora:
+        merge_adapters(dict(checkpoint_tensors(ckpt, meta)), lora, src, writer)
+    else:
+        for name, tensor in checkpoint_tensors(ckpt, meta):
             writer.add(name, tensor.to(src.dtype(name) if name in src else tensor.dtype))
     writer.close()
     for f in src.path.iterdir():
@@ -145,10 +174,50 @@ def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path |
     out_dir = Path(out_dir)
     partial, replaced = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(partial, ignore_errors=True)
-    export_hf(checkpoint, partial)
+    lora = read_meta(checkpoint_dir(checkpoint)).get("lora")
+    if lora:  # the PEFT adapter and the merged model; the merged one is what serves (and eval.generate answers)
+        export_hf(checkpoint, partial / "adapter")
+        export_hf(checkpoint, partial / "merged", merge=True)
+    else:
+        export_hf(checkpoint, partial)
     if out_dir.exists():
         shutil.rmtree(replaced, ignore_errors=True)
         out_dir.rename(replaced)
     partial.rename(out_dir)
     shutil.rmtree(replaced, ignore_errors=True)
+    return out_dir / "merged" if lora else out_dir
+
+
+def _adapters(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """transformers module name → {"lora_A": …, "lora_B": …} from a LoRA checkpoint's tensors."""
+    out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for name, tensor in tensors.items():
+        module, part, _ = name.rsplit(".", 2)
+        if part in PARTS:
+            out[module][part] = tensor
+    return out
+
+
+def export_adapter(tensors: dict[str, torch.Tensor], lora: dict, base: str, out_dir: Path) -> Path:
+    """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors under PEFT's key names) that
+    `PeftModel.from_pretrained(base, out_dir)` loads; `base` (a directory or Hub id) is its base_model_name_or_path."""
+    adapters = _adapters(tensors)
+    save_file({peft_key(module, part): t.contiguous() for module, parts in adapters.items()
+               for part, t in parts.items()},
+              out_dir / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+    peft_config(LoraConfig(**lora["config"]), base).save_pretrained(str(out_dir))
     return out_dir
+
+
+def merge_adapters(tensors: dict[str, torch.Tensor], lora: dict, src: HFCheckpoint, writer: ShardWriter) -> None:
+    """Every weight of the base `src`, with W + scaling · B A on the adapted linears (PEFT's `merge_and_unload`),
+    in the base's dtypes; one tensor in memory at a time besides the adapters."""
+    scaling = LoraConfig(**lora["config"]).scaling
+    adapters = _adapters(tensors)
+    for name in src.weight_map:
+        tensor = src.read_full(name)
+        parts = adapters.get(name.removesuffix(".weight"))
+        if parts:
+            delta = parts["lora_B"].float() @ parts["lora_A"].float() * scaling
+            tensor = (tensor.float() + delta).to(tensor.dtype)
+        writer.add(name, tensor)

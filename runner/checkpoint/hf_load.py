@@ -17,6 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from safetensors import safe_open
 
 from runner.errors import UserError
+from runner.parallel.tensor_parallel import shard_index
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -102,23 +103,21 @@ class HFCheckpoint:
                             f"{self.config_dtype}; re-save the checkpoint in one dtype or fix config.json's dtype")
         return dtype
 
+    def read_full(self, name: str) -> torch.Tensor:
+        """The whole tensor `name`, in the file's dtype (checked against config.json)."""
+        self.dtype(name)
+        return self._handle(name).get_tensor(name)
+
     def read_shard(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """This rank's slice of `name`, cut as `like` records (`tp_dim`, `tp_shards`, `tp_index`), in
         the file's dtype (checked against config.json)."""
         self.dtype(name)
         sl = self._handle(name).get_slice(name)
         full_shape = list(sl.get_shape())
-        dim = getattr(like, "tp_dim", None)
-        index: tuple[slice, ...] = tuple(slice(None) for _ in full_shape)
-        expect = list(full_shape)
-        if dim is not None:
-            size, rem = divmod(full_shape[dim], like.tp_shards)
-            if rem:
-                raise UserError(f"{self.file(name)}: {name} dim {dim} = {full_shape[dim]} "
-                                f"does not split into {like.tp_shards} shards; check parallel.tp")
-            start = like.tp_index * size
-            index = index[:dim] + (slice(start, start + size),) + index[dim + 1:]
-            expect[dim] = size
+        try:
+            index, expect = shard_index(full_shape, like)
+        except ValueError as err:
+            raise UserError(f"{self.file(name)}: {name} {err}; check parallel.tp") from None
         if expect != list(like.shape):
             raise UserError(
                 f"{self.file(name)}: {name} has shape {full_shape}, the config expects "

@@ -60,7 +60,7 @@ def tensor_manifest(model) -> dict[str, dict]:
     layer_of = {id(module): index for index, module in stage_layers(model).items()}
     manifest = {}
     for name, tensor, module in model.hf_tensors():
-        if id(module) in layer_of:  # the tied head on the last stage has no file of its own
+        if id(module) in layer_of and model.checkpointed(tensor):  # the tied head on the last stage has no file
             manifest[name] = {
                 "layer": layer_of[id(module)],
                 "key": name[len(module.hf_prefix):],
@@ -252,7 +252,8 @@ def save(engine, root: str | Path, step: int, client_state: dict, *, source: str
         shutil.rmtree(partial, ignore_errors=True)  # an earlier save of this step that died
     dist.barrier()
     with _disk_full_is_one_line(partial):
-        engine.save_checkpoint(str(root), tag=partial.name, client_state={CLIENT_KEY: client_state}, save_latest=False)
+        engine.save_checkpoint(str(root), tag=partial.name, client_state={CLIENT_KEY: client_state}, save_latest=False,
+                               exclude_frozen_parameters=bool(engine.module.lora))
         rng_dir = partial / "rng"
         rng_dir.mkdir(exist_ok=True)
         torch.save(_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
@@ -268,6 +269,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, *, source: str
             "source": str(source_path.resolve()) if source_path.is_dir() else str(source),
             "tensors": manifest,
             "files": file_sizes(partial),  # what resume checks before building the model
+            **({"lora": engine.module.lora} if engine.module.lora else {}),  # adapters only, and the base they need
         }
         with _disk_full_is_one_line(partial):
             (partial / META_NAME).write_text(json.dumps(meta, indent=1))
@@ -311,7 +313,8 @@ def resume(engine, root: str | Path) -> dict | None:
         raise UserError(f"{path} was saved with {saved_split} decoder layers per stage but this run splits {split}; "
                         f"set parallel.stage_layers: {saved_split} to resume, or export and start fresh", on_every_rank=True)
     install(engine)
-    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    # a LoRA checkpoint holds no frozen base weights (check_layer_state checks what it holds)
+    _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not engine.module.lora)
     if meta["layout"]["dp"] == dims.dp:  # (tp and pp are equal: checked above)
         _set_rng_state(read_file(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=False))
     return client[CLIENT_KEY]

@@ -190,10 +190,20 @@ def mark_sharded(param: nn.Parameter, dim: int | None, tp: int, tp_rank: int, re
 
 class _ParallelLinear(nn.Module):
     """What the column- and row-parallel linears share: nn.Linear's initialization of the shard
-    (checkpoint loading overwrites it; a model built without weights still trains sanely)."""
+    (checkpoint loading overwrites it; a model built without weights still trains sanely), and an
+    optional LoRA update (`add_lora`), cut by each subclass's `_shard_lora` so that it needs no
+    collective of its own."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    in_features: int
+    out_features: int
+    tp_group: object
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A: nn.Linear | None = None
+        self.lora_B: nn.Linear | None = None
 
     def reset_parameters(self) -> None:
         if self.weight.device.type == "meta":
@@ -201,6 +211,27 @@ class _ParallelLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def add_lora(self, rank: int, scaling: float, dropout: float) -> None:
+        """Add PEFT's LoRA update `lora_B(lora_A(dropout(x))) * scaling` (PEFT's names: `lora_A.weight` is
+        rank × in, `lora_B.weight` out × rank), on this rank's shard; zeros until the caller fills them."""
+        kw = dict(bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, self.out_features, **kw)
+        for p in (self.lora_A.weight, self.lora_B.weight):
+            nn.init.zeros_(p)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_scaling = scaling
+        self._shard_lora(*_coords(self.tp_group))
+
+    def _shard_lora(self, tp: int, tp_rank: int) -> None:
+        raise NotImplementedError
+
+    def _with_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out` plus the LoRA update of this rank's input `x` (as PEFT adds it: after the base)."""
+        if self.lora_A is None:
+            return out
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -237,6 +268,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.in_features = in_features
         self.out_features = out_features // shards
         self.tp_group = tp_group
+        self.replicas, self.replica_group = replicas, replica_group
         self.copy_input = copy_input
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features, device=device, dtype=dtype))
         mark_sharded(self.weight, 0, tp, tp_rank, replicas)
@@ -250,10 +282,19 @@ class ColumnParallelLinear(_ParallelLinear):
                 sum_grad_over(p, replica_group)
         self.reset_parameters()
 
+    def _shard_lora(self, tp: int, tp_rank: int) -> None:
+        """A replicated, B split by output rows as the weight (replicas included): every rank's A
+        gradient covers only its output rows, B's on KV replicas only its query heads; summed once per step."""
+        mark_sharded(self.lora_A.weight, None, tp, tp_rank)
+        sum_grad_over(self.lora_A.weight, self.tp_group)
+        mark_sharded(self.lora_B.weight, 0, tp, tp_rank, self.replicas)
+        if self.replicas > 1:
+            sum_grad_over(self.lora_B.weight, self.replica_group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
             x = copy_to_group(x, self.tp_group)
-        return F.linear(x, self.weight, self.bias)
+        return self._with_lora(F.linear(x, self.weight, self.bias), x)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -292,8 +333,16 @@ class RowParallelLinear(_ParallelLinear):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
+    def _shard_lora(self, tp: int, tp_rank: int) -> None:
+        """A split by input columns as the weight, B replicated: the update's partial sums join the
+        base's before its one reduction; B's gradient on each rank covers its input slice, summed once
+        per step."""
+        mark_sharded(self.lora_A.weight, 1, tp, tp_rank)
+        mark_sharded(self.lora_B.weight, None, tp, tp_rank)
+        sum_grad_over(self.lora_B.weight, self.tp_group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.reduce(F.linear(x, self.weight), self.tp_group)
+        out = self.reduce(self._with_lora(F.linear(x, self.weight), x), self.tp_group)
         return out if self.bias is None else out + self.bias
 
 
@@ -413,3 +462,16 @@ def gather_full(tensor: torch.Tensor, tp_group) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group=tp_group))]
     dist.all_gather(parts, tensor.detach().contiguous(), group=tp_group)
     return torch.cat(parts[:: tensor.tp_replicas], dim=dim)
+
+
+def shard_index(full_shape: list[int], like: torch.Tensor) -> tuple[tuple[slice, ...], list[int]]:
+    """(index, shape) of this rank's shard in a full tensor of `full_shape`, cut as `mark_sharded` recorded
+    on `like`; ValueError when that dimension does not split into the shards."""
+    dim = getattr(like, "tp_dim", None)
+    index, shape = [slice(None)] * len(full_shape), list(full_shape)
+    if dim is not None:
+        size, rem = divmod(full_shape[dim], like.tp_shards)
+        if rem:
+            raise ValueError(f"dim {dim} = {full_shape[dim]} does not split into {like.tp_shards} shards")
+        index[dim], shape[dim] = slice(like.tp_index * size, (like.tp_index + 1) * size), size
+    return tuple(index), shape

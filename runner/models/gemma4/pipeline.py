@@ -210,6 +210,7 @@ class Gemma4Pipeline(PipelineModule):
             dynamic_shape=True,
         )
         self.token_loss = loss
+        self.lora: dict | None = None  # set by runner.lora.apply_lora: checkpoints then hold only the adapters
         decoder = [f for f in self.forward_funcs if isinstance(f, Gemma4DecoderLayerPipe)]
         self.recomputed = decoder if recompute_num_layers is None else decoder[:recompute_num_layers]
 
@@ -270,6 +271,10 @@ class Gemma4Pipeline(PipelineModule):
                 continue
             for name, tensor in module.state_dict(keep_vars=True).items():
                 yield prefix + name, tensor, module
+
+    def checkpointed(self, tensor: torch.Tensor) -> bool:
+        """Whether native checkpoints hold `tensor`: everything, except the frozen base of a LoRA run."""
+        return not (self.lora and isinstance(tensor, nn.Parameter) and not tensor.requires_grad)
 
     def stage_layer_counts(self) -> list[int]:
         """Decoder layers per stage, first to last (what `parallel.stage_layers` sets)."""

@@ -1,0 +1,159 @@
+"""LoRA adapters inside the tensor-parallel decoder linears, in PEFT's format in and out.
+
+`apply_lora` freezes every base weight (PEFT's rule: the freeze.* flags add nothing) and gives each targeted
+column/row-parallel linear PEFT's update `lora_B(lora_A(dropout(x))) * scaling`, cut over TP so that it
+needs no collective of its own (`ColumnParallelLinear._shard_lora`, `RowParallelLinear._shard_lora`).
+Adapters start as PEFT starts them (B zeros; A Kaiming-uniform or Gaussian), drawn per module from
+`train.seed` on the full tensor and then sliced, so every layout starts from the same adapters; or
+from a PEFT adapter directory (`lora.init_from`). Native checkpoints hold only the adapters, their
+optimizer state and the base model's identity (`base_identity`); `runner export` turns them into a
+PEFT adapter directory, or with `--merge` into full HF weights with the adapters merged
+(`runner/checkpoint/export.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from runner.checkpoint.hf_load import INDEX_NAME, SINGLE_NAME, full_shape_of
+from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key, peft_lora_config, read_peft_lora_config
+from runner.config import LoraConfig
+from runner.errors import UserError
+from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe
+from runner.parallel.tensor_parallel import shard_index
+
+PARTS = ("lora_A", "lora_B")
+
+
+def peft_target_modules(targets: list[str]) -> str:
+    """PEFT's `target_modules` for these linears of the decoder layers only: a regex PEFT full-matches against
+    module names (a plain name list would also catch the vision tower's q_proj, …)."""
+    return rf".*\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(targets)})"
+
+
+def peft_config(cfg: LoraConfig, base: str):
+    """The PEFT LoraConfig equivalent to the recipe's `lora` section (what the adapter export writes)."""
+    return peft_lora_config(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                            target_modules=peft_target_modules(cfg.target_modules), base_model_name_or_path=base,
+                            init_lora_weights=True if cfg.init == "peft_default" else "gaussian")
+
+
+def adapted_linears(model: nn.Module, targets: list[str]) -> Iterator[tuple[str, nn.Module]]:
+    """(transformers module name, TP linear) of every targeted linear on this rank, in model order
+    (full layers with attention_k_eq_v have no v_proj: skipped, as PEFT skips them)."""
+    for layer in model.modules():
+        if isinstance(layer, Gemma4DecoderLayerPipe):
+            for path in DECODER_TP_PLAN:
+                parent, attr = path.split(".")
+                linear = getattr(getattr(layer, parent), attr)
+                if attr in targets and linear is not None:
+                    yield layer.hf_prefix + path, linear
+
+
+def init_adapter(name: str, linear: nn.Module, cfg: LoraConfig, seed: int) -> None:
+    """PEFT's initialization of one adapter, drawn on the full A from a generator of (seed, module name),
+    then sliced to this rank's shard: the same adapters at every layout. B stays zero."""
+    a = linear.lora_A.weight
+    full = torch.empty(full_shape_of(a), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode()))
+    if cfg.init == "gaussian":
+        full.normal_(0.0, 1.0 / cfg.rank, generator=gen)
+    else:
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+    with torch.no_grad():
+        a.copy_(full[shard_index(list(full.shape), a)[0]])
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, base: dict) -> int:
+    """Freeze the whole base model and add trainable adapters to the targeted decoder linears (initialized,
+    or loaded from `cfg.init_from`); call after loading the base weights, before building the optimizer.
+    `model.lora` then holds what checkpoints record (the section and `base`, see `base_identity`), and
+    checkpoints hold the adapters only. Returns how many linears got one."""
+    model.lora = {"config": asdict(cfg), "base": base}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapted = list(adapted_linears(model, cfg.target_modules))
+    for name, linear in adapted:
+        linear.add_lora(cfg.rank, cfg.scaling, cfg.dropout)
+        if not cfg.init_from:
+            init_adapter(name, linear, cfg, seed)
+    if cfg.init_from:
+        load_adapter(adapted, cfg)
+    return len(adapted)
+
+
+def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
+    """Fill this rank's adapter shards from the PEFT adapter directory `cfg.init_from`, whose r, lora_alpha,
+    use_rslora and targets must be the recipe's."""
+    path = Path(cfg.init_from).expanduser()
+    where = f"lora.init_from {path}"
+    try:
+        saved = read_peft_lora_config(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{where}: not a PEFT LoRA adapter directory ({str(err).splitlines()[0][:200]}); give "
+                        f"the directory PeftModel.save_pretrained wrote") from None
+    for key, mine, theirs in (("rank", cfg.rank, saved.r), ("alpha", cfg.alpha, saved.lora_alpha),
+                              ("use_rslora", cfg.use_rslora, saved.use_rslora)):
+        if mine != theirs:
+            raise UserError(f"{where}: the adapter was trained with lora.{key} = {theirs}, the recipe sets {mine}; "
+                            f"set lora.{key}: {theirs}")
+    weights = path / ADAPTER_WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserError(f"{where}: no {ADAPTER_WEIGHTS_NAME}; save the adapter with safetensors (PEFT's default)")
+    with safe_open(weights, framework="pt") as f, torch.no_grad():
+        keys = set(f.keys())
+        for name, linear in adapted:
+            for part in PARTS:
+                key, param = peft_key(name, part), getattr(linear, part).weight
+                if key not in keys:
+                    raise UserError(f"{where}: no {key}: the adapter does not adapt {name}; set lora.target_modules "
+                                    f"to the modules it adapts")
+                sl = f.get_slice(key)
+                index, shape = shard_index(list(sl.get_shape()), param)
+                if shape != list(param.shape):
+                    raise UserError(f"{where}: {key} has shape {sl.get_shape()}, this model expects "
+                                    f"{full_shape_of(param)}; the adapter belongs to another base model")
+                param.copy_(sl[index].to(param.dtype))
+
+
+def base_identity(model_dir: str | Path, source: str) -> dict:
+    """What a LoRA checkpoint records of the frozen base it does not hold: where it came from and a
+    fingerprint of its config.json and weight index (or single file's safetensors header)."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in ("config.json", INDEX_NAME):
+        if (model_dir / name).is_file():
+            digest.update((model_dir / name).read_bytes())
+    single = model_dir / SINGLE_NAME
+    if not (model_dir / INDEX_NAME).is_file() and single.is_file():
+        with single.open("rb") as f:
+            digest.update(f.read(int.from_bytes(f.read(8), "little")))
+    return {"path": source, "fingerprint": digest.hexdigest()}
+
+
+def check_lora_resume(meta: dict, cfg: LoraConfig, model_dir: str | Path, source: str, ckpt: Path) -> None:
+    """A resume continues the same kind of run on the same base: LoRA with the same adapters, or full
+    fine-tuning; the base's fingerprint must still match."""
+    saved = meta.get("lora")
+    if bool(saved) != cfg.enabled:
+        kind = "LoRA adapters" if saved else "a full fine-tune"
+        raise UserError(f"{ckpt} holds {kind} but this recipe sets lora.enabled: {str(cfg.enabled).lower()}; "
+                        f"set it back, or start afresh in a new output.dir", on_every_rank=True)
+    if not saved:
+        return
+    for key in ("rank", "target_modules", "use_rslora", "alpha"):
+        if saved["config"][key] != getattr(cfg, key):
+            raise UserError(f"{ckpt} was trained with lora.{key} = {saved['config'][key]}, this recipe sets "
+                            f"{getattr(cfg, key)}; set it back to resume", on_every_rank=True)
+    if base_identity(model_dir, source)["fingerprint"] != saved["base"]["fingerprint"]:
+        raise UserError(f"{ckpt} holds adapters for the base model {saved['base']['path']}, but model.path = {source} "
+                        f"has another config or weight index; point model.path at that base", on_every_rank=True)

@@ -1,0 +1,227 @@
+"""LoRA (invariant 7): the runner's adapters inside the TP linears are PEFT's LoRA on transformers' Gemma4 —
+same loss and every adapter gradient at several layouts, base and tied embedding untouched — and they
+travel in PEFT's format: init_from a PEFT adapter, export to one, merge as PEFT merges."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_checkpoint import hf_tensors, logits, run_worker, stage_files
+from transformers import AutoModelForImageTextToText
+
+from runner.checkpoint.native import latest_complete, read_meta
+from runner.cli import main as cli
+from runner.config import LoraConfig as RunLoraConfig, load_config
+from runner.errors import UserError
+from runner.lora import base_identity, check_lora_resume, init_adapter, load_adapter, peft_target_modules
+from runner.models.gemma4.pipeline import PIPE_INPUT_KEYS
+from runner.parallel.tensor_parallel import RowParallelLinear, mark_sharded
+
+from conftest import ROOT, assert_one_line, torchrun
+from synthetic import global_batch
+from test_parity import _assert_matches_transformers, _reference, _run
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tiny_ckpt, tmp_path_factory) -> Path:
+    """PEFT's LoRA (r 4, alpha 8) on every decoder linear of the tiny model, A and B random (B = 0 would make
+    A's gradient zero and the test compare zeros), saved as PEFT saves it."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=peft_target_modules(TARGETS)))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    out = tmp_path_factory.mktemp("adapter") / "peft"
+    model.save_pretrained(out)
+    return out
+
+
+SP, RECOMPUTE = ("--sequence-parallel",), ("--activation-checkpointing",)
+LAYOUTS = [((1, 1, 1), ()), ((2, 1, 1), ()), ((1, 2, 1), ()), ((2, 2, 1), ()), ((1, 2, 2), ()), ((4, 1, 1), ()),
+           ((2, 2, 1), SP), ((2, 2, 1), SP + RECOMPUTE)]
+
+
+@pytest.mark.parametrize("layout,extra", LAYOUTS, ids=str)
+def test_lora_loss_and_adapter_gradients_match_peft(tmp_path, tiny_ckpt, peft_adapter, layout, extra):
+    """Text and image global batches; tp 4 replicates the KV heads (B's rows follow them); the worker checks
+    the frozen base is bit-unchanged and gradient-free."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(peft_adapter))
+
+
+@pytest.mark.parametrize("ds_config", ["gpu_bf16_zero1.json", "gpu_bf16_zero1_fp32_grads.json"])
+def test_lora_under_the_gpu_deepspeed_configs(tmp_path, tiny_ckpt, peft_adapter, ds_config):
+    """bf16 under ZeRO-1 and the BF16 optimizer, TP2 x PP2 with sequence parallelism, two AdamW steps: the
+    once-per-step sums of the adapters' partial gradients reach the optimizer (the worker checks the replicated
+    adapter halves stay bit-identical over TP and the base does not move), and they and the losses are
+    PEFT's fp32 ones up to bf16 noise (measured: norm ratio 0.974 / 0.977, cosine 0.987 / 0.988; a missing sum
+    halves the column-parallel A gradients at tp 2)."""
+    kinds = "image,text"
+    stages = _run(tmp_path, tiny_ckpt, 2, 2, 1, kinds, 1e-3, extra=(*SP, "--lora", str(peft_adapter), "--ds-config",
+                                                                    str(ROOT / "ds_configs" / ds_config)))
+    ref = _reference(str(tiny_ckpt), kinds, 1e-3, str(peft_adapter))
+    for got, want in zip(stages[-1]["losses"], ref["losses"]):
+        assert abs(got - want) <= 2e-2 * abs(want), (got, want)
+    sums = {name: g for stage in stages for name, g in stage["grads"][1].items()}
+    assert any("q_proj.lora_A" in n for n in sums) and any("o_proj.lora_B" in n for n in sums), sorted(sums)
+    got = torch.cat([g.double().flatten() for g in sums.values()])
+    want = torch.cat([ref["grads"][1][n].double().flatten() for n in sums])
+    ratio, cosine = float(got.norm() / want.norm()), float(torch.nn.functional.cosine_similarity(got, want, dim=0))
+    print(f"{ds_config}: {len(sums)} summed adapter gradients, norm ratio {ratio:.4f}, cosine {cosine:.4f}")
+    assert 0.95 <= ratio <= 1.05 and cosine >= 0.97, (ratio, cosine)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_ckpt, peft_adapter) -> SimpleNamespace:
+    """LoRA at (2,2,1) from the PEFT adapter: run A trains 4 steps saving at 2; run B resumes from it in fresh
+    processes, trains steps 3-4 and saves at 4."""
+    a = run_worker(tiny_ckpt, (2, 2, 1), tmp_path_factory.mktemp("lora_a"), "--steps", "4", "--save-at", "2",
+                   "--lora", str(peft_adapter))
+    b = tmp_path_factory.mktemp("lora_b")
+    shutil.copytree(a / "root", b / "root")
+    run_worker(tiny_ckpt, (2, 2, 1), b, "--resume", "--steps", "4", "--save-at", "4", "--lora", str(peft_adapter))
+    return SimpleNamespace(a=a, b=b)
+
+
+def test_lora_checkpoint_holds_only_adapters_and_the_base_identity(lora_runs, tiny_ckpt):
+    ckpt = latest_complete(lora_runs.b / "root")
+    meta = read_meta(ckpt)
+    assert meta["lora"]["base"] == base_identity(tiny_ckpt, str(tiny_ckpt))
+    assert meta["tensors"] and all(".lora_" in n or n.endswith("layer_scalar") for n in meta["tensors"])
+    for f in ckpt.glob("layer_*-model_states.pt"):
+        assert all(".lora_" in k or k == "layer_scalar" for k in torch.load(f, weights_only=True)), f
+    # the optimizer of stage 0 (layers 0-2) holds Adam moments of exactly its adapters
+    optim = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]["state"]
+    stage0 = [n for n in meta["tensors"] if ".lora_" in n and int(n.split(".layers.")[1].split(".")[0]) < 3]
+    assert len(optim) == len(stage0) == 3 * 7 * 2, (len(optim), len(stage0))
+
+
+def test_lora_resume_in_fresh_processes_is_exact(lora_runs):
+    unbroken = json.loads((lora_runs.a / "out" / "losses.json").read_text())
+    resumed = json.loads((lora_runs.b / "out" / "losses.json").read_text())
+    assert list(resumed) == ["3", "4"] and all(resumed[s] == unbroken[s] for s in resumed), (resumed, unbroken)
+
+
+def test_lora_training_leaves_the_base_and_tied_embedding_bit_unchanged(lora_runs, tiny_ckpt):
+    base = hf_tensors(tiny_ckpt)
+    final = {k: v for stage in stage_files(lora_runs.b / "out", "final") for k, v in stage.items()}
+    for name, tensor in base.items():
+        assert torch.equal(final[name], tensor), name
+    assert any(".lora_" in n for n in final)
+
+
+def _peft_model(tiny_ckpt: Path, adapter: Path):
+    base = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, dtype=torch.float32, attn_implementation="eager")
+    return PeftModel.from_pretrained(base, adapter).eval()
+
+
+def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(lora_runs, tiny_ckpt, tmp_path):
+    """`runner export` writes what PeftModel loads unchanged (every trained adapter value, TP shards
+    joined, PEFT's key names); `--merge` equals PEFT's merge_and_unload and gives the adapter model's logits."""
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert cli(["export", str(lora_runs.b / "root"), str(adapter)]) == 0
+    assert cli(["export", str(lora_runs.b / "root"), str(merged), "--merge"]) == 0
+    final = {k: v for stage in stage_files(lora_runs.b / "out", "final") for k, v in stage.items()}
+    model = _peft_model(tiny_ckpt, adapter)
+    loaded = {n.removeprefix("base_model.model.").replace(".default.", "."): p for n, p in model.named_parameters()
+              if "lora_" in n}
+    assert loaded.keys() == {n for n in final if ".lora_" in n}
+    for name, p in loaded.items():
+        assert torch.equal(p, final[name]), name
+    ours, peft_merged = hf_tensors(merged), model.merge_and_unload().state_dict()
+    assert ours.keys() == hf_tensors(tiny_ckpt).keys()
+    worst = max(float((ours[n] - peft_merged[n]).abs().max()) for n in ours)
+    print(f"merged vs PEFT merge_and_unload: max abs diff {worst:.2e}")
+    assert worst <= 1e-6
+    with_adapter = _peft_model(tiny_ckpt, adapter)
+    mb = global_batch(with_adapter.config, "image")[0]
+    with torch.no_grad():
+        want = with_adapter(**{k: mb[k] for k in PIPE_INPUT_KEYS}).logits
+    got = logits(merged)
+    print(f"merged logits vs PEFT adapter model: max abs diff {float((got - want).abs().max()):.2e}")
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_resume_and_export_refuse_another_base_or_kind(lora_runs, tiny_ckpt, tmp_path, capsys):
+    ckpt = latest_complete(lora_runs.b / "root")
+    meta = read_meta(ckpt)
+    cfg = RunLoraConfig(**meta["lora"]["config"])
+    check_lora_resume(meta, cfg, tiny_ckpt, str(tiny_ckpt), ckpt)
+    other = Path(shutil.copytree(tiny_ckpt, tmp_path / "other"))
+    (other / "config.json").write_text((other / "config.json").read_text().replace("}", ' }', 1))
+    with pytest.raises(UserError) as err:
+        check_lora_resume(meta, cfg, other, str(other), ckpt)
+    assert_one_line(str(err.value), ["holds adapters for the base model", "model.path"])
+    with pytest.raises(UserError) as err:
+        check_lora_resume(meta, RunLoraConfig(), tiny_ckpt, str(tiny_ckpt), ckpt)
+    assert_one_line(str(err.value), ["holds LoRA adapters", "lora.enabled: false"])
+    assert cli(["export", str(ckpt), str(tmp_path / "export"), "--source", str(other)]) == 2
+    assert_one_line(capsys.readouterr().err.removeprefix("error: ").strip(), ["adapters for the base", "--source"])
+
+
+def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
+    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism: 2 steps, then a continued run to
+    step 3 (base from model.path, adapters and Adam moments from the checkpoint); export/adapter loads in PEFT,
+    export/merged in transformers, and they agree."""
+    from runner.data.synthetic import make_data
+
+    data = make_data(tmp_path / "data", n=16, seed=0)
+    sets = [f"model.path={tiny_ckpt}", f"data.train={data}", f"data.eval={data}", f"output.dir={tmp_path / 'out'}",
+            "parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "eval.every_steps=0",
+            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0"]
+    for steps in (2, 3):
+        torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
+                 *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3], lines
+    export = tmp_path / "out" / "export"
+    with_adapter = _peft_model(tiny_ckpt, export / "adapter")
+    mb = global_batch(with_adapter.config, "image")[0]
+    with torch.no_grad():
+        want = with_adapter(**{k: mb[k] for k in PIPE_INPUT_KEYS}).logits
+    assert torch.allclose(logits(export / "merged"), want, rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in with_adapter.named_parameters() if "lora_B" in n)
+
+
+def test_lora_init_is_peft_default_and_the_same_at_every_layout():
+    """B zeros; A Kaiming-uniform as PEFT draws it (bound 1/sqrt(in)), drawn whole from (seed, module name), so
+    a TP shard is exactly its slice of the tp-1 adapter."""
+    cfg = RunLoraConfig(enabled=True, rank=4)
+    whole = RowParallelLinear(16, 8, None)
+    whole.add_lora(cfg.rank, cfg.scaling, 0.0)
+    init_adapter("model.language_model.layers.0.mlp.down_proj", whole, cfg, seed=42)
+    a = whole.lora_A.weight
+    assert not whole.lora_B.weight.any() and a.std() > 0 and a.abs().max() <= 1 / 16**0.5
+    for rank in range(2):
+        shard = torch.nn.Parameter(torch.empty(4, 8))
+        mark_sharded(shard, 1, 2, rank)
+        holder = SimpleNamespace(lora_A=SimpleNamespace(weight=shard))
+        init_adapter("model.language_model.layers.0.mlp.down_proj", holder, cfg, seed=42)
+        assert torch.equal(shard, a[:, rank * 8:(rank + 1) * 8])
+
+
+def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
+    with pytest.raises(UserError) as err:
+        load_adapter([], RunLoraConfig(enabled=True, rank=8, alpha=8, init_from=str(peft_adapter)))
+    assert_one_line(str(err.value), ["lora.init_from", "lora.rank = 4", "set lora.rank: 4"])
+
+
+@pytest.mark.parametrize("override,words", [
+    ("lora.target_modules=[q_proj, qkv]", ["lora.target_modules", "q_proj, k_proj"]),
+    ("lora.vision_tower=true", ["lora.vision_tower", "false"]),
+    ("lora.rank=0", ["lora.rank must be >= 1"]),
+    ("lora.init_from=/nonexistent/adapter", ["lora.init_from", "PEFT adapter directory"]),
+])
+def test_lora_recipe_errors_are_one_line(override, words):
+    with pytest.raises(UserError) as err:
+        load_config(ROOT / "recipes" / "tiny_lora_demo.yaml", ["data.train=x", override])
+    assert_one_line(str(err.value), words)
