@@ -112,6 +112,35 @@ def test_chat_jsonl_images_by_path_data_uri_bytes_and_text_only(tmp_path: Path) 
     assert len(load_source(str(path), "train[1:]")) == 3
 
 
+def test_chat_jsonl_openai_image_url_parts(tmp_path: Path) -> None:
+    """OpenAI-style `image_url` parts, as an object or a bare string: a data: URI, a file: URL or a path (relative:
+    to the file's folder, no '..'); a web URL is a bad sample naming the line, never fetched."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a b.png").write_bytes(_png((20, 30)))
+    data_uri = "data:image/png;base64," + base64.b64encode(_png((7, 9))).decode()
+    urls = [{"url": data_uri}, data_uri, {"url": "img/a b.png"}, f"file://{(tmp_path / 'img' / 'a%20b.png')}",
+            "file:img/a%20b.png", {"url": "https://example.com/x.png", "detail": "low"}, "HTTP://example.com/y.png",
+            "file://server/share/a.png", {"url": "../img/a b.png"}, {}]
+    lines = [json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": url}, {"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": "A"}]}) for url in urls]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    source = load_source(str(tmp_path / "chat.jsonl"))
+    assert [source[i].images[0].size for i in range(5)] == [(7, 9), (7, 9), (20, 30), (20, 30), (20, 30)]
+    assert source[0].messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Q"}]
+    assert source.text_and_images(0) == ("Q A", 1)
+    for index, reason, words in [(5, "image URL not local", ["chat.jsonl:6", "https://example.com/x.png",
+                                                             "download it and give a path"]),
+                                 (6, "image URL not local", ["chat.jsonl:7", "download it and give a path"]),
+                                 (7, "image URL not local", ["chat.jsonl:8", "'server'"]),
+                                 (8, "image path outside the dataset", ["chat.jsonl:9", "'..'"]),
+                                 (9, "unreadable image", ["chat.jsonl:10", "no image payload"])]:
+        with pytest.raises(BadSample) as bad:
+            source[index]
+        assert bad.value.reason == reason, str(bad.value)
+        assert_one_line(str(bad.value), words)
+
+
 def test_images_decode_as_transformers_loads_them() -> None:
     """16-bit grayscale spans 8 bits instead of clipping to white, transparency lies on white, and the
     EXIF orientation is applied."""
