@@ -195,6 +195,34 @@ def test_eval_on_the_training_file_needs_disjoint_slices(medpix: Path, tmp_path:
     assert not same_rows((str(medpix), "train"), (str(medpix), "validation"))  # a folder with real splits
 
 
+def test_eval_fraction_holds_out_the_tail_of_the_training_split(medpix: Path, tmp_path: Path) -> None:
+    """The tiny recipe evaluates on the last 10% of whatever data.train is (cut as `train[90%:]` cuts, the
+    same rows every run), trained on the rest; a named data.eval takes precedence and trains on the whole split."""
+    from runner.config import load_config
+    from runner.preflight import data_sources
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_demo.yaml"
+    train, held_out = data_sources(load_config(recipe, [f"data.train={medpix}"]))
+    assert (len(train), len(held_out)) == (36, 4)
+    for rows, split in [(train, "train[:90%]"), (held_out, "train[90%:]")]:
+        sliced = load_source(str(medpix), split)
+        assert [rows.text_and_images(i) for i in range(len(rows))] == [sliced.text_and_images(i) for i in range(len(sliced))]
+    assert held_out[0].key.endswith("row 36") and held_out[-1].key.endswith("row 39")
+    with pytest.raises(IndexError):
+        held_out[4]
+    train, named = data_sources(load_config(recipe, [f"data.train={medpix}", f"data.eval={medpix}"]))
+    assert (len(train), len(named)) == (40, 4) and named[0].key.startswith(f"{medpix}[validation]")
+    train, off = data_sources(load_config(recipe, [f"data.train={medpix}", "eval.every_steps=0"]))
+    assert (len(train), off) == (36, None)  # held out whether or not eval runs: the same training rows
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(_chat(f"A{i}") for i in range(3)))
+    with pytest.raises(UserError) as none_left:
+        data_sources(load_config(recipe, [f"data.train={chat}"]))
+    assert_one_line(str(none_left.value), ["data.eval_fraction 0.1 of its 3 rows holds out none"])
+    with pytest.raises(UserError, match=r"data.eval_fraction must be in \[0, 1\)"):
+        load_config(recipe, ["data.eval_fraction=1"])
+
+
 def test_mixed_stream_of_image_and_text_only_sources(medpix: Path, tmp_path: Path) -> None:
     path = tmp_path / "text.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}))

@@ -327,6 +327,33 @@ class ConcatSource:
         return source.text_and_images(local)
 
 
+class RowRange:
+    """Consecutive rows of a source, by their own indices (`hold_out`'s two parts)."""
+
+    def __init__(self, source: SampleSource, rows: range) -> None:
+        self.source, self.rows = source, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.source[self.rows[index]]
+
+    def text_and_images(self, index: int) -> tuple[str, int]:
+        return self.source.text_and_images(self.rows[index])
+
+
+def hold_out(source: SampleSource, fraction: float, name: str) -> tuple[RowRange, RowRange]:
+    """(the first rows, the last `fraction` of them) of a source, cut as `datasets` cuts `train[:90%]` and
+    `train[90%:]`: the same rows every run, so resume positions and their fingerprints hold."""
+    n = len(source)
+    cut = round(n * (1 - fraction))
+    if cut == n:
+        raise UserError(f"{name}: data.eval_fraction {fraction:g} of its {n} rows holds out none; raise it, or set "
+                        f"data.eval")
+    return RowRange(source, range(cut)), RowRange(source, range(cut, n))
+
+
 _SPLIT = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
