@@ -158,6 +158,13 @@ class LoggingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # memory of one GPU in GiB (nvidia-smi's MiB / 1024: 80 for H100/A100 80 GB, 140 for H200 141 GB): `runner plan`
+    # warns above it and fits its suggestions in 90% of it (`--gpu-mem-gib` overrides)
+    gpu_mem_gib: float = 80.0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -169,6 +176,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -332,6 +340,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),
+        (cfg.cluster.gpu_mem_gib > 0, "cluster.gpu_mem_gib must be > 0 (one GPU's memory in GiB, e.g. 80 or 140)"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
         (bool(cfg.output.dir.strip()), "output.dir is empty; set it to the directory for metrics and checkpoints"),
         (cfg.checkpoint.resume in ("auto", "none") or Path(cfg.checkpoint.resume).expanduser().exists(),
