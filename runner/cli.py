@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="resolve dp 'auto' from this many GPUs")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the cluster's, else ds_configs/gpu_bf16_zero1.json)")
     p.add_argument("--gpu-mem-gib", type=float, default=None,
-                   help="one GPU's memory in GiB; warn when a stage needs more (default: the recipe's cluster.gpu_mem_gib, 80)")
+                   help="one GPU's memory in GiB; warn when a stage needs more (default: the recipe's "
+                        "cluster.gpu_mem_gib, 80)")
     p.add_argument("--fused-attn-max-head-dim", type=int, default=512,
                    help="largest head dim assumed to run fused SDPA; larger ones count materialized scores (default 512)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")

@@ -334,8 +334,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
         (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0: the whole eval split)"),
         (not cfg.eval.generate or (cfg.checkpoint.export and bool(cfg.data.eval)),
-         "eval.generate answers data.eval with the export: set checkpoint.export: true and data.eval (data.eval_fraction's "
-         "held-out rows get the loss only)"),
+         "eval.generate answers data.eval with the export: set checkpoint.export: true and data.eval "
+         "(data.eval_fraction's held-out rows get the loss only)"),
         (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1) (0: no held-out rows, e.g. 0.1)"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),

@@ -72,7 +72,8 @@ def data_sources(cfg: RunConfig) -> tuple[SampleSource, SampleSource | None]:
     train = load_source(cfg.data.train, cfg.data.train_split)
     held_out = None
     if cfg.data.eval_fraction and not cfg.data.eval:
-        train, held_out = hold_out(train, cfg.data.eval_fraction, f"data.train {cfg.data.train} [{cfg.data.train_split}]")
+        name = f"data.train {cfg.data.train} [{cfg.data.train_split}]"
+        train, held_out = hold_out(train, cfg.data.eval_fraction, name)
     if not cfg.eval.every_steps:
         return train, None
     return train, load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else held_out

@@ -232,7 +232,8 @@ def test_cli_warns_when_a_gpu_does_not_fit(capsys):
     report = json.loads(out)
     assert not report["fits"] and [s["stage"] for s in report["stages"]] == [0, 1]
     assert report["max_total_gib_per_gpu"] == pytest.approx(report["max_gib_per_gpu"] + OVERHEAD_GIB, abs=1e-3)
-    assert err.count("WARNING: stage") == 2 and "more than the card's 40 GiB (cluster.gpu_mem_gib, --gpu-mem-gib)" in err
+    assert err.count("WARNING: stage") == 2
+    assert "more than the card's 40 GiB (cluster.gpu_mem_gib, --gpu-mem-gib)" in err
     # without checkpointing, 4k tokens: the stored activations alone overflow 80 GiB
     assert main(["plan", recipe, "--set", "train.activation_checkpointing=false", "--set", "data.max_length=4096"]) == 0
     assert "WARNING: stage 0" in capsys.readouterr().err
@@ -262,6 +263,19 @@ def test_plan_help_explains_every_column(capsys):
     explained = set(re.findall(r"^  (\S+(?: \S+)?) {2,}", capsys.readouterr().out, re.MULTILINE))
     columns = [c.replace("_", " ") for c in header.replace("decoder layers", "decoder_layers").split()]
     assert len(columns) == 15 and [c for c in columns if c not in explained] == [], explained
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_docs_quote_the_plan_as_printed(capsys, name):
+    """README.md and benchmarks/RESULTS.md quote `runner plan RECIPE` line for line (from its layout line to the
+    compute line), so a change to the plan or a recipe that changes the figures shows here."""
+    recipe = RECIPES[name].relative_to(ROOT)
+    assert main(["plan", str(ROOT / recipe)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    quote = "\n".join([f"$ runner plan {recipe}", *printed[1:printed.index("", 3)]])  # to the blank before the note
+    docs = ["benchmarks/RESULTS.md"] + (["README.md"] if name == "tp2_pp2" else [])
+    for doc in docs:
+        assert quote in (ROOT / doc).read_text(), (doc, quote)
 
 
 def test_cli_resolves_dp_from_the_cluster_and_refuses_bad_input(capsys, tmp_path):

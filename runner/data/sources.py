@@ -5,8 +5,9 @@ Accepted specs (`load_source(spec, split)`):
 - a folder written by `save_to_disk` → `datasets.load_from_disk`
 - a `.parquet` / `.arrow` file
 - a `.jsonl` file of `{"messages": [...]}` chats; image parts (`image`, or OpenAI's `image_url`) reference a
-  path relative to the file, a `file:` URL, a `data:` URI or base64 `bytes` (web URLs are bad samples); conversations without images are text-only samples. A malformed
-  line (not UTF-8, not JSON, no `messages`) is a bad row of its own; a file with no chat line is refused.
+  path relative to the file, a `file:` URL, a `data:` URI or base64 `bytes` (web URLs are bad samples);
+  conversations without images are text-only samples. A malformed line (not UTF-8, not JSON, no `messages`)
+  is a bad row of its own; a file with no chat line is refused.
 Splits take `datasets`' slicing syntax (`train[:1000]`, `validation[10%:]`) for every spec.
 A table is read as MedPix-VQA if it has `image_id`, `question`, `answer` columns, or as chat if it has
 `messages` (plus an optional `images` column that `{"type": "image"}` parts without payload draw from).
