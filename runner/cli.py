@@ -16,6 +16,34 @@ from pathlib import Path
 from runner.errors import UserError, from_the_recipe
 
 ERROR_FILE_ENV = "RUNNER_ERROR_FILE"
+PLAN_COLUMNS = """\
+One row per pipeline stage, as one of its GPUs sees it (every TP rank and DP replica of a stage holds the same):
+  stage           pipeline stage, 0 the first
+  decoder layers  the decoder layers it runs: first-last (count)
+  holds           what else it holds: vision (tower + projector), embedding, final norm, head ("tied": one weight)
+  params/GPU      parameters on one GPU: its TP slice of the matrices, norms and the vision tower whole
+  trainable       of those, the ones freeze.* leaves trained
+  in-flight       micro-batches whose activations the stage keeps at once under DeepSpeed's 1F1B schedule:
+                  min(pp - stage, micro-batches per step)
+then GiB per GPU:
+  weights         the parameters in model.dtype
+  grads           the trainable parameters' gradients (bytes per parameter: the note under the table)
+  optim           fp32 master weights (bf16 or ZeRO) + Adam's m and v of the trainable parameters, / dp under ZeRO-1
+  bucket          what the gradient reduction holds during backward: ZeRO's bucket(s), or the BF16 optimizer's
+                  bf16 copy of the gradients
+  activ           activations: in-flight x what one micro-batch keeps for backward (checkpointed layers' inputs,
+                  the other layers' saved tensors, the stage's input/output) + the largest working set (a layer's
+                  recompute and backward, the head's logits) + the pipeline's two receive buffers
+  reduce          ZeRO's reduce after the last backward (with contiguous_gradients a flat copy of the gradients)
+  step            the ZeRO step's fp32 copy of one optimizer group's gradients
+  overhd          CUDA context, cuBLAS workspaces and NCCL buffers, outside torch's allocator
+  total           weights + grads + optim + overhd + the largest of bucket + activ, reduce and step (the last
+                  two come after the activations are freed); compared with the card: cluster.gpu_mem_gib of the
+                  recipe, or --gpu-mem-gib. total - overhd is what torch.cuda.max_memory_allocated measures.
+Under the rows: the least recompute (train.recompute_num_layers) that fits 90% of the card, when less than the
+recipe's, and each stage's model TFLOP per micro-batch and GPU with the parallel.stage_layers split that
+evens them out. A WARNING line (stderr) names each stage that does not fit and the settings that help.
+"""
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -105,12 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --check: the launcher's process count, which tp*pp must divide")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("plan", help="stage -> layers, parameters and memory per GPU for a recipe, without a GPU")
+    p = sub.add_parser("plan", help="stage -> layers, parameters and memory per GPU for a recipe, without a GPU",
+                       description="Stage -> layers, parameters and memory per GPU for a recipe, without a GPU.",
+                       epilog=PLAN_COLUMNS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
     p.add_argument("--cluster", default=None, metavar="ACCELERATE_CONFIG_YAML", help="resolve dp 'auto' from its num_processes")
     p.add_argument("--world-size", type=int, default=None, help="resolve dp 'auto' from this many GPUs")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the cluster's, else ds_configs/gpu_bf16_zero1.json)")
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="warn when a GPU needs more (default 80)")
+    p.add_argument("--gpu-mem-gib", type=float, default=None,
+                   help="one GPU's memory in GiB; warn when a stage needs more (default: the recipe's "
+                        "cluster.gpu_mem_gib, 80)")
     p.add_argument("--fused-attn-max-head-dim", type=int, default=512,
                    help="largest head dim assumed to run fused SDPA; larger ones count materialized scores (default 512)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")

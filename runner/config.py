@@ -125,8 +125,11 @@ class OptimConfig:
 class DataConfig:
     train: str = ""  # hub id, local dataset dir/file, or chat JSONL
     train_split: str = "train"
-    eval: str = ""  # empty: no eval
+    eval: str = ""  # empty: no eval, or data.eval_fraction's held-out rows
     eval_split: str = "validation"
+    # > 0 with data.eval empty: the last fraction of data.train's split is held out, evaluated and not trained
+    # on (cut as `train[:90%]` / `train[90%:]` cut); ignored when data.eval names an eval set
+    eval_fraction: float = 0.0
     max_length: int = 2048
     thinking_prefix: bool = False
     on_bad_sample: Literal["skip", "raise"] = "skip"
@@ -178,6 +181,13 @@ class LoggingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # memory of one GPU in GiB (nvidia-smi's MiB / 1024: 80 for H100/A100 80 GB, 140 for H200 141 GB): `runner plan`
+    # warns above it and fits its suggestions in 90% of it (`--gpu-mem-gib` overrides)
+    gpu_mem_gib: float = 80.0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -190,6 +200,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -347,10 +358,13 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
         (cfg.eval.max_batches >= 0, "eval.max_batches must be >= 0 (0: the whole eval split)"),
         (not cfg.eval.generate or (cfg.checkpoint.export and bool(cfg.data.eval)),
-         "eval.generate answers data.eval with the export: set checkpoint.export: true and data.eval"),
+         "eval.generate answers data.eval with the export: set checkpoint.export: true and data.eval "
+         "(data.eval_fraction's held-out rows get the loss only)"),
+        (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1) (0: no held-out rows, e.g. 0.1)"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1"),
         (cfg.logging.profile_step >= 0, "logging.profile_step must be >= 0"),
+        (cfg.cluster.gpu_mem_gib > 0, "cluster.gpu_mem_gib must be > 0 (one GPU's memory in GiB, e.g. 80 or 140)"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
         (bool(cfg.output.dir.strip()), "output.dir is empty; set it to the directory for metrics and checkpoints"),
         (cfg.lora.rank >= 1, "lora.rank must be >= 1"),

@@ -338,8 +338,8 @@ class Plan:
             fixes = "" if self.recompute_num_layers is None else "raise train.recompute_num_layers, "
         fixes += "lower data.max_length or train.micro_batch_size, or raise parallel.pp, parallel.tp or parallel.dp"
         return [
-            f"WARNING: stage {s.stage} needs {s.memory_gib['total']:.1f} GiB per GPU, more than --gpu-mem-gib "
-            f"{self.gpu_mem_gib:g}; {fixes}"
+            f"WARNING: stage {s.stage} needs {s.memory_gib['total']:.1f} GiB per GPU, more than the card's "
+            f"{self.gpu_mem_gib:g} GiB (cluster.gpu_mem_gib, --gpu-mem-gib); {fixes}"
             for s in self.stages
             if s.memory_gib["total"] > self.gpu_mem_gib
         ] + [
@@ -366,7 +366,7 @@ class Plan:
         lines = [
             f"model   {self.model} ({self.source}): {_count(self.total_params)} parameters "
             f"({_count(self.total_params - self.vision_params)} text + {_count(self.vision_params)} vision)",
-            f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs"
+            f"layout  tp {d.tp} x pp {d.pp} x dp {d.dp} = {d.world_size} GPUs of {self.gpu_mem_gib:g} GiB"
             f"{' (sequence parallel)' if d.sequence_parallel and d.tp > 1 else ''}; {self.micro_batches} micro-batches of "
             f"{self.micro_batch_size} x {self.max_length} tokens per step and DP replica; {self.dtype}, "
             f"ZeRO-{self.zero_stage}, {self.attn_implementation}, "
@@ -390,7 +390,7 @@ class Plan:
             setting = ("train.activation_checkpointing: false" if self.least_recompute == 0
                        else f"train.recompute_num_layers: {self.least_recompute}")
             lines.append(
-                f"fits {SUGGESTION_HEADROOM:.0%} of --gpu-mem-gib {self.gpu_mem_gib:g} with less recompute: {setting} "
+                f"fits {SUGGESTION_HEADROOM:.0%} of the card's {self.gpu_mem_gib:g} GiB with less recompute: {setting} "
                 f"({self.least_recompute_gib:.1f} GiB; compute per micro-batch and GPU "
                 f"{' / '.join(f'{t:.1f}' for t in self.least_recompute_tflop)} TFLOP; plan figures, not measured)"
             )
@@ -672,8 +672,11 @@ def balanced_stage_layers(layer_fwd: Sequence[float], head_cost: float, pp: int,
 
 
 def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str | None = None,
-              gpu_mem_gib: float = 80.0, fused_attn_max_head_dim: int = FUSED_ATTN_MAX_HEAD_DIM) -> Plan:
-    """Layers, parameters and memory per GPU for a recipe, without a GPU."""
+              gpu_mem_gib: float | None = None, fused_attn_max_head_dim: int = FUSED_ATTN_MAX_HEAD_DIM) -> Plan:
+    """Layers, parameters and memory per GPU for a recipe, without a GPU; the card holds `gpu_mem_gib` GiB
+    (default: the recipe's cluster.gpu_mem_gib)."""
+    if gpu_mem_gib is None:
+        gpu_mem_gib = cfg.cluster.gpu_mem_gib
     config, source = model_config(cfg.model.path)
     check_supported(config)
     dims = resolve_dims(cfg, world_size)

@@ -23,7 +23,7 @@ from typing import Any
 from runner.checkpoint import native
 from runner.checkpoint.hf_load import INDEX_NAME, resolve_model_dir
 from runner.config import RunConfig
-from runner.data.sources import SampleSource, load_source, same_rows
+from runner.data.sources import SampleSource, hold_out, load_source, same_rows
 from runner.errors import UserError, from_the_recipe
 
 MODEL_TYPE = "gemma4"
@@ -50,8 +50,7 @@ def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
         config = model_checks(cfg, model_dir)
         check_weight_files(model_dir)
         processor = load_processor(model_dir)
-        train_source = load_source(cfg.data.train, cfg.data.train_split)
-        eval_source = load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval and cfg.eval.every_steps else None
+        train_source, eval_source = data_sources(cfg)
         if world_size is not None:
             from runner.train import parallel_dims  # the rule `runner train` applies once processes exist
 
@@ -65,6 +64,19 @@ def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
                 else checkpoint_bytes(cfg, config))
         check_free_disk(out_dir, need)
     return Checked(model_dir, config, processor, train_source, eval_source, resume_from)
+
+
+def data_sources(cfg: RunConfig) -> tuple[SampleSource, SampleSource | None]:
+    """The rows to train on and those to evaluate (None: no eval): data.eval's split, or without it the last
+    data.eval_fraction of data.train's split, held out of training whether or not eval runs."""
+    train = load_source(cfg.data.train, cfg.data.train_split)
+    held_out = None
+    if cfg.data.eval_fraction and not cfg.data.eval:
+        name = f"data.train {cfg.data.train} [{cfg.data.train_split}]"
+        train, held_out = hold_out(train, cfg.data.eval_fraction, name)
+    if not cfg.eval.every_steps:
+        return train, None
+    return train, load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else held_out
 
 
 def check_model_config(model_dir: Path) -> None:

@@ -112,6 +112,35 @@ def test_chat_jsonl_images_by_path_data_uri_bytes_and_text_only(tmp_path: Path) 
     assert len(load_source(str(path), "train[1:]")) == 3
 
 
+def test_chat_jsonl_openai_image_url_parts(tmp_path: Path) -> None:
+    """OpenAI-style `image_url` parts, as an object or a bare string: a data: URI, a file: URL or a path (relative:
+    to the file's folder, no '..'); a web URL is a bad sample naming the line, never fetched."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a b.png").write_bytes(_png((20, 30)))
+    data_uri = "data:image/png;base64," + base64.b64encode(_png((7, 9))).decode()
+    urls = [{"url": data_uri}, data_uri, {"url": "img/a b.png"}, f"file://{(tmp_path / 'img' / 'a%20b.png')}",
+            "file:img/a%20b.png", {"url": "https://example.com/x.png", "detail": "low"}, "HTTP://example.com/y.png",
+            "file://server/share/a.png", {"url": "../img/a b.png"}, {}]
+    lines = [json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": url}, {"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": "A"}]}) for url in urls]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    source = load_source(str(tmp_path / "chat.jsonl"))
+    assert [source[i].images[0].size for i in range(5)] == [(7, 9), (7, 9), (20, 30), (20, 30), (20, 30)]
+    assert source[0].messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Q"}]
+    assert source.text_and_images(0) == ("Q A", 1)
+    for index, reason, words in [(5, "image URL not local", ["chat.jsonl:6", "https://example.com/x.png",
+                                                             "download it and give a path"]),
+                                 (6, "image URL not local", ["chat.jsonl:7", "download it and give a path"]),
+                                 (7, "image URL not local", ["chat.jsonl:8", "'server'"]),
+                                 (8, "image path outside the dataset", ["chat.jsonl:9", "'..'"]),
+                                 (9, "unreadable image", ["chat.jsonl:10", "no image payload"])]:
+        with pytest.raises(BadSample) as bad:
+            source[index]
+        assert bad.value.reason == reason, str(bad.value)
+        assert_one_line(str(bad.value), words)
+
+
 def test_images_decode_as_transformers_loads_them() -> None:
     """16-bit grayscale spans 8 bits instead of clipping to white, transparency lies on white, and the
     EXIF orientation is applied."""
@@ -164,6 +193,35 @@ def test_eval_on_the_training_file_needs_disjoint_slices(medpix: Path, tmp_path:
     assert same_rows((str(chat), "train"), (str(chat), "validation"))
     assert not same_rows((str(chat), "train[:90%]"), (str(chat), "train[90%:]"))
     assert not same_rows((str(medpix), "train"), (str(medpix), "validation"))  # a folder with real splits
+
+
+def test_eval_fraction_holds_out_the_tail_of_the_training_split(medpix: Path, tmp_path: Path) -> None:
+    """The tiny recipe evaluates on the last 10% of whatever data.train is (cut as `train[90%:]` cuts, the
+    same rows every run), trained on the rest; a named data.eval takes precedence and trains on the whole split."""
+    from runner.config import load_config
+    from runner.preflight import data_sources
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_demo.yaml"
+    train, held_out = data_sources(load_config(recipe, [f"data.train={medpix}"]))
+    assert (len(train), len(held_out)) == (36, 4)
+    for rows, split in [(train, "train[:90%]"), (held_out, "train[90%:]")]:
+        sliced = load_source(str(medpix), split)
+        assert len(rows) == len(sliced)
+        assert all(rows.text_and_images(i) == sliced.text_and_images(i) for i in range(len(rows)))
+    assert held_out[0].key.endswith("row 36") and held_out[-1].key.endswith("row 39")
+    with pytest.raises(IndexError):
+        held_out[4]
+    train, named = data_sources(load_config(recipe, [f"data.train={medpix}", f"data.eval={medpix}"]))
+    assert (len(train), len(named)) == (40, 4) and named[0].key.startswith(f"{medpix}[validation]")
+    train, off = data_sources(load_config(recipe, [f"data.train={medpix}", "eval.every_steps=0"]))
+    assert (len(train), off) == (36, None)  # held out whether or not eval runs: the same training rows
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(_chat(f"A{i}") for i in range(3)))
+    with pytest.raises(UserError) as none_left:
+        data_sources(load_config(recipe, [f"data.train={chat}"]))
+    assert_one_line(str(none_left.value), ["data.eval_fraction 0.1 of its 3 rows holds out none"])
+    with pytest.raises(UserError, match=r"data.eval_fraction must be in \[0, 1\)"):
+        load_config(recipe, ["data.eval_fraction=1"])
 
 
 def test_mixed_stream_of_image_and_text_only_sources(medpix: Path, tmp_path: Path) -> None:

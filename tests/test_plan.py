@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,8 @@ def test_31b_preset_matches_the_published_shape(meta_31b):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_31b_recipes_plan_like_deepspeed_partitions(name):
     cfg = load_config(RECIPES[name])
-    plan = make_plan(cfg, gpu_mem_gib=140 if name == "tp2_pp2" else 80)
+    plan = make_plan(cfg)  # on the recipe's cards (cluster.gpu_mem_gib)
+    assert plan.gpu_mem_gib == (140 if name == "tp2_pp2" else 80)
     tp, pp, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp
     assert (plan.dims.tp, plan.dims.pp, plan.dims.dp) == (tp, pp, dp)
     assert plan.micro_batches >= 2 * pp  # enough micro-batches to fill the pipeline (bubble <= 27% at pp 4)
@@ -230,10 +232,50 @@ def test_cli_warns_when_a_gpu_does_not_fit(capsys):
     report = json.loads(out)
     assert not report["fits"] and [s["stage"] for s in report["stages"]] == [0, 1]
     assert report["max_total_gib_per_gpu"] == pytest.approx(report["max_gib_per_gpu"] + OVERHEAD_GIB, abs=1e-3)
-    assert err.count("WARNING: stage") == 2 and "more than --gpu-mem-gib 40" in err
+    assert err.count("WARNING: stage") == 2
+    assert "more than the card's 40 GiB (cluster.gpu_mem_gib, --gpu-mem-gib)" in err
     # without checkpointing, 4k tokens: the stored activations alone overflow 80 GiB
     assert main(["plan", recipe, "--set", "train.activation_checkpointing=false", "--set", "data.max_length=4096"]) == 0
     assert "WARNING: stage 0" in capsys.readouterr().err
+
+
+def test_cli_plans_on_the_recipes_cards_unless_told_otherwise(capsys):
+    """The 4x H200 recipe states its cards (cluster.gpu_mem_gib: 140): its plan fits them without a flag;
+    --gpu-mem-gib and --set cluster.gpu_mem_gib override it."""
+    recipe = str(RECIPES["tp2_pp2"])
+    assert main(["plan", recipe]) == 0
+    out, err = capsys.readouterr()
+    assert "= 4 GPUs of 140 GiB" in out and "WARNING" not in err, err
+    for override in (["--gpu-mem-gib", "80"], ["--set", "cluster.gpu_mem_gib=80"]):
+        assert main(["plan", recipe, *override]) == 0
+        out, err = capsys.readouterr()
+        assert "= 4 GPUs of 80 GiB" in out and err.count("more than the card's 80 GiB") == 2, err
+    assert main(["plan", recipe, "--set", "cluster.gpu_mem_gib=0"]) == 2
+    assert_one_line(capsys.readouterr().err.strip(), ["cluster.gpu_mem_gib must be > 0"])
+
+
+def test_plan_help_explains_every_column(capsys):
+    recipe = str(RECIPES["tp4_pp2"])
+    assert main(["plan", recipe]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("stage"))
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    explained = set(re.findall(r"^  (\S+(?: \S+)?) {2,}", capsys.readouterr().out, re.MULTILINE))
+    columns = [c.replace("_", " ") for c in header.replace("decoder layers", "decoder_layers").split()]
+    assert len(columns) == 15 and [c for c in columns if c not in explained] == [], explained
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_docs_quote_the_plan_as_printed(capsys, name):
+    """README.md and benchmarks/RESULTS.md quote `runner plan RECIPE` line for line (from its layout line to the
+    compute line), so a change to the plan or a recipe that changes the figures shows here."""
+    recipe = RECIPES[name].relative_to(ROOT)
+    assert main(["plan", str(ROOT / recipe)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    quote = "\n".join([f"$ runner plan {recipe}", *printed[1:printed.index("", 3)]])  # to the blank before the note
+    docs = ["benchmarks/RESULTS.md"] + (["README.md"] if name == "tp2_pp2" else [])
+    for doc in docs:
+        assert quote in (ROOT / doc).read_text(), (doc, quote)
 
 
 def test_cli_resolves_dp_from_the_cluster_and_refuses_bad_input(capsys, tmp_path):

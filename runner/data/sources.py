@@ -4,9 +4,10 @@ Accepted specs (`load_source(spec, split)`):
 - a hub id (`mmoukouba/MedPix-VQA`) or a local folder of parquet/arrow files → `datasets.load_dataset`
 - a folder written by `save_to_disk` → `datasets.load_from_disk`
 - a `.parquet` / `.arrow` file
-- a `.jsonl` file of `{"messages": [...]}` chats; image parts reference a path relative to the file,
-  a `data:` URI or base64 `bytes`; conversations without images are text-only samples. A malformed
-  line (not UTF-8, not JSON, no `messages`) is a bad row of its own; a file with no chat line is refused.
+- a `.jsonl` file of `{"messages": [...]}` chats; image parts (`image`, or OpenAI's `image_url`) reference a
+  path relative to the file, a `file:` URL, a `data:` URI or base64 `bytes` (web URLs are bad samples);
+  conversations without images are text-only samples. A malformed line (not UTF-8, not JSON, no `messages`)
+  is a bad row of its own; a file with no chat line is refused.
 Splits take `datasets`' slicing syntax (`train[:1000]`, `validation[10%:]`) for every spec.
 A table is read as MedPix-VQA if it has `image_id`, `question`, `answer` columns, or as chat if it has
 `messages` (plus an optional `images` column that `{"type": "image"}` parts without payload draw from).
@@ -25,6 +26,8 @@ from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from PIL import Image
 
@@ -47,12 +50,15 @@ class SampleSource(Protocol):
         ...
 
 
-IMAGE_FIELDS = ("bytes", "image", "path", "url")  # where an image dict (datasets' value, a chat part) keeps it
+# where an image dict (datasets' value, a chat part) keeps it; OpenAI's `image_url` holds a URL string or {"url": ...}
+IMAGE_FIELDS = ("bytes", "image", "path", "url", "image_url")
+IMAGE_PARTS = ("image", "image_url")  # chat content part types that carry an image
+_WEB_URL = re.compile(r"^(https?|ftp)://", re.IGNORECASE)
 
 
 def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
     """Any image payload a row may carry → RGB PIL image (BadSample if it cannot be read)."""
-    if isinstance(payload, dict):  # datasets' Image(decode=False) value, or a chat message's image part
+    while isinstance(payload, dict):  # datasets' Image(decode=False) value, a chat image part, image_url's {"url"}
         field = next((f for f in IMAGE_FIELDS if payload.get(f)), None)
         payload = None if field is None else payload[field]
         if field == "bytes" and isinstance(payload, str):  # base64 in JSON
@@ -62,10 +68,25 @@ def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
     if isinstance(payload, str) and payload.startswith("data:"):  # data:image/png;base64,....
         payload = _b64(payload.partition(",")[2], key)
     if isinstance(payload, str):
-        return load_image(_image_path(payload, root, key), key)
+        return load_image(_image_path(_url_path(payload, key), root, key), key)
     if isinstance(payload, bytes):
         return load_image(payload, key)
     raise BadSample("unreadable image", f"{key}: no image payload")
+
+
+def _url_path(url: str, key: str) -> str:
+    """A `file:` URL → its path (`file:///abs/a.png`, `file:img/a.png`); a web URL is refused as a bad sample:
+    training reads local files only; any other string is a path already."""
+    if _WEB_URL.match(url):
+        raise BadSample("image URL not local", f"{key}: image {url[:80]!r} is a web URL; training fetches nothing from "
+                                               f"the network: download it and give a path")
+    if not url.lower().startswith("file:"):
+        return url
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise BadSample("image URL not local", f"{key}: image {url[:80]!r} names host {parsed.netloc!r}; a file URL "
+                                               f"must be local (file:///path or file:relative/path)")
+    return url2pathname(parsed.path)
 
 
 def _image_path(path: str, root: Path | None, key: str) -> Path:
@@ -116,10 +137,10 @@ def chat_sample(messages: Any, key: str, root: Path | None = None, images: Seque
         for part in parts:
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 out_parts.append({"type": "text", "text": part["text"]})
-            elif part.get("type") == "image":
+            elif part.get("type") in IMAGE_PARTS:
                 # a bare {"type": "image"} takes the sample's next image from its images list (a table
-                # merges the parts' schemas: a field a part lacks comes as None)
-                own = any(part.get(f) for f in IMAGE_FIELDS)
+                # merges the parts' schemas: a field a part lacks comes as None); an image_url part its own
+                own = part["type"] == "image_url" or any(part.get(f) for f in IMAGE_FIELDS)
                 out_images.append(_decode_payload(part if own else next(pool, None), root, key))
                 out_parts.append({"type": "image"})
             else:
@@ -146,7 +167,7 @@ def _chat_text(messages: Any) -> tuple[str, int]:
     except BadSample:
         return "", 0
     text = " ".join(part["text"] for part in parts if isinstance(part.get("text"), str))
-    return text, sum(part.get("type") == "image" for part in parts)
+    return text, sum(part.get("type") in IMAGE_PARTS for part in parts)
 
 
 class TableSource:
@@ -305,6 +326,33 @@ class ConcatSource:
     def text_and_images(self, index: int) -> tuple[str, int]:
         source, local = self._locate(index)
         return source.text_and_images(local)
+
+
+class RowRange:
+    """Consecutive rows of a source, by their own indices (`hold_out`'s two parts)."""
+
+    def __init__(self, source: SampleSource, rows: range) -> None:
+        self.source, self.rows = source, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.source[self.rows[index]]
+
+    def text_and_images(self, index: int) -> tuple[str, int]:
+        return self.source.text_and_images(self.rows[index])
+
+
+def hold_out(source: SampleSource, fraction: float, name: str) -> tuple[RowRange, RowRange]:
+    """(the first rows, the last `fraction` of them) of a source, cut as `datasets` cuts `train[:90%]` and
+    `train[90%:]`: the same rows every run, so resume positions and their fingerprints hold."""
+    n = len(source)
+    cut = round(n * (1 - fraction))
+    if cut == n:
+        raise UserError(f"{name}: data.eval_fraction {fraction:g} of its {n} rows holds out none; raise it, or set "
+                        f"data.eval")
+    return RowRange(source, range(cut)), RowRange(source, range(cut, n))
 
 
 _SPLIT = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
