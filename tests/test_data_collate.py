@@ -233,7 +233,7 @@ def test_bad_samples_skipped_counted_or_raised(mixed: ConcatSource, processor, n
     next(loader)  # crosses into epoch 1: the finished epoch's counts are kept for the log
     assert loader.skipped_per_epoch[0] == {"unreadable image": 1, "empty answer": 1, "too long": 1}
     assert (loader.epoch, loader.position) == (1, 1)
-    assert "skipping bad sample" in caplog.text and "epoch 0: skipped 3 bad samples" in caplog.text
+    assert "skipping bad sample" in caplog.text and "epoch 0: skipped 3 of 24 samples as bad" in caplog.text
 
     strict = _loader(mixed, processor, num_workers=num_workers, on_bad="raise")
     with pytest.raises(UserError, match=r"^bad sample (unreadable image|empty answer|too long): .*(row \d|chat.jsonl:\d)"):
