@@ -75,3 +75,19 @@ def test_masks_and_decoder_layer_forward_match_the_keyword_call():
         ours = decoder_layer_forward(layer, x, rope, masks[layer_type], pos)
         theirs = layer(x, shared_kv_states={}, position_embeddings=rope, attention_mask=masks[layer_type], position_ids=pos)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_deepspeed_shm_comm_op_is_not_built_on_cpu():
+    """On CPU the runner marks DeepSpeed's shared-memory comm op incompatible before DeepSpeed's comm
+    backend starts: the backend then builds nothing (no C++ compile on a fresh TORCH_EXTENSIONS_DIR)
+    and uses gloo's collectives. (The seam: `deepspeed.ops.__compatible_ops__`, probed once and kept.)"""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    from runner.compat import skip_deepspeed_shm_comm
+
+    assert get_accelerator().device_name() == "cpu"  # DS_ACCELERATOR=cpu (conftest)
+    assert skip_deepspeed_shm_comm()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None
