@@ -73,6 +73,10 @@ def _train(args: argparse.Namespace) -> int:
 
             preflight(cfg, world_size=args.world_size)
         return 0
+    from runner.quiet import quiet_libraries, set_verbose
+
+    set_verbose(args.verbose)
+    quiet_libraries()
     from runner.train import train
 
     return train(cfg, ds_config_path=args.ds_config)
@@ -131,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model, then exit (launch.sh does this before starting processes)")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --check: the launcher's process count, which tp*pp must divide")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep every library message (DeepSpeed's INFO logging and prints, torch's warnings) and every "
+                        "process's bad-sample lines; RUNNER_VERBOSE=1 in the environment does the same")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plan", help="stage -> layers, parameters and memory per GPU for a recipe, without a GPU",

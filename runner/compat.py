@@ -1,4 +1,4 @@
-"""Every transformers and PEFT internal the runner reads, in one place.
+"""Every transformers and PEFT internal the runner reads, in one place (and the few DeepSpeed ones, at the end).
 
 transformers renames module attributes and private helpers between minor releases (5.25 renamed
 `Gemma4RMSNorm.eps` to `variance_epsilon`); the runner reaches them only through this module, so
@@ -9,6 +9,10 @@ release.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +43,8 @@ __all__ = [
     "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "peft_key", "peft_lora_config", "read_peft_lora_config",
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
     "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
-    "decoder_layer_forward", "flex_attention_forward", "is_kv_shared_layer", "process_groups", "register_attention",
-    "rms_norm_eps", "set_attn_implementation",
+    "decoder_layer_forward", "deepspeed_prints_dropped", "flex_attention_forward", "is_kv_shared_layer",
+    "process_groups", "register_attention", "rms_norm_eps", "set_attn_implementation", "skip_deepspeed_shm_comm",
 ]
 
 
@@ -144,3 +148,50 @@ def process_groups() -> list:
     """Every process group this rank belongs to: torch's own registry (private; DeepSpeed creates its
     pipeline groups without a timeout, so the runner sets one on each after they exist)."""
     return list(torch.distributed.distributed_c10d._world.pg_map)
+
+
+def skip_deepspeed_shm_comm() -> bool:
+    """On CPU (DS_ACCELERATOR=cpu): mark DeepSpeed's shared-memory comm op (`deepspeed_shm_comm`)
+    incompatible, so that its comm backend, when `deepspeed.init_distributed` (or `deepspeed.initialize`)
+    starts it, uses plain gloo collectives instead of compiling the op with a C++ compiler first
+    (minutes on a fresh TORCH_EXTENSIONS_DIR, silently, then once per process). The op serves only
+    DeepSpeed's `inference_all_reduce` (inference TP), which training never calls. DeepSpeed probes
+    `deepspeed.ops.__compatible_ops__` once and keeps the dict in the module: the edit persists.
+    Call before DeepSpeed's comm backend starts; returns whether the op was marked."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return False
+    builder = accelerator.get_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return False
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    return True
+
+
+# DeepSpeed's print() calls on rank 0 that no logger level reaches: PipelineParallelGrid's topology dump
+# (the runner's grid and PipelineModule's own) and PipelineModule's layer-seed settings
+DEEPSPEED_PRINTS = ("Using topology:", "SEED_LAYERS=")
+
+
+@contextlib.contextmanager
+def deepspeed_prints_dropped() -> Iterator[None]:
+    """Run DeepSpeed's constructors with their `DEEPSPEED_PRINTS` lines dropped from stdout (kept under
+    `runner train --verbose`); every other line is written when the block ends."""
+    from runner.quiet import verbose
+
+    if verbose():
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if not line.startswith(DEEPSPEED_PRINTS)]
+        if kept:
+            sys.stdout.write("".join(kept))
+            sys.stdout.flush()

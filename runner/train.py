@@ -24,9 +24,10 @@ from deepspeed.accelerator import get_accelerator
 from runner.checkpoint import native
 from runner.checkpoint.export import export_after_training
 from runner.checkpoint.hf_load import load_hf_weights
+from runner.compat import skip_deepspeed_shm_comm
 from runner.config import RunConfig, fp32_grad_accum, load_deepspeed_json, micro_batches_per_step, runs_zero_optimizer
 from runner.data.collate import Gemma4Collator
-from runner.data.loader import MicroBatchLoader
+from runner.data.loader import BadSampleReport, MicroBatchLoader
 from runner.data.packing import Packer
 from runner.data.sampler import StepSampler
 from runner.data.sources import SampleSource
@@ -52,6 +53,7 @@ from runner.optim import build_optimizer, lr_lambda, matrix_group_count
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.preflight import Checked, preflight
 from runner.profiling import profile_step
+from runner.quiet import verbose
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -77,6 +79,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         use_expandable_segments()
         if not cpu:  # before building anything: each rank its own GPU, not GPU 0
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        skip_deepspeed_shm_comm()  # CPU: gloo's collectives, not a C++ op compiled on first start
         deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name(),
                                    timeout=timedelta(minutes=timeout_minutes))
 
@@ -151,8 +154,12 @@ def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: Parallel
     if cfg.data.packing:
         packer = Packer(cfg.data.pack_length, cfg.train.micro_batch_size, collator.pad_id, collator.max_patches,
                         collator.patch_dim)
+    # one process per DP replica (its first) names the bad samples it read; every replica's counts per epoch
+    first_of_replica = ps.tp_rank == 0 and ps.pp_rank == 0
+    report = BadSampleReport(split, speaks=first_of_replica or verbose(), every_time=verbose(),
+                             dp_group=ps.dp_group if dims.dp > 1 and first_of_replica and not verbose() else None)
     return MicroBatchLoader(source, collator, sampler, num_workers=cfg.data.num_workers, on_bad=cfg.data.on_bad_sample,
-                            packer=packer)
+                            packer=packer, report=report)
 
 
 def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState,
@@ -415,4 +422,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     if cfg.eval.generate and exported is not None:  # rank 0, which wrote the export
         del engine, model, optimizer, scheduler  # the accelerator's memory goes to generation
         generate_on_export(exported, cfg, step)
+    if rank == 0 and finished(cfg, step, total_steps, train_data):
+        saved = f"last checkpoint {last_ckpt}" if last_ckpt is not None else "no checkpoint"
+        print(f"finished: step {step} of {total_steps}; {saved}; metrics in {out_dir / 'metrics.jsonl'}", flush=True)
     return 0

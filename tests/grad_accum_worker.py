@@ -11,12 +11,15 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
+from runner.compat import skip_deepspeed_shm_comm
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ds-config", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    skip_deepspeed_shm_comm()  # as runner.train.init_distributed: no C++ build on CPU
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     ds = json.load(open(args.ds_config))

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, Gemma4Config
 
 from runner.checkpoint.hf_load import load_hf_weights
-from runner.compat import read_peft_lora_config
+from runner.compat import read_peft_lora_config, skip_deepspeed_shm_comm
 from runner.config import LoraConfig
 from runner.data.collate import Encoded
 from runner.data.packing import Packer
@@ -179,6 +179,7 @@ def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
                   **kwargs) -> tuple[ParallelState, Gemma4Config, Gemma4Pipeline]:
     """Join the process group and build this rank's part of the (args.tp, args.pp, args.dp) pipeline
     from the HF checkpoint args.ckpt, eager attention; `kwargs` go to Gemma4Pipeline."""
+    skip_deepspeed_shm_comm()  # as runner.train.init_distributed: no C++ build on CPU
     deepspeed.init_distributed(dist_backend=backend)
     ps = build_parallel_state(ParallelDims(args.tp, args.pp, args.dp, args.sequence_parallel))
     config = AutoConfig.from_pretrained(args.ckpt)

@@ -105,3 +105,19 @@ def test_installed_peft_is_in_the_declared_range_and_names_adapters_as_the_runne
     with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME, framework="pt") as f:
         assert set(f.keys()) == {peft_key(target, "lora_A"), peft_key(target, "lora_B")}
     assert read_peft_lora_config(tmp_path / "adapter").r == 2
+
+
+def test_deepspeed_shm_comm_op_is_not_built_on_cpu():
+    """On CPU the runner marks DeepSpeed's shared-memory comm op incompatible before DeepSpeed's comm
+    backend starts: the backend then builds nothing (no C++ compile on a fresh TORCH_EXTENSIONS_DIR)
+    and uses gloo's collectives. (The seam: `deepspeed.ops.__compatible_ops__`, probed once and kept.)"""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    from runner.compat import skip_deepspeed_shm_comm
+
+    assert get_accelerator().device_name() == "cpu"  # DS_ACCELERATOR=cpu (conftest)
+    assert skip_deepspeed_shm_comm()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from runner.data.collate import IGNORE_INDEX, Gemma4Collator, hf_model_inputs
-from runner.data.loader import MicroBatchLoader
+from runner.data.loader import BadSampleReport, MicroBatchLoader
 from runner.data.sample import BadSample, Sample
 from runner.data.sampler import StepSampler
 from runner.data.sources import ConcatSource, load_source
@@ -233,12 +233,33 @@ def test_bad_samples_skipped_counted_or_raised(mixed: ConcatSource, processor, n
     next(loader)  # crosses into epoch 1: the finished epoch's counts are kept for the log
     assert loader.skipped_per_epoch[0] == {"unreadable image": 1, "empty answer": 1, "too long": 1}
     assert (loader.epoch, loader.position) == (1, 1)
-    assert "skipping bad sample" in caplog.text and "epoch 0: skipped 3 bad samples" in caplog.text
+    assert "skipping bad sample" in caplog.text and "epoch 0: skipped 3 of 24 samples as bad" in caplog.text
 
     strict = _loader(mixed, processor, num_workers=num_workers, on_bad="raise")
     with pytest.raises(UserError, match=r"^bad sample (unreadable image|empty answer|too long): .*(row \d|chat.jsonl:\d)"):
         for _ in range(per_epoch):
             next(strict)
+
+
+def test_each_bad_sample_is_one_line_once_and_each_epoch_one_summary(mixed: ConcatSource, processor,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Two epochs over the same 3 bad samples: one line per sample (not again in epoch 1), a summary per
+    epoch by reason; a process that does not speak for its replica (a TP/PP rank other than the first)
+    says nothing."""
+    loader = _loader(mixed, processor)
+    for _ in range(2 * loader.sampler.micro_batches_per_epoch):
+        next(loader)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if m.startswith("skipping bad sample")]) == 3, lines
+    assert len({m for m in lines if m.startswith("skipping bad sample")}) == 3, lines
+    for epoch in (0, 1):
+        [summary] = [m for m in lines if m.startswith(f"data epoch {epoch}: ")]
+        assert "skipped 3 of 24 samples as bad" in summary and "empty answer 1" in summary, summary
+    caplog.clear()
+    silent = _loader(mixed, processor, report=BadSampleReport(speaks=False))
+    for _ in range(silent.sampler.micro_batches_per_epoch):
+        next(silent)
+    assert silent.skipped == {"unreadable image": 1, "empty answer": 1, "too long": 1} and not caplog.records
 
 
 def test_malformed_jsonl_lines_skipped_counted_or_raised(tmp_path: Path, processor) -> None:

@@ -332,3 +332,27 @@ def test_expandable_segments_unless_the_user_chose_an_allocator_setting(monkeypa
             monkeypatch.setenv(name, value)
         use_expandable_segments()
         assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == want, env
+
+
+def test_quiet_by_default_and_everything_under_verbose(tmp_path, tiny_ckpt, medpix):
+    """A 2-process run (pp=2: both processes read the same samples) over 8 good and 4 bad rows: one
+    line per bad sample and one epoch summary, no DeepSpeed INFO logging or prints, no torch warning
+    about the tied-weight broadcast, and a last line saying the run finished. `--verbose` keeps all
+    of it: DeepSpeed's INFO lines, its topology print, the torch warning, each process's lines."""
+    sets = ("parallel.tp=1", "parallel.pp=2", "parallel.dp=1", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.max_steps=0", "train.epochs=1", f"data.train={_vqa_table(tmp_path / 'half.parquet', 8, 4)}")
+    proc = run(torchrun_cmd(2, *TRAIN) + _sets(tiny_ckpt, medpix, tmp_path / "quiet", *sets))
+    log = proc.stdout + proc.stderr
+    bad = [line for line in log.splitlines() if line.startswith("skipping bad sample")]
+    assert len(bad) == len(set(bad)) == 4 and all("empty answer" in line for line in bad), log[-3000:]
+    summaries = [line for line in log.splitlines() if line.startswith("data.train epoch 0: ")]
+    assert summaries == ["data.train epoch 0: skipped 4 of 12 samples as bad (empty answer 4)"], log[-3000:]
+    for noise in ("[INFO]", "Using topology", "SEED_LAYERS", "autograd kernel was not registered", "built successfully"):
+        assert noise not in log, (noise, log[-3000:])
+    assert proc.stdout.splitlines()[-1].startswith("finished: step 3 of 3; last checkpoint ")
+
+    proc = run(torchrun_cmd(2, *TRAIN, "--verbose") + _sets(tiny_ckpt, medpix, tmp_path / "verbose", *sets))
+    log = proc.stdout + proc.stderr
+    assert len([line for line in log.splitlines() if line.startswith("skipping bad sample")]) == 8, log[-3000:]
+    for shown in ("[INFO]", "Using topology", "autograd kernel was not registered"):
+        assert shown in log, (shown, log[-3000:])

@@ -1,8 +1,9 @@
 """The trainer's data feed: micro-batches of one DP replica, resumable, bad samples skipped and counted.
 
 Workers (torch DataLoader processes) only encode and collate; a bad sample comes back as a reason,
-never as an exception, so one corrupt image cannot kill a worker. The main process counts, warns, and
-— with `on_bad="raise"` — stops with one UserError line naming the sample. Position and skip counts
+never as an exception, so one corrupt image cannot kill a worker. The main process counts, reports
+(`BadSampleReport`: one line per bad sample, one summary per epoch, by one process of the job), and —
+with `on_bad="raise"` — stops with one UserError line naming the sample. Position and skip counts
 are tracked as micro-batches are handed to the trainer (not as workers prefetch), so `state_dict`
 taken between steps resumes exactly: no sample repeated, none missed.
 """
@@ -26,14 +27,14 @@ from runner.data.sources import SampleSource
 from runner.errors import UserError
 
 logger = logging.getLogger(__name__)
-_WARNINGS_PER_REASON = 5  # per epoch; the epoch summary has the full counts
+_LINES_PER_REASON = 5  # bad-sample lines per reason and process; the epoch summaries have the full counts
 
-Skip = tuple[str, str]  # (reason, message)
+Skip = tuple[str, str, int]  # (reason, message, dataset index)
 Batch = dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]  # a micro-batch, or a packed step's
 
 
 class _EncodedDataset(Dataset):
-    """source[i] → Encoded, or the BadSample's (reason, message) instead of raising."""
+    """source[i] → Encoded, or the BadSample's (reason, message, i) instead of raising."""
 
     def __init__(self, source: SampleSource, collator: Gemma4Collator) -> None:
         self.source, self.collator = source, collator
@@ -45,7 +46,7 @@ class _EncodedDataset(Dataset):
         try:
             return self.collator.encode(self.source[index])
         except BadSample as bad:
-            return bad.reason, str(bad)
+            return bad.reason, str(bad), index
 
 
 class _Collate:
@@ -59,6 +60,50 @@ class _Collate:
         good = [item for item in items if isinstance(item, Encoded)]
         batch = self.collator.collate(good) if self.packer is None else self.packer.pack(good)
         return batch, [item for item in items if not isinstance(item, Encoded)]
+
+
+class BadSampleReport:
+    """Who says what about bad samples. Every TP/PP rank of a DP replica reads the same samples and
+    each replica its own, so one process per replica (`speaks`: its first) prints one line per bad
+    sample it read, the first time it meets it (not again in later epochs or eval passes), at most
+    `_LINES_PER_REASON` per reason; and at each epoch's end the job's first process prints one summary
+    of every replica's counts by reason (gathered over `dp_group`, the speaking processes' DP group,
+    when there are several replicas). `every_time` (`runner train --verbose`): a line each time a
+    sample is skipped, no cap. Without a process group (one process, tests): speaks, sums its own."""
+
+    def __init__(self, name: str = "data", speaks: bool = True, dp_group: Any = None, every_time: bool = False) -> None:
+        self.name, self.speaks, self.dp_group, self.every_time = name, speaks, dp_group, every_time
+        self.seen: set[int] = set()
+        self.lines: Counter[str] = Counter()
+        self.summarized: set[int] = set()  # epochs (an eval pass rewinds to epoch 0 and reads its split again)
+
+    def skipped(self, reason: str, message: str, index: int) -> None:
+        if not self.speaks or (index in self.seen and not self.every_time):
+            return
+        self.seen.add(index)
+        self.lines[reason] += 1
+        if self.every_time or self.lines[reason] <= _LINES_PER_REASON:
+            logger.warning("skipping bad sample %s", message)
+            if self.lines[reason] == _LINES_PER_REASON and not self.every_time:
+                logger.warning("(further %r samples are counted in the epoch summaries, not listed)", reason)
+
+    def epoch_end(self, epoch: int, counts: Counter[str], samples: int) -> None:
+        """Collective over `dp_group` on the speaking processes: call on every rank at the same point."""
+        if not self.speaks or epoch in self.summarized:
+            return
+        self.summarized.add(epoch)
+        first = True
+        if self.dp_group is not None:
+            import torch.distributed as dist
+
+            every: list = [None] * dist.get_world_size(self.dp_group)
+            dist.all_gather_object(every, dict(counts), group=self.dp_group)
+            counts = sum((Counter(c) for c in every), Counter())
+            first = dist.get_rank(self.dp_group) == 0
+        total = sum(counts.values())
+        if first and total:
+            by_reason = ", ".join(f"{reason} {n}" for reason, n in counts.most_common())
+            logger.warning("%s epoch %d: skipped %d of %d samples as bad (%s)", self.name, epoch, total, samples, by_reason)
 
 
 class MicroBatchLoader:
@@ -80,6 +125,7 @@ class MicroBatchLoader:
         num_workers: int = 0,
         on_bad: Literal["skip", "raise"] = "skip",
         packer: Packer | None = None,
+        report: BadSampleReport | None = None,
     ) -> None:
         if on_bad not in ("skip", "raise"):
             raise UserError(f"data.on_bad_sample must be 'skip' or 'raise', got {on_bad!r}")
@@ -95,6 +141,7 @@ class MicroBatchLoader:
         self.lengths_digest = None if lengths is None else hashlib.sha1(lengths).hexdigest()[:16]
         self.num_workers = num_workers
         self.on_bad = on_bad
+        self.report = report or BadSampleReport()
         self.epoch = 0
         self.position = 0  # micro-batches of this epoch already handed out
         self.skipped: Counter[str] = Counter()
@@ -133,21 +180,23 @@ class MicroBatchLoader:
             for batch, skips in loader:
                 self._count(skips)
                 self.position += per_item
+                if self.position >= self.sampler.micro_batches_per_epoch:  # before the trainer may stop on it
+                    self.report.epoch_end(self.epoch, self.skipped, self._samples_per_epoch())
                 yield batch
             self._end_epoch()
 
     def _count(self, skips: list[Skip]) -> None:
-        for reason, message in skips:
+        for reason, message, index in skips:
             if self.on_bad == "raise":
                 raise UserError(f"bad sample {message}; set data.on_bad_sample=skip to skip and count such samples")
             self.skipped[reason] += 1
-            if self.skipped[reason] <= _WARNINGS_PER_REASON:
-                logger.warning("skipping bad sample %s", message)
+            self.report.skipped(reason, message, index)
+
+    def _samples_per_epoch(self) -> int:
+        s = self.sampler  # whole global batches (keep_tail: the last partial one too)
+        return min(s.num_samples, s.micro_batches_per_epoch * s.micro_batch_size * s.dp_size)
 
     def _end_epoch(self) -> None:
-        total = sum(self.skipped.values())
-        if total:
-            logger.warning("epoch %d: skipped %d bad samples (%s)", self.epoch, total, dict(self.skipped))
         self.skipped_per_epoch[self.epoch] = dict(self.skipped)
         self.epoch, self.position, self.skipped = self.epoch + 1, 0, Counter()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
+from runner.compat import deepspeed_prints_dropped
 from runner.errors import UserError
 
 
@@ -89,7 +90,8 @@ def build_parallel_state(dims: ParallelDims) -> ParallelState:
     """Create the grid and every group; call on all ranks after `init_distributed`."""
     dims.validate(dist.get_world_size())
     topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
-    grid = PipelineParallelGrid(topology=topo)
+    with deepspeed_prints_dropped():  # its topology dump
+        grid = PipelineParallelGrid(topology=topo)
     coord = topo.get_coord(dist.get_rank())
     replica_groups: dict[int, object] = {}
     # KV heads fewer than tp are replicated over `r` consecutive TP ranks; their weight gradients are

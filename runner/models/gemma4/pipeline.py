@@ -20,7 +20,7 @@ from deepspeed.runtime.utils import partition_balanced
 from torch import nn
 from transformers import Gemma4Config
 
-from runner.compat import Gemma4TextAttention
+from runner.compat import Gemma4TextAttention, deepspeed_prints_dropped
 from runner.errors import UserError
 from runner.models.gemma4.stages import (
     Gemma4DecoderLayerPipe,
@@ -196,19 +196,20 @@ class Gemma4Pipeline(PipelineModule):
         self.ps = ps
         self.stage_layers = tuple(stage_layers)
         loss = TokenWeightedLoss(ps, config.text_config.vocab_size)
-        super().__init__(
-            layers=gemma4_layer_specs(config, ps, fused_rms_norm, gemm_backward),
-            topology=ps.topology,
-            loss_fn=loss,
-            activation_checkpoint_interval=activation_checkpoint_interval,
-            # non-reentrant: a frozen embedding or vision tower feeds checkpointed layers inputs that
-            # need no grad, which the reentrant function would cut off from autograd. DeepSpeed's own
-            # function, because the engine recognizes only it as non-reentrant; with any other it
-            # marks pixel_values requires_grad and backpropagates through a frozen vision tower.
-            activation_checkpoint_func=ds_checkpointing.non_reentrant_checkpoint,
-            checkpointable_layers=[Gemma4DecoderLayerPipe.__name__],
-            dynamic_shape=True,
-        )
+        with deepspeed_prints_dropped():  # its topology and seed settings
+            super().__init__(
+                layers=gemma4_layer_specs(config, ps, fused_rms_norm, gemm_backward),
+                topology=ps.topology,
+                loss_fn=loss,
+                activation_checkpoint_interval=activation_checkpoint_interval,
+                # non-reentrant: a frozen embedding or vision tower feeds checkpointed layers inputs that
+                # need no grad, which the reentrant function would cut off from autograd. DeepSpeed's own
+                # function, because the engine recognizes only it as non-reentrant; with any other it
+                # marks pixel_values requires_grad and backpropagates through a frozen vision tower.
+                activation_checkpoint_func=ds_checkpointing.non_reentrant_checkpoint,
+                checkpointable_layers=[Gemma4DecoderLayerPipe.__name__],
+                dynamic_shape=True,
+            )
         self.token_loss = loss
         self.lora: dict | None = None  # set by runner.lora.apply_lora: checkpoints then hold only the adapters
         decoder = [f for f in self.forward_funcs if isinstance(f, Gemma4DecoderLayerPipe)]
