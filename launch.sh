@@ -17,7 +17,7 @@ Usage: ./launch.sh COMMAND [ARGS]
 Commands:
   demo [--set KEY=VALUE ...]   tiny Gemma4 + synthetic MedPix data on CPU: TP2 x PP2 under accelerate
                                (4 processes), fine-tuned, exported and scored, in runs/demo/
-  test [PYTEST ARGS]           the CPU test suite (pytest -q tests)
+  test [PYTEST ARGS]           the CPU test suite (pytest -q tests; or the tests/ files or ids given)
   test-oldest [PYTEST ARGS]    the compatibility subset on the oldest supported transformers (.venv-oldest)
   train RECIPE [OPTIONS]       check a run once, then start its processes (./launch.sh train --help)
   install                      install the runner, its dependencies and torch (see Python below)
@@ -250,6 +250,14 @@ print(f"demo: base {base} -> fine-tuned {tuned} (answers in {demo / 'eval'})")
 PY
 }
 
+test_paths() {  # test_paths PYTEST ARGS: "tests" unless the arguments name test files or folders themselves
+    local a
+    for a in "$@"; do
+        case "$a" in -*) ;; *) [ -e "${a%%::*}" ] && return ;; esac
+    done
+    echo tests
+}
+
 test_oldest() {  # the `compat`-marked tests in .venv-oldest, on the lowest transformers pyproject allows
     local oldest venv=.venv-oldest
     pick_python
@@ -266,7 +274,9 @@ sys.exit(v.Version(transformers.__version__) != v.Version('$oldest'))" 2>/dev/nu
         "$venv/bin/python" -m pip install -e ".[test]" "transformers==$oldest"
     fi
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$ROOT/$venv/torch_extensions
-    exec "$venv/bin/python" -m pytest -q -m compat tests "$@"
+    local where
+    where=$(test_paths "$@")
+    exec "$venv/bin/python" -m pytest -q -m compat ${where:+"$where"} "$@"
 }
 
 cmd=${1:-}
@@ -282,7 +292,8 @@ case "$cmd" in
         pick_python create
         install
         export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-        exec "$PY" -m pytest -q tests "$@" ;;
+        where=$(test_paths "$@")
+        exec "$PY" -m pytest -q ${where:+"$where"} "$@" ;;
     test-oldest) export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}; test_oldest "$@" ;;
     train) train "$@" ;;
     *) echo "error: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;

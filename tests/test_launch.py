@@ -130,7 +130,10 @@ def test_the_test_command_stays_offline(tmp_path, fake_python):
     env, log = fake_python
     proc = launch("test", "-k", "nothing", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert log() == ["HF_HUB_OFFLINE=1 -m pytest -q tests -k nothing"]
+    proc = launch("test", "tests/test_launch.py::test_x", "-x", cwd=tmp_path, env=env)  # tests named: only those
+    assert proc.returncode == 0, proc.stderr
+    assert log() == ["HF_HUB_OFFLINE=1 -m pytest -q tests -k nothing",
+                     "HF_HUB_OFFLINE=1 -m pytest -q tests/test_launch.py::test_x -x"]
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64" or shutil.which("nvidia-smi") is not None,
