@@ -23,9 +23,9 @@ Commands:
   install                      install the runner, its dependencies and torch (see Python below)
   help                         this text
 
-Python: $PYTHON if set, else the active virtual environment ($VIRTUAL_ENV), else .venv in the
-repository; install, demo and test create .venv when none of these exists (train and test-oldest
-then use python3). Without a GPU (no nvidia-smi) on x86_64, torch comes as the CPU build.
+Python: $PYTHON if set, else the active virtual environment ($VIRTUAL_ENV, or python3 on PATH when
+it is a venv's), else .venv in the repository; install, demo and test create .venv when none of these
+exists (train and test-oldest then use python3). Without a GPU (no nvidia-smi) on x86_64, torch comes as the CPU build.
 Hub: demo, test and test-oldest run offline (HF_HUB_OFFLINE=1); train downloads from the Hub unless
 you set HF_HUB_OFFLINE=1.
 EOF
@@ -76,6 +76,8 @@ pick_python() {  # PY: $PYTHON, the active venv, the repo's .venv (created when 
         PY=$PYTHON
     elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then
         PY=$VIRTUAL_ENV/bin/python
+    elif python3 -c "import sys; sys.exit(sys.prefix == sys.base_prefix)" 2>/dev/null; then
+        PY=python3  # a venv's bin/ first on PATH, not activated
     elif [ -x "$ROOT/.venv/bin/python" ] || [ "${1:-}" = create ]; then
         if [ ! -x "$ROOT/.venv/bin/python" ]; then
             echo "install: creating the virtual environment .venv (python3 -m venv; set PYTHON or activate a venv to use another)" >&2

@@ -176,3 +176,19 @@ def test_check_from_another_directory_finds_relative_recipe_model_and_data(tmp_p
                   "tp*pp=2*2=4 of 4 processes", f"output.dir {cwd}/out writable", "free disk "):
         assert words in ok[0], (words, ok[0])
     assert not (cwd / "out").exists()  # checked, nothing started
+
+
+def test_python_is_the_active_venvs_without_PYTHON(tmp_path, fake_python):
+    """No PYTHON: an activated venv's python, else python3 on PATH when it belongs to a venv (never a new .venv)."""
+    env, log = fake_python
+    fake = Path(env.pop("PYTHON"))
+    (fake.parent / "python3").symlink_to(fake)
+    check = [f"HF_HUB_OFFLINE=unset -m runner train {DEMO} --check --world-size 4"]
+    proc = launch("train", str(DEMO), "--check", cwd=tmp_path, env=dict(env, VIRTUAL_ENV=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert log() == check
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the tests' interpreter is not a venv's")
+    proc = launch("train", str(DEMO), "--check", cwd=tmp_path, env=dict(env, PATH=f"{fake.parent}:{env['PATH']}"))
+    assert proc.returncode == 0, proc.stderr  # (the fake runs snippets in this test's interpreter, a venv's)
+    assert log() == check * 2
