@@ -69,6 +69,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # `-c`/`-` snippets run in the real interpreter; anything else is recorded (HF_HUB_OFFLINE, then the arguments)
 case "$1" in
     -c|-)
+        case "$2" in *deepspeed*) [ -n "${FAKE_INSTALLED:-}" ] && exit 0 ;; esac  # install's check
         case "$2" in *torchvision*) [ -n "${FAKE_NO_TORCH:-}" ] && exit 1 ;; esac
         case "$2" in *urllib*) [ -n "${FAKE_INDEX_DOWN:-}" ] && exit 1; exit 0 ;; esac  # the index probe
         exec REAL "$@" ;;
@@ -128,6 +129,7 @@ def test_train_resolves_the_users_paths_from_where_they_stand(tmp_path, fake_pyt
 
 def test_the_test_command_stays_offline(tmp_path, fake_python):
     env, log = fake_python
+    env = dict(env, FAKE_INSTALLED="1")
     proc = launch("test", "-k", "nothing", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     proc = launch("test", "tests/test_launch.py::test_x", "-x", cwd=tmp_path, env=env)  # tests named: only those
