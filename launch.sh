@@ -81,7 +81,8 @@ pick_python() {  # PY: $PYTHON, the active venv, the repo's .venv (created when 
     elif [ -x "$ROOT/.venv/bin/python" ] || [ "${1:-}" = create ]; then
         if [ ! -x "$ROOT/.venv/bin/python" ]; then
             echo "install: creating the virtual environment .venv (python3 -m venv; set PYTHON or activate a venv to use another)" >&2
-            python3 -m venv "$ROOT/.venv" || usage_error "python3 -m venv .venv failed (Debian/Ubuntu: apt install python3-venv); or set PYTHON to the interpreter to install into"
+            python3 -m venv "$ROOT/.venv" || { echo "error: python3 -m venv .venv failed (Debian/Ubuntu: apt install \
+python3-venv); or set PYTHON to the interpreter to install into" >&2; exit 1; }
         fi
         PY=$ROOT/.venv/bin/python
         export VIRTUAL_ENV=$ROOT/.venv PATH=$ROOT/.venv/bin:$PATH  # `runner`, and launch.sh run from the tests
