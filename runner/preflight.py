@@ -235,5 +235,20 @@ def check_free_disk(out_dir: Path, need: int) -> None:
                         f"free space or point output.dir at a larger disk")
 
 
+def summary(cfg: RunConfig, checked: Checked, world_size: int | None) -> str:
+    """What the checks found, for `runner train --check` to print on success."""
+    data = f"data {cfg.data.train} [{cfg.data.train_split}]: {len(checked.train_source)} samples"
+    if checked.eval_source is not None:
+        data += f", eval {cfg.data.eval} [{cfg.data.eval_split}]: {len(checked.eval_source)} samples"
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    layout = f"tp*pp={tp}*{pp}={tp * pp}" + (f" of {world_size} processes" if world_size is not None else "")
+    out_dir = existing = Path(cfg.output.dir)
+    while not existing.exists():
+        existing = existing.parent
+    resume = f", resumes {checked.resume_from}" if checked.resume_from is not None else ""
+    return (f"model {checked.model_dir}, {data}, {layout}, output.dir {out_dir} writable{resume}, "
+            f"free disk {_size(shutil.disk_usage(existing).free)}")
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
