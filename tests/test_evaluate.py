@@ -120,7 +120,9 @@ def test_eval_generate_logs_the_exports_scores_after_training(tiny_ckpt, tmp_pat
 
 def test_eval_generate_needs_the_export_and_eval_data() -> None:
     recipe = ROOT / "recipes" / "tiny_demo.yaml"
-    assert load_config(recipe, ["eval.generate=true"]).eval.generate
+    # the tiny recipe evaluates on a held-out data.eval_fraction; eval.generate needs a named data.eval
+    named = ["eval.generate=true", "data.eval=runs/demo/medpix-synthetic"]
+    assert load_config(recipe, named).eval.generate
     for missing in ("checkpoint.export=false", "data.eval="):
         with pytest.raises(UserError, match="eval.generate"):
-            load_config(recipe, ["eval.generate=true", missing])
+            load_config(recipe, [*named, missing])

@@ -169,4 +169,4 @@ def test_launch_sh_exits_2_on_a_user_error(tmp_path, tiny_ckpt, medpix):
     sets = _sets(tiny_ckpt, medpix, tmp_path / "out", "parallel.tp=1", "parallel.pp=1", "train.global_batch_size=32",
                  "train.micro_batch_size=1")
     proc = run(launch + ["--cluster", "accelerate_configs/cpu_1proc.yaml", *sets], ok=False, timeout=300)
-    assert_one_error_line(proc, ["data.train: the dataset has 16 samples, fewer than one global batch"])
+    assert_one_error_line(proc, ["data.train: the dataset has", "samples, fewer than one global batch"])
