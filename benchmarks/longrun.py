@@ -340,7 +340,7 @@ def _version(package: str) -> str:
 
 
 def _commit() -> str:
-    """This tree's commit where git is at hand (the GPU machine has none: pass --commit)."""
+    """This tree's commit where git is at hand (without git, pass --commit)."""
     try:
         proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     except OSError:  # no git installed
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"DeepSpeed config {path} does not exist (paths are relative to {ROOT})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("BENCH_WORK", "/tmp/gpu_bench"))  # gpu_bench's: a warm machine reuses its checkpoint
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/gpu_bench"))  # gpu_bench's: a kept BENCH_WORK reuses its checkpoint
     work.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() if not cpu else 0
     slots = gpus or max((int(x) * int(y) for layouts in (args.layouts, fp32_layouts)
