@@ -58,16 +58,24 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def problems(record: dict) -> list[str]:
-    """What is wrong with `record` against the shape (empty when nothing is)."""
-    found = [f"missing {k}" for k in FIELDS if k not in record]
-    found += [f"unknown key {k}" for k in record if k not in FIELDS + OPTIONAL]
+def _shape_problems(record: dict, fields: tuple[str, ...], optional: tuple[str, ...]) -> list[str]:
+    """Missing and unknown keys; with none, a malformed date or commit."""
+    found = [f"missing {k}" for k in fields if k not in record]
+    found += [f"unknown key {k}" for k in record if k not in fields + optional]
     if found:
         return found
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(record["date"])):
         found.append(f"date {record['date']!r} is not YYYY-MM-DD")
     if not re.fullmatch(r"[0-9a-f]{7,40}", str(record["commit"])):
         found.append(f"commit {record['commit']!r} is not a commit id")
+    return found
+
+
+def problems(record: dict) -> list[str]:
+    """What is wrong with `record` against the shape (empty when nothing is)."""
+    found = _shape_problems(record, FIELDS, OPTIONAL)
+    if found and found[0].startswith(("missing", "unknown")):
+        return found
     for key in ("card", "command", "model", "workload"):
         if not isinstance(record[key], str) or not record[key]:
             found.append(f"{key} must be a non-empty string")
@@ -117,12 +125,9 @@ KERNEL_OPTIONAL = ("fwd_tflops", "bwd_tflops", "peak_extra_gib", "first_call_s",
 
 def kernel_problems(record: dict) -> list[str]:
     """What is wrong with a kernel timing record (empty when nothing is)."""
-    found = [f"missing {k}" for k in KERNEL_FIELDS if k not in record]
-    found += [f"unknown key {k}" for k in record if k not in KERNEL_FIELDS + KERNEL_OPTIONAL]
-    if found:
+    found = _shape_problems(record, KERNEL_FIELDS, KERNEL_OPTIONAL)
+    if found and found[0].startswith(("missing", "unknown")):
         return found
-    if not re.fullmatch(r"[0-9a-f]{7,40}", str(record["commit"])):
-        found.append(f"commit {record['commit']!r} is not a commit id")
     if record["bench"] not in ("attention", "rms_norm"):
         found.append(f"bench {record['bench']!r} is not attention or rms_norm")
     timed = [k for k in ("fwd_ms", "bwd_ms", "fwd_tflops", "bwd_tflops", "peak_extra_gib", "first_call_s")
