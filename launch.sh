@@ -223,13 +223,15 @@ train() {
 demo() {
     pick_python create
     install
-    local dir=runs/demo
+    local dir=${DEMO_DIR:-runs/demo} own=()  # DEMO_DIR: an absolute folder of its own (the tests use one)
+    [ -n "${DEMO_DIR:-}" ] && own=(--set model.path="$dir/gemma4-tiny" --set data.train="$dir/medpix-synthetic"
+                                   --set output.dir="$dir/output")
     [ -f "$dir/gemma4-tiny/config.json" ] || "$PY" -m runner make-tiny "$dir/gemma4-tiny"
     [ -d "$dir/medpix-synthetic" ] || "$PY" -m runner make-data "$dir/medpix-synthetic" --n 200
     rm -rf "$dir/output"  # a fresh run each time (resume: auto would otherwise continue the last one)
     # trained on the prompt `runner evaluate` sends: the generation prompt's empty thinking channel, masked
     (train "$ROOT/recipes/tiny_demo.yaml" --cluster "$ROOT/accelerate_configs/cpu_4proc.yaml" \
-        --set data.thinking_prefix=true ${@+"$@"})
+        --set data.thinking_prefix=true ${own[@]+"${own[@]}"} ${@+"$@"})
     "$PY" - "$dir/output" <<'PY'
 import json, sys
 from pathlib import Path

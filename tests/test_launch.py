@@ -194,3 +194,18 @@ def test_python_is_the_active_venvs_without_PYTHON(tmp_path, fake_python):
     proc = launch("train", str(DEMO), "--check", cwd=tmp_path, env=dict(env, PATH=f"{fake.parent}:{env['PATH']}"))
     assert proc.returncode == 0, proc.stderr  # (the fake runs snippets in this test's interpreter, a venv's)
     assert log() == check * 2
+
+
+def test_demo_prints_the_loss_and_base_vs_fine_tuned_scores(tmp_path):
+    """The demo's two closing lines, as the README quotes them (a shorter run in a folder of its own)."""
+    from conftest import free_port
+
+    env = dict(subprocess_env(), PYTHON=sys.executable, DEMO_DIR=str(tmp_path / "demo"))
+    proc = launch("demo", "--port", str(free_port()), "--set", "train.max_steps=4", cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("demo: ")]
+    assert len(lines) == 2, proc.stdout[-3000:]
+    assert " over 4 steps; exported model loads in transformers (" in lines[0], lines[0]
+    assert lines[1].startswith("demo: base EM ") and " -> fine-tuned EM " in lines[1], lines[1]
+    assert (tmp_path / "demo" / "eval" / "fine-tuned" / "eval_metrics.json").is_file()
+    assert (tmp_path / "demo" / "output" / "metrics.jsonl").is_file()
