@@ -345,7 +345,8 @@ def main() -> int:
             rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                 "--lora-rank", str(args.lora), "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
+                                 "--lora-rank", str(args.lora), "--dtype", "float32" if args.tiny else "bfloat16",
+                                 "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
             if base_out.exists():  # also a run stopped at --timeout after its timed steps
                 results["baseline"][workload] = {**json.loads(base_out.read_text()), "rc": rc}
         write_records(out, results)

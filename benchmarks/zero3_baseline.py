@@ -2,7 +2,8 @@
 Accelerate's DeepSpeed plugin, data parallel over every GPU. Same checkpoint, data, collator,
 frozen parts (embeddings, vision tower) and activation checkpointing as the runner's runs.
 
-Launched by gpu_bench.py under torchrun; writes one JSON with the steady-state tok/s per GPU.
+Launched by gpu_bench.py under torchrun; writes one JSON with the steady-state tok/s per GPU. Devices
+go through DeepSpeed's accelerator, so `gpu_bench --tiny` runs this same script on CPU (fp32, gloo).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lora-rank", type=int, default=0, help="PEFT LoRA of this rank (alpha 2*rank) on every decoder "
                     "linear of the frozen model, as the runner's lora section builds it (0: full fine-tuning)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from runner.data.collate import Gemma4Collator, hf_model_inputs
@@ -40,11 +43,14 @@ def main() -> None:
     from runner.data.sampler import StepSampler
     from runner.data.sources import load_source
 
+    acc = get_accelerator()
     local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
-    # Built on the GPU in bf16 before the plugin exists: transformers 5 under deepspeed.zero.Init
-    # fails in _init_weights; ZeRO-3 partitions it in prepare().
-    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=torch.bfloat16, device_map={"": local},
+    acc.set_device(local)
+    bf16 = args.dtype == "bfloat16"
+    # Built on the device before the plugin exists: transformers 5 under deepspeed.zero.Init fails in
+    # _init_weights; ZeRO-3 partitions it in prepare().
+    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype),
+                                                        device_map={"": acc.device_name(local)},
                                                         attn_implementation="sdpa")
     model.model.language_model.embed_tokens.weight.requires_grad_(False)
     for p in model.model.vision_tower.parameters():
@@ -61,7 +67,7 @@ def main() -> None:
     model.config.use_cache = False
 
     ds_config = {
-        "bf16": {"enabled": True},
+        "bf16": {"enabled": bf16},
         # Accelerate's "auto" values are sized from config.hidden_size, which Gemma4's top-level
         # config lacks; these are what it would pick for the 5376-wide text model.
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
@@ -86,7 +92,7 @@ def main() -> None:
     times, tokens = [], []
     model.train()
     for _ in range(args.steps):
-        torch.cuda.synchronize()
+        acc.synchronize()
         t0 = time.time()
         n = 0
         for batch in loader.next_step():
@@ -97,12 +103,12 @@ def main() -> None:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-        torch.cuda.synchronize()
+        acc.synchronize()
         count = torch.tensor([n], device=accelerator.device)
         dist.all_reduce(count)
         times.append(time.time() - t0)
         tokens.append(int(count))
-        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)
+        peak = torch.tensor([acc.max_memory_allocated() / 2**30], device=accelerator.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank == 0:
             print(f"zero3 step {len(times)}: {times[-1]:.2f}s {tokens[-1] / times[-1] / world:.0f} tok/s/gpu "
