@@ -613,7 +613,7 @@ def resolve_dims(cfg: RunConfig, world_size: int | None) -> ParallelDims:
     if world_size is None:
         if cfg.parallel.dp == "auto":
             raise UserError("parallel.dp is 'auto': pass --cluster ACCELERATE_CONFIG.yaml or --world-size N to resolve it")
-        return ParallelDims(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
+        return ParallelDims(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel, cfg.parallel.ep)
     from runner.train import parallel_dims  # the same rule `runner train` applies
 
     return parallel_dims(cfg, world_size)
