@@ -1,0 +1,165 @@
+"""The mixture-of-experts model (26B-A4B's block) beyond gradient parity (tests/test_parity.py): the
+expert cut descriptor, the grouped GEMM against the loop, one-line layout errors, exact resume after
+kill -9 at TP2 with EP2, and `runner export` of the trained model loading in transformers with the
+runner's eval loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+from checkpoint_worker import EVAL_SEED
+from transformers import AutoModelForImageTextToText
+
+from runner.cli import main as cli
+from runner.errors import UserError
+from runner.models.gemma4.moe import Gemma4MoEExperts
+from runner.models.gemma4.pipeline import validate_layout
+from runner.models.gemma4.tiny import tiny_config, tiny_moe_config
+from runner.parallel.tensor_parallel import join_shards, mark_cuts, take_shard
+from runner.parallel.topology import ParallelDims
+
+from conftest import TESTS, assert_one_line, subprocess_env, torchrun_cmd, torchrun_worker
+from reference import global_loss
+from synthetic import global_batch
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)])
+def test_expert_shards_read_and_join_back(tp, ep):
+    """Every rank's gate_up (gate and up rows of its width slice) and down shard, joined in rank order, is the full tensor."""
+    etp = tp // ep
+    full = {"gate_up": torch.randn(8, 2 * 32, 16), "down": torch.randn(8, 16, 32)}
+    cuts = {"gate_up": ((0, ep, 1), (1, etp, 2)), "down": ((0, ep, 1), (2, etp, 1))}
+    for name, tensor in full.items():
+        shards = []
+        for rank in range(tp):
+            like = torch.nn.Parameter(torch.empty(0))
+            mark_cuts(like, cuts[name], tp, rank)
+            shards.append(take_shard(tensor, like))
+        assert torch.equal(join_shards(shards, cuts[name]), tensor), name
+    rank1 = torch.nn.Parameter(torch.empty(0))
+    mark_cuts(rank1, cuts["gate_up"], tp, tp - 1)
+    gate, up = take_shard(full["gate_up"], rank1).chunk(2, dim=1)  # the last rank: last experts, last width slice
+    assert torch.equal(gate, full["gate_up"][8 - 8 // ep:, 32 - 32 // etp:32])
+    assert torch.equal(up, full["gate_up"][8 - 8 // ep:, 64 - 32 // etp:])
+
+
+def test_grouped_gemm_equals_the_loop():
+    """`torch._grouped_mm` (what CUDA bf16 runs) gives the loop's output and gradients (fp32, CPU)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    ps = SimpleNamespace(dims=ParallelDims(), tp_rank=0, tp_group=None)
+    experts = Gemma4MoEExperts(tiny_moe_config(), ps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=gen)
+    index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(40)])
+    weights = torch.rand(40, 2, generator=gen)
+    upstream = torch.randn(40, 64, generator=gen)
+    results = []
+    for forward in (experts.forward_loop, experts.forward_grouped):
+        experts.zero_grad()
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = forward(xi, index, wi)
+        out.backward(upstream)
+        results.append([out, xi.grad, wi.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config,dims,words", [
+    (tiny_moe_config(), ParallelDims(tp=4, ep=8), ["parallel.ep=8", "parallel.tp=4", "divide"]),
+    (tiny_moe_config(), ParallelDims(tp=4, ep=3), ["parallel.ep=3", "divide"]),
+    (tiny_config(), ParallelDims(tp=2, ep=2), ["parallel.ep=2", "dense", "remove parallel.ep"]),
+])
+def test_bad_expert_layouts_are_one_line(config, dims, words):
+    with pytest.raises(UserError) as err:
+        dims.validate(dims.world_size)
+        validate_layout(config, dims)
+    assert_one_line(str(err.value), words)
+
+
+def test_experts_not_splitting_are_one_line():
+    config = tiny_moe_config()
+    config.text_config.num_experts = 6
+    with pytest.raises(UserError) as err:
+        validate_layout(config, ParallelDims(tp=4, ep=4))
+    assert_one_line(str(err.value), ["num_experts=6", "parallel.ep=4"])
+    config = tiny_moe_config()
+    config.text_config.moe_intermediate_size = 30
+    with pytest.raises(UserError) as err:
+        validate_layout(config, ParallelDims(tp=4, ep=1))
+    assert_one_line(str(err.value), ["moe_intermediate_size=30", "tp / ep", "4"])
+    validate_layout(tiny_moe_config(), ParallelDims(tp=4, ep=2))  # 4 experts per EP rank, width 32 / 2
+
+
+def _run(ckpt: Path, base: Path, *args: str) -> None:
+    torchrun_worker("checkpoint_worker.py", ckpt, (2, 1, 1), "--ep", "2", "--root", str(base / "root"),
+                    "--out", str(base / "out"), *args)
+
+
+def _losses(base: Path) -> dict[str, float]:
+    return json.loads((base / "out" / "losses.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, tiny_moe_ckpt) -> Path:
+    """TP2 x EP2: 5 steps saving at 2 and 5, then the eval loss on a fixed batch."""
+    base = tmp_path_factory.mktemp("moe_unbroken")
+    (base / "out").mkdir()
+    _run(tiny_moe_ckpt, base, "--steps", "5", "--save-at", "2,5", "--eval-loss")
+    return base
+
+
+def test_resume_after_kill_9_is_exact(tmp_path, tiny_moe_ckpt, unbroken):
+    """The same run killed with SIGKILL after step 3 (its step-2 checkpoint complete), resumed in fresh
+    processes: steps 3-5 give the unbroken run's losses bit for bit."""
+    (tmp_path / "out").mkdir()
+    cmd = torchrun_cmd(2, str(TESTS / "checkpoint_worker.py"), "--ckpt", str(tiny_moe_ckpt), "--tp", "2", "--ep", "2",
+                       "--root", str(tmp_path / "root"), "--out", str(tmp_path / "out"), "--steps", "100",
+                       "--save-at", "2")
+    job = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = []
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "out" / "losses.json").exists() or "3" not in _losses(tmp_path):
+            assert job.poll() is None and time.time() < deadline, "the job ended before step 3"
+            time.sleep(0.05)
+    finally:
+        ranks = psutil.Process(job.pid).children(recursive=True)  # torchrun starts each rank in its own session
+        for rank in ranks:
+            rank.kill()  # SIGKILL
+        job.kill()
+        job.wait()
+        psutil.wait_procs(ranks, timeout=30)
+    assert ranks, "no rank was killed"
+    assert (tmp_path / "root" / "latest").read_text() == "step_00000002"
+    _run(tiny_moe_ckpt, tmp_path, "--resume", "--steps", "5")
+    resumed, want = _losses(tmp_path), _losses(unbroken)
+    assert list(resumed) == ["3", "4", "5"]
+    assert all(resumed[s] == want[s] for s in resumed), (resumed, want)
+
+
+def test_export_loads_in_transformers_with_the_runners_eval_loss(tmp_path, unbroken):
+    """`runner export` joins the expert shards into transformers' layout: the trained weights exactly, and
+    transformers' loss on the export equals the runner's eval loss up to fp32 noise."""
+    out = tmp_path / "export"
+    assert cli(["export", str(unbroken / "root"), str(out)]) == 0
+    model, info = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
+                                                              output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    trained = torch.load(unbroken / "out" / "final_stage0.pt", weights_only=True)
+    state = model.state_dict()
+    assert any("experts.gate_up_proj" in n for n in trained)
+    for name, tensor in trained.items():
+        assert torch.equal(state[name], tensor), name
+    model.eval()
+    with torch.no_grad():
+        loss = float(global_loss(model, global_batch(model.config, "image", seed=EVAL_SEED)))
+    runner_loss = json.loads((unbroken / "out" / "eval_loss.json").read_text())
+    assert abs(loss - runner_loss) <= 1e-5 * abs(loss), (loss, runner_loss)
