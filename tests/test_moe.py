@@ -1,7 +1,7 @@
 """The mixture-of-experts model (26B-A4B's block) beyond gradient parity (tests/test_parity.py): the
 expert cut descriptor, the grouped GEMM against the loop, one-line layout errors, exact resume after
-kill -9 at TP2 with EP2, and `runner export` of the trained model loading in transformers with the
-runner's eval loss."""
+kill -9 at TP2 with EP2, `runner export` of the trained model loading in transformers with the
+runner's eval loss, and `runner plan` of the 26B-A4B (its shape, its recipes, experts counted once)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,20 @@ import psutil
 import pytest
 import torch
 from checkpoint_worker import EVAL_SEED
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, Gemma4ForConditionalGeneration
 
 from runner.cli import main as cli
+from runner.config import load_config
 from runner.errors import UserError
 from runner.models.gemma4.moe import Gemma4MoEExperts
 from runner.models.gemma4.pipeline import validate_layout
+from runner.models.gemma4.presets import gemma4_26b_a4b_config
 from runner.models.gemma4.tiny import tiny_config, tiny_moe_config
 from runner.parallel.tensor_parallel import join_shards, mark_cuts, take_shard
 from runner.parallel.topology import ParallelDims
+from runner.plan import make_plan
 
-from conftest import TESTS, assert_one_line, subprocess_env, torchrun_cmd, torchrun_worker
+from conftest import ROOT, TESTS, assert_one_line, subprocess_env, torchrun_cmd, torchrun_worker
 from reference import global_loss
 from synthetic import global_batch
 
@@ -163,3 +166,59 @@ def test_export_loads_in_transformers_with_the_runners_eval_loss(tmp_path, unbro
         loss = float(global_loss(model, global_batch(model.config, "image", seed=EVAL_SEED)))
     runner_loss = json.loads((unbroken / "out" / "eval_loss.json").read_text())
     assert abs(loss - runner_loss) <= 1e-5 * abs(loss), (loss, runner_loss)
+
+
+# google/gemma-4-26B-A4B-it, counted by transformers on the meta device (tied head once); 128 experts of
+# 3 x 704 x 2816 in each of the 30 layers
+PARAMS_26B_A4B = 25_805_933_872
+EXPERTS_26B_A4B = 30 * 128 * 3 * 704 * 2816
+MOE_RECIPES = {"tp4_pp2": (ROOT / "recipes/gemma4_26b_a4b_tp4_pp2.yaml", 80),
+               "tp2_pp2": (ROOT / "recipes/gemma4_26b_a4b_tp2_pp2.yaml", 140)}
+
+
+def test_26b_a4b_preset_matches_the_published_shape():
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(gemma4_26b_a4b_config())
+    assert sum(p.numel() for p in model.parameters()) == PARAMS_26B_A4B
+    assert sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) == EXPERTS_26B_A4B
+    layers = model.model.language_model.layers
+    full = layers[5].self_attn
+    assert (full.q_proj.out_features, full.k_proj.out_features, full.v_proj) == (16 * 512, 2 * 512, None)
+    assert layers[0].self_attn.k_proj.out_features == 8 * 256 and layers[0].router.proj.out_features == 128
+
+
+@pytest.mark.parametrize("name", sorted(MOE_RECIPES))
+def test_26b_a4b_recipes_plan_and_count_experts_once(name):
+    """The recipes fit their cards; summed over all GPUs the parameters are the model's plus the knowingly
+    replicated (norms, router, vision on every TP rank; the tied head's copy): experts counted exactly once."""
+    recipe, card = MOE_RECIPES[name]
+    cfg = load_config(recipe)
+    plan = make_plan(cfg)
+    assert plan.gpu_mem_gib == card and not plan.warnings, plan.table()
+    tp, pp, ep = plan.dims.tp, plan.dims.pp, plan.dims.ep_size
+    assert plan.total_params == PARAMS_26B_A4B
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(gemma4_26b_a4b_config())
+    lm = model.model.language_model
+    replicated = sum(p.numel() for m in (model.model.vision_tower, model.model.embed_vision) for p in m.parameters())
+    replicated += sum(p.numel() for n, p in lm.named_parameters() if p.ndim == 1 or ".router." in n)
+    kv_extra = sum(layer.self_attn.k_proj.weight.numel() * (tp // 2 - 1) for layer in lm.layers
+                   if layer.self_attn.v_proj is None and tp > 2)  # the full layers' 2 KV heads
+    expected = PARAMS_26B_A4B + (tp - 1) * replicated + kv_extra + (lm.embed_tokens.weight.numel() if pp > 1 else 0)
+    assert sum(s.params for s in plan.stages) * tp == expected
+    moe = plan.moe
+    assert (moe["experts_per_rank"], moe["etp"]) == (128 // ep, tp // ep)
+    assert moe["expert_params_per_layer"] * 30 * tp == EXPERTS_26B_A4B
+    assert moe["allreduce_mib_per_layer"] == cfg.train.micro_batch_size * cfg.data.row_length * 2816 * 2 / 2**20
+    assert f"{128 // ep} per GPU" in plan.table()
+
+
+def test_expert_parallel_size_moves_experts_not_memory():
+    """ep 1 (every expert's width split 4 ways) and ep 4 (32 whole experts per GPU) hold the same bytes."""
+    recipe = MOE_RECIPES["tp4_pp2"][0]
+    by_ep = {ep: make_plan(load_config(recipe, [f"parallel.ep={ep}"])) for ep in (1, 4)}
+    assert by_ep[1].stages[0].params == by_ep[4].stages[0].params
+    assert (by_ep[1].moe["experts_per_rank"], by_ep[4].moe["experts_per_rank"]) == (128, 32)
+    with pytest.raises(UserError) as err:
+        load_config(recipe, ["parallel.ep=3"])
+    assert_one_line(str(err.value), ["parallel.ep=3", "parallel.tp=4"])

@@ -181,8 +181,3 @@ def shard_moe_block(layer: nn.Module, config: Gemma4Config, ps: ParallelState) -
     layer.router = Gemma4MoERouter(config, ps)
     layer.experts = Gemma4MoEExperts(config, ps)
 
-
-def expert_params_per_rank(config: Gemma4Config, dims: ParallelDims) -> int:
-    """Expert weights one TP rank holds per MoE layer (num_experts / ep experts, width / (tp / ep))."""
-    tc = config.get_text_config()
-    return (tc.num_experts // dims.ep_size) * 3 * tc.hidden_size * (tc.moe_intermediate_size // dims.etp_size)
