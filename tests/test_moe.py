@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 from checkpoint_worker import EVAL_SEED
+from test_lora import make_peft_adapter
 from transformers import AutoModelForImageTextToText, Gemma4ForConditionalGeneration
 
 from runner.cli import main as cli
@@ -31,6 +32,7 @@ from runner.plan import make_plan
 from conftest import ROOT, TESTS, assert_one_line, subprocess_env, torchrun_cmd, torchrun_worker
 from reference import global_loss
 from synthetic import global_batch
+from test_parity import _assert_matches_transformers
 
 
 @pytest.mark.parametrize("tp,ep", [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)])
@@ -222,3 +224,10 @@ def test_expert_parallel_size_moves_experts_not_memory():
     with pytest.raises(UserError) as err:
         load_config(recipe, ["parallel.ep=3"])
     assert_one_line(str(err.value), ["parallel.ep=3", "parallel.tp=4"])
+
+
+def test_lora_on_an_moe_model_adapts_attention_and_dense_mlp(tmp_path, tiny_moe_ckpt):
+    """LoRA on the MoE model at TP2 x EP2: adapter gradients equal PEFT's on the same targets; the experts and
+    router stay frozen (the worker checks the base is bit-unchanged and gradient-free)."""
+    adapter = make_peft_adapter(tiny_moe_ckpt, tmp_path / "peft")
+    _assert_matches_transformers(tmp_path, tiny_moe_ckpt, (2, 1, 1), (), adapter=str(adapter))
