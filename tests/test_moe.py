@@ -136,7 +136,7 @@ def test_resume_after_kill_9_is_exact(tmp_path, tiny_moe_ckpt, unbroken):
             assert job.poll() is None and time.time() < deadline, "the job ended before step 3"
             time.sleep(0.05)
     finally:
-        ranks = psutil.Process(job.pid).children(recursive=True)  # torchrun starts each rank in its own session
+        ranks = psutil.Process(job.pid).children(recursive=True)  # torchrun setsid()s each rank: kill them one by one
         for rank in ranks:
             rank.kill()  # SIGKILL
         job.kill()
