@@ -35,6 +35,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
     Gemma4TextAttention,
     Gemma4TextDecoderLayer,
     Gemma4TextRotaryEmbedding,
+    Gemma4TextRouter,
     Gemma4VisionModel,
     get_block_sequence_ids_for_mask,
 )
@@ -42,7 +43,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
 __all__ = [
     "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "peft_key", "peft_lora_config", "read_peft_lora_config",
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
-    "Gemma4TextRotaryEmbedding", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
+    "Gemma4TextRotaryEmbedding", "Gemma4TextRouter", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
     "decoder_layer_forward", "deepspeed_prints_dropped", "flex_attention_forward", "is_kv_shared_layer",
     "process_groups", "register_attention", "rms_norm_eps", "set_attn_implementation", "skip_deepspeed_shm_comm",
 ]

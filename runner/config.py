@@ -53,6 +53,9 @@ class ParallelConfig:
     # how long a collective waits for every rank before the job stops with one line naming the rank and
     # the operation (fractions allowed); a frozen or dead rank otherwise hangs the job forever
     timeout_minutes: float = 30.0
+    # mixture-of-experts models: expert-parallel size inside the TP group (null: tp). TP rank r holds the
+    # experts of EP rank r // (tp / ep), each expert's width split over the tp / ep ranks of its EP group
+    ep: int | None = None
 
     @property
     def seq_slices(self) -> int:
@@ -108,6 +111,13 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+
+@dataclass
+class MoeConfig:
+    # Switch-style load-balancing loss weight; 0 trains transformers' objective exactly (the only value
+    # implemented)
+    aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -194,6 +204,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -326,6 +337,11 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.train.recompute_num_layers is None or cfg.train.activation_checkpointing,
          "train.recompute_num_layers needs train.activation_checkpointing: true"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+        (cfg.parallel.ep is None or (cfg.parallel.ep >= 1 and cfg.parallel.tp % cfg.parallel.ep == 0),
+         f"parallel.ep={cfg.parallel.ep} must divide parallel.tp={cfg.parallel.tp} (experts are split inside the "
+         f"TP group); choose ep from the divisors of tp, or leave it unset (= tp)"),
+        (cfg.moe.aux_loss_coef == 0, f"moe.aux_loss_coef={cfg.moe.aux_loss_coef} is not implemented (no "
+         f"load-balancing loss; transformers adds none either); set moe.aux_loss_coef: 0"),
         (cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes must be > 0 (fractions allowed, e.g. 0.5)"),
         (cfg.model.wide_head_backward != "gemm" or cfg.model.attn_implementation == "flex_attention",
          "model.wide_head_backward: gemm needs model.attn_implementation: flex_attention"),

@@ -28,7 +28,8 @@ def forward_flops_per_token(text_config, seq_len: int) -> tuple[list[float], flo
 
     Matmuls: 2 FLOPs per weight per token (decoder linears and the LM head). Attention: QKᵀ and AV
     cost 2·2·heads·head_dim per attended key; a causal token attends to (seq+1)/2 keys on average,
-    a sliding one to at most the window. The vision tower is not counted (a few % at one image).
+    a sliding one to at most the window; an MoE layer's experts only the top-k a token is routed to. The
+    vision tower is not counted (a few % at one image).
     """
     from runner.models.gemma4.pipeline import attention_shapes
 
@@ -39,6 +40,9 @@ def forward_flops_per_token(text_config, seq_len: int) -> tuple[list[float], flo
         q_heads, kv_heads, head_dim = shapes[layer_type]
         kv_proj = 1 if (layer_type == "full_attention" and text_config.attention_k_eq_v) else 2
         weights = hidden * head_dim * (2 * q_heads + kv_proj * kv_heads) + 3 * hidden * text_config.intermediate_size
+        if getattr(text_config, "enable_moe_block", False):  # router + the top-k experts a token runs
+            weights += hidden * text_config.num_experts + text_config.top_k_experts * 3 * hidden * \
+                text_config.moe_intermediate_size
         keys = (seq_len + 1) / 2
         if layer_type == "sliding_attention":
             keys = min(keys, text_config.sliding_window)

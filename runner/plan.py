@@ -39,6 +39,7 @@ from runner.config import (
 from runner.errors import UserError
 from runner.metrics import forward_flops_per_token
 from runner.models.gemma4.attention import ROW_BLOCKS, WIDE_HEAD_DIM
+from runner.models.gemma4.moe import is_moe
 from runner.models.gemma4.pipeline import (
     attention_shapes,
     check_supported,
@@ -47,7 +48,7 @@ from runner.models.gemma4.pipeline import (
     stage_boundaries,
     validate_layout,
 )
-from runner.models.gemma4.presets import GEMMA4_31B_ID, GEMMA4_31B_IMAGE_SOFT_TOKENS, gemma4_31b_config
+from runner.models.gemma4.presets import GEMMA4_31B_ID, GEMMA4_31B_IMAGE_SOFT_TOKENS, PRESETS, gemma4_31b_config
 from runner.models.gemma4.stages import (
     DECODER_TP_PLAN,
     Gemma4DecoderLayerPipe,
@@ -87,7 +88,9 @@ def model_config(path: str) -> tuple[Gemma4Config, str]:
             raise UserError(f"model.path {path} has no config.json; point it at a Hugging Face model directory")
         return AutoConfig.from_pretrained(local), "its config.json"
     if _HUB_ID.match(path) and not local.exists():
-        return gemma4_31b_config(), "built-in shape" if path == GEMMA4_31B_ID else f"assumed {GEMMA4_31B_ID} shape"
+        if path in PRESETS:
+            return PRESETS[path](), "built-in shape"
+        return gemma4_31b_config(), f"assumed {GEMMA4_31B_ID} shape"
     raise UserError(f"model.path {path} is neither a local model directory nor a hub id like {GEMMA4_31B_ID}")
 
 
@@ -167,8 +170,9 @@ def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int,
                          lora: LoraConfig | None = None) -> LayerParams:
     """The runner's TP plan applied to the layer transformers builds (meta device): column/row-parallel
     linears split tp ways, K/V split or — with fewer KV heads than tp — replicated over tp/kv ranks,
-    norms whole on every rank; with `lora`, the adapters' shards (column: A whole, B split as the weight;
-    row: A split, B whole)."""
+    norms whole on every rank; experts 1/tp of them per rank whatever the ep (num_experts / ep experts,
+    each 1/(tp / ep) of its width); with `lora`, the adapters' shards (column: A whole, B split as the
+    weight; row: A split, B whole)."""
     with torch.device("meta"):
         layer = Gemma4TextDecoderLayer(text_config, layer_idx)
     attn = layer.self_attn
@@ -186,7 +190,9 @@ def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int,
     for name, p in layer.named_parameters():
         module, _, _ = name.rpartition(".")
         full += p.numel()
-        if module not in DECODER_TP_PLAN:
+        if module == "experts":
+            local += p.numel() // tp
+        elif module not in DECODER_TP_PLAN:
             local += p.numel()
             replicated += p.numel()
         elif module.endswith(("k_proj", "v_proj")):
@@ -321,6 +327,7 @@ class Plan:
     least_recompute: int | None
     least_recompute_gib: float | None
     least_recompute_tflop: list[float] | None
+    moe: dict[str, Any] | None = None  # `moe_summary`: experts per EP rank, their memory, the MoE all-reduce
 
     @property
     def checkpointing_label(self) -> str:
@@ -384,6 +391,13 @@ class Plan:
                 f"{m['optimizer']:>6.2f} {m['zero_bucket']:>6.2f} {m['activations']:>6.2f} {m['reduce']:>6.2f} "
                 f"{m['step']:>6.2f} {m['overhead']:>6.2f} {m['total']:>6.2f}"
             )
+        if self.moe:
+            m = self.moe
+            lines.append(
+                f"experts {m['experts']} per layer over ep {m['ep']} (expert-TP {m['etp']}): {m['experts_per_rank']} per "
+                f"GPU, {m['expert_gib_per_layer']:.3f} GiB of weights per layer and GPU; MoE all-reduce per layer and "
+                f"micro-batch: {m['allreduce_mib_per_layer']:.1f} MiB forward, as much backward"
+            )
         current = recomputed_layers(self.activation_checkpointing, self.recompute_num_layers,
                                     max(len(s.decoder_layers) for s in self.stages))
         if self.least_recompute is not None and self.least_recompute < current:
@@ -427,6 +441,20 @@ class LayerShape:
     kv_heads: int  # after replication
     head_dim: int
     mlp: int
+    moe: int = 0  # bytes per token the MoE block saves (`moe_saved_per_token`)
+
+
+def moe_saved_per_token(config: Gemma4Config, dims: ParallelDims, seq_slices: int) -> int:
+    """Bytes per token an MoE block keeps for backward on one TP rank: four more RMSNorms (fp32 input and
+    output, on the slice under sequence parallelism), the router's fp32 scores and probabilities, the
+    experts' gathered bf16 input, and per routed choice of a local expert (top_k / ep per token on
+    average) its input rows, gate_up output, activation, product and output."""
+    if not is_moe(config):
+        return 0
+    tc = config.text_config
+    h, inter = tc.hidden_size, tc.moe_intermediate_size // dims.etp_size
+    choices = tc.top_k_experts / dims.ep_size
+    return int((32 * h + 8 * tc.num_experts) // seq_slices + 2 * h + choices * (4 * h + 8 * inter))
 
 
 def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: bool, seq_slices: int = 1) -> int:
@@ -452,10 +480,12 @@ def layer_saved_bytes(s: LayerShape, batch: int, seq: int, materialized_scores: 
                    the fp32 softmax and its bf16 copy, 6 bytes x local heads x seq^2 per sequence
                    (the full seq^2 even on sliding layers, whose window is only a mask)
       MLP        gate, gelu(gate), up, gelu(gate) * up = 8m
+      MoE        `moe_saved_per_token` (s.moe; an estimate, not yet checked against saved-tensor hooks)
     """
     h, q, k, m = s.hidden, s.q_heads * s.head_dim, s.kv_heads * s.head_dim, s.mlp
     norm_rows = 4 + s.q_heads + 2 * s.kv_heads
-    common = 32 * h // seq_slices + 4 * h + 8 * q + 12 * k + 2 * q + 2 * q + 8 * m + 4 * s.head_dim + 8 * norm_rows
+    common = (32 * h // seq_slices + 4 * h + 8 * q + 12 * k + 2 * q + 2 * q + 8 * m + 4 * s.head_dim + 8 * norm_rows
+              + s.moe)
     if materialized_scores:
         return batch * seq * (common + 4 * q) + 6 * s.q_heads * batch * seq * seq
     seen_kv = q if s.q_heads > s.kv_heads > 1 else k
@@ -566,11 +596,13 @@ def recomputed_layers(checkpointing: bool, recompute_num_layers: int | None, lay
     return layers if recompute_num_layers is None else min(recompute_num_layers, layers)
 
 
-def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_head_dim: int) -> MemoryModel:
-    """The recipe's micro-batch on this model at this tp."""
+def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_head_dim: int,
+                 dims: ParallelDims | None = None) -> MemoryModel:
+    """The recipe's micro-batch on this model at this tp (`dims`: its ep, for MoE models)."""
     tc, vc = config.text_config, config.vision_config
+    moe = moe_saved_per_token(config, dims or ParallelDims(tp=tp), cfg.parallel.seq_slices)
     shapes = {
-        layer_type: LayerShape(tc.hidden_size, q // tp, max(kv // tp, 1), d, tc.intermediate_size // tp)
+        layer_type: LayerShape(tc.hidden_size, q // tp, max(kv // tp, 1), d, tc.intermediate_size // tp, moe)
         for layer_type, (q, kv, d) in attention_shapes(tc).items()
     }
     eager = cfg.model.attn_implementation == "eager"
@@ -596,6 +628,23 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
     )
 
 
+def moe_summary(config: Gemma4Config, dims: ParallelDims, tokens: int, dtype_bytes: int) -> dict[str, Any] | None:
+    """What `runner plan` shows of the experts: per GPU (= EP rank, 1/etp of each of its experts' width)
+    their count and weight GiB per layer, and the one all-reduce (reduce-scatter under sequence
+    parallelism: the same bytes) of a micro-batch's tokens x hidden that joins the partial outputs."""
+    if not is_moe(config):
+        return None
+    tc = config.text_config
+    params = (tc.num_experts // dims.ep_size) * 3 * tc.hidden_size * (tc.moe_intermediate_size // dims.etp_size)
+    return {
+        "experts": tc.num_experts, "ep": dims.ep_size, "etp": dims.etp_size, "top_k": tc.top_k_experts,
+        "experts_per_rank": tc.num_experts // dims.ep_size,
+        "expert_params_per_layer": params,
+        "expert_gib_per_layer": params * dtype_bytes / GIB,
+        "allreduce_mib_per_layer": tokens * tc.hidden_size * dtype_bytes / 2**20,
+    }
+
+
 def _soft_tokens(config: Gemma4Config) -> int:
     """Soft tokens per image: the vision config's budget as the 31B's config.json states it."""
     return int(
@@ -613,7 +662,7 @@ def resolve_dims(cfg: RunConfig, world_size: int | None) -> ParallelDims:
     if world_size is None:
         if cfg.parallel.dp == "auto":
             raise UserError("parallel.dp is 'auto': pass --cluster ACCELERATE_CONFIG.yaml or --world-size N to resolve it")
-        return ParallelDims(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel)
+        return ParallelDims(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.sequence_parallel, cfg.parallel.ep)
     from runner.train import parallel_dims  # the same rule `runner train` applies
 
     return parallel_dims(cfg, world_size)
@@ -695,7 +744,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     comm_copy = fp32_accum and not ds.fp32_communication
     tc = config.text_config
     counts = model_params(config, dims.tp, cfg.lora if cfg.lora.enabled else None)
-    memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim)
+    memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim, dims)
     # LoRA freezes the whole base (bf16 weights only: no gradient, master copy or Adam state); adapters train
     freeze = FreezeConfig(embeddings=True, vision_tower=True, language_model=True) if cfg.lora.enabled else cfg.freeze
     counter = ParamCounter(tc, counts, freeze, cfg.lora.enabled)
@@ -798,6 +847,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         least_recompute=least,
         least_recompute_gib=None if least is None else round(max(t(least) for t in totals), 2),
         least_recompute_tflop=None if least is None else split_cost(layer_cost, head_cost, layer_counts, least),
+        moe=moe_summary(config, dims, tokens, dtype_bytes),
         assumptions={
             "overhead_gib": OVERHEAD_GIB,
             "images_per_sample": IMAGES_PER_SAMPLE,

@@ -109,7 +109,7 @@ def model_checks(cfg: RunConfig, model_dir: Path) -> Any:
         raise UserError("model.attn_implementation: flex_attention needs CUDA GPUs (PyTorch has no CPU "
                         "FlexAttention backward); use sdpa on CPU")
     check_supported(config)
-    validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp))  # the model's limits first
+    validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep))  # the model's limits first
     stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # a bad split
     if cfg.data.eval and same_rows((cfg.data.train, cfg.data.train_split), (cfg.data.eval, cfg.data.eval_split)):
         raise UserError(f"data.eval reads data.train's rows ({cfg.data.train} has one split, its name is ignored); "

@@ -96,7 +96,7 @@ def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
             raise UserError(f"{world_size} processes cannot be split into tp*pp = {tp}*{pp} groups; "
                             f"launch a multiple of {tp * pp} processes")
         dp = world_size // (tp * pp)
-    dims = ParallelDims(tp, pp, dp, cfg.parallel.sequence_parallel)
+    dims = ParallelDims(tp, pp, dp, cfg.parallel.sequence_parallel, cfg.parallel.ep)
     dims.validate(world_size)
     return dims
 

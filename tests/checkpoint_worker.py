@@ -22,9 +22,13 @@ import torch.distributed as dist  # noqa: E402
 from runner.checkpoint.engine import Gemma4CheckpointEngine, install  # noqa: E402
 from runner.checkpoint.export import export_after_training  # noqa: E402
 from runner.checkpoint.native import resume, save  # noqa: E402
+from runner.models.gemma4.pipeline import to_pipe_batch  # noqa: E402
 from runner.parallel.tensor_parallel import gather_full  # noqa: E402
+from runner.train import step_counts  # noqa: E402
 
 from synthetic import apply_peft_adapter, ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
+
+EVAL_SEED = 99
 
 
 class FailAfterWrite(Gemma4CheckpointEngine):
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--fail-save", default="", help="STEP:RANK — that rank's save at that step dies")
     ap.add_argument("--lora", default="", help="LoRA started from this PEFT adapter directory")
     ap.add_argument("--backend", default="gloo", help="nccl with DS_ACCELERATOR=cuda runs it on GPUs")
+    ap.add_argument("--eval-loss", action="store_true", help="at the end, write the eval loss of image batch seed 99")
     args = ap.parse_args()
 
     random.seed(1234)
@@ -108,6 +113,13 @@ def main() -> None:
         if step in save_at:
             checkpoint(step)
     write_stage_tensors(model, ps, os.path.join(args.out, f"final_stage{ps.pp_rank}.pt"))
+    if args.eval_loss:  # what `runner train`'s eval computes, on one fixed global batch
+        mine = global_batch(config, "image", seed=EVAL_SEED)[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+        model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)
+        loss = float(engine.eval_batch(iter([to_pipe_batch(m) for m in mine]), num_micro_batches=gas))
+        if dist.get_rank() == 0:
+            with open(os.path.join(args.out, "eval_loss.json"), "w") as f:
+                json.dump(loss, f)
     dist.barrier()
     dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort the process
 

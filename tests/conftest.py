@@ -29,6 +29,14 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "gemma4-tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_moe_ckpt(tmp_path_factory) -> Path:
+    """The tiny model with 26B-A4B's mixture-of-experts block (8 experts, top-2)."""
+    from runner.models.gemma4.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-moe") / "gemma4-tiny-moe", seed=0, like="26b-a4b")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm  # noqa: E402
 
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
-from runner.parallel.tensor_parallel import gather_full  # noqa: E402
+from runner.parallel.tensor_parallel import copy_sharding, gather_full  # noqa: E402
 
 from synthetic import apply_peft_adapter, ds_config, global_batch, load_pipeline, train_step, worker_parser  # noqa: E402
 
@@ -115,9 +115,7 @@ def main() -> None:
         step_grads = {}
         for name, tensor, _ in model.hf_tensors():
             if isinstance(tensor, torch.nn.Parameter) and id(tensor) in grads:
-                g = grads[id(tensor)]
-                for attr in ("tp_dim", "tp_shards", "tp_index", "tp_replicas"):
-                    setattr(g, attr, getattr(tensor, attr))
+                g = copy_sharding(tensor, grads[id(tensor)])
                 step_grads[name] = gather_full(g, ps.tp_group)
                 if tensor.tp_dim is None and ps.dims.tp > 1:  # replicated: every TP rank must hold the same gradient
                     copies = [torch.empty_like(g) for _ in range(ps.dims.tp)]

@@ -172,6 +172,7 @@ def worker_parser() -> argparse.ArgumentParser:
     for dim in ("tp", "pp", "dp"):
         ap.add_argument(f"--{dim}", type=int, default=1)
     ap.add_argument("--sequence-parallel", action="store_true")
+    ap.add_argument("--ep", type=int, default=None, help="expert-parallel size inside TP (MoE models; default tp)")
     return ap
 
 
@@ -181,7 +182,7 @@ def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
     from the HF checkpoint args.ckpt, eager attention; `kwargs` go to Gemma4Pipeline."""
     skip_deepspeed_shm_comm()  # as runner.train.init_distributed: no C++ build on CPU
     deepspeed.init_distributed(dist_backend=backend)
-    ps = build_parallel_state(ParallelDims(args.tp, args.pp, args.dp, args.sequence_parallel))
+    ps = build_parallel_state(ParallelDims(args.tp, args.pp, args.dp, args.sequence_parallel, args.ep))
     config = AutoConfig.from_pretrained(args.ckpt)
     config.text_config._attn_implementation = "eager"
     model = Gemma4Pipeline(config, ps, **kwargs)

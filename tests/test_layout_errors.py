@@ -24,7 +24,6 @@ def _config(**text):
     [
         ({"hidden_size_per_layer_input": 8}, ["hidden_size_per_layer_input", "per-layer embeddings"]),
         ({"num_kv_shared_layers": 2}, ["num_kv_shared_layers"]),
-        ({"enable_moe_block": True}, ["enable_moe_block"]),
         ({"use_bidirectional_attention": "all"}, ["use_bidirectional_attention"]),
     ],
 )

@@ -30,20 +30,23 @@ from test_parity import _assert_matches_transformers, _reference, _run
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="session")
-def peft_adapter(tiny_ckpt, tmp_path_factory) -> Path:
-    """PEFT's LoRA (r 4, alpha 8) on every decoder linear of the tiny model, A and B random (B = 0 would make
-    A's gradient zero and the test compare zeros), saved as PEFT saves it."""
-    model = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, dtype=torch.float32)
+def make_peft_adapter(ckpt: Path, out: Path) -> Path:
+    """PEFT's LoRA (r 4, alpha 8) on every decoder linear of the model at `ckpt`, A and B random (B = 0 would
+    make A's gradient zero and the test compare zeros), saved to `out` as PEFT saves it."""
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=peft_target_modules(TARGETS)))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    out = tmp_path_factory.mktemp("adapter") / "peft"
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tiny_ckpt, tmp_path_factory) -> Path:
+    return make_peft_adapter(tiny_ckpt, tmp_path_factory.mktemp("adapter") / "peft")
 
 
 SP, RECOMPUTE = ("--sequence-parallel",), ("--activation-checkpointing",)

@@ -154,3 +154,21 @@ def test_frozen_embeddings_and_vision_tower_with_activation_checkpointing(tmp_pa
     ref = _reference(str(tiny_ckpt), "image", 0.0)["grads"][0]
     worst = max(_rel(g, ref[n]) for n, g in grads.items())
     assert worst <= GRAD_RTOL
+
+
+# The mixture-of-experts model (26B-A4B's block, `tiny_moe_ckpt`) through the same harness: ep = tp by
+# default (whole experts per rank), pure expert-TP (ep 1: each expert's width split), EP beside DP, and
+# sequence parallelism (router on the slice, its choices all-gathered).
+MOE_CASES = [
+    pytest.param((1, 1, 1), (), id="moe-1x1x1"),
+    pytest.param((2, 2, 1), (), marks=pytest.mark.compat, id="moe-tp2-pp2-ep2"),
+    pytest.param((1, 2, 2), (), id="moe-pp2-dp2"),
+    pytest.param((2, 1, 2), ("--ep", "2"), id="moe-tp2-dp2-ep2"),
+    pytest.param((2, 1, 1), ("--ep", "1"), id="moe-tp2-ep1"),
+    pytest.param((2, 1, 1), ("--sequence-parallel",), id="moe-tp2-ep2-sp"),
+]
+
+
+@pytest.mark.parametrize("layout,extra", MOE_CASES)
+def test_moe_loss_and_every_gradient_match_transformers(tmp_path, tiny_moe_ckpt, layout, extra):
+    _assert_matches_transformers(tmp_path, tiny_moe_ckpt, layout, extra)

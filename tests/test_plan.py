@@ -282,7 +282,8 @@ def test_cli_resolves_dp_from_the_cluster_and_refuses_bad_input(capsys, tmp_path
     recipe = str(RECIPES["tp4_pp4_dp2"])
     cluster = str(ROOT / "accelerate_configs/4x8_gpu.yaml")
     assert main(["plan", recipe, "--cluster", cluster, "--set", "parallel.dp=auto", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["dims"] == {"tp": 4, "pp": 4, "dp": 2, "sequence_parallel": False, "world_size": 32}
+    assert json.loads(capsys.readouterr().out)["dims"] == {"tp": 4, "pp": 4, "dp": 2, "sequence_parallel": False, "ep": None,
+                                                                 "world_size": 32}
     for args, message in [
         (["--set", "parallel.dp=auto"], "pass --cluster"),
         (["--set", f"model.path={tmp_path}/missing/model"], "neither a local model directory nor a hub id"),

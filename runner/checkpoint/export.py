@@ -27,6 +27,7 @@ from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key
 from runner.config import LoraConfig
 from runner.errors import UserError
 from runner.lora import PARTS, base_identity, peft_config
+from runner.parallel.tensor_parallel import join_shards
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -93,12 +94,13 @@ class ShardWriter:
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _join_shards(parts: list[dict[str, torch.Tensor]], entry: dict) -> torch.Tensor:
-    """The full tensor from the TP ranks' layer files: one copy per distinct shard (consecutive
-    `tp_replicas` ranks hold the same one), concatenated along `tp_dim`."""
-    if entry["tp_dim"] is None:
-        return parts[0][entry["key"]]
-    return torch.cat([part[entry["key"]] for part in parts[:: entry["tp_replicas"]]], dim=entry["tp_dim"])
+def _join_shards(parts: list[dict[str, torch.Tensor]], entry: dict, tp: int) -> torch.Tensor:
+    """The full tensor from the TP ranks' layer files, joined as the manifest records the cut
+    (`tp_cuts`; a manifest from before it has only `tp_dim`: one cut into tp / tp_replicas shards)."""
+    cuts = entry.get("tp_cuts")
+    if cuts is None:
+        cuts = [] if entry["tp_dim"] is None else [[entry["tp_dim"], tp // entry["tp_replicas"], 1]]
+    return join_shards([part[entry["key"]] for part in parts], [tuple(c) for c in cuts], entry["tp_replicas"])
 
 
 def checkpoint_tensors(ckpt: Path, meta: dict) -> Iterator[tuple[str, torch.Tensor]]:
@@ -115,7 +117,7 @@ def checkpoint_tensors(ckpt: Path, meta: dict) -> Iterator[tuple[str, torch.Tens
                             f"it is damaged — export an older checkpoint")
         parts = [read_file(f, map_location="cpu", weights_only=True) for f in files]
         for name, entry in by_layer[layer]:
-            yield name, _join_shards(parts, entry)
+            yield name, _join_shards(parts, entry, tp)
 
 
 def _empty_out_dir(out_dir: str | Path) -> Path:

@@ -17,7 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from safetensors import safe_open
 
 from runner.errors import UserError
-from runner.parallel.tensor_parallel import shard_index
+from runner.parallel.tensor_parallel import shard_shape, take_shard
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -109,29 +109,28 @@ class HFCheckpoint:
         return self._handle(name).get_tensor(name)
 
     def read_shard(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of `name`, cut as `like` records (`tp_dim`, `tp_shards`, `tp_index`), in
-        the file's dtype (checked against config.json)."""
+        """This rank's slice of `name`, cut as `like` records (`tp_cuts`: one range per cut, two for a
+        fused gate_up's gate and up rows), in the file's dtype (checked against config.json)."""
         self.dtype(name)
         sl = self._handle(name).get_slice(name)
         full_shape = list(sl.get_shape())
         try:
-            index, expect = shard_index(full_shape, like)
+            expect = shard_shape(full_shape, like)
         except ValueError as err:
-            raise UserError(f"{self.file(name)}: {name} {err}; check parallel.tp") from None
+            raise UserError(f"{self.file(name)}: {name} {err}; check parallel.tp and parallel.ep") from None
         if expect != list(like.shape):
             raise UserError(
                 f"{self.file(name)}: {name} has shape {full_shape}, the config expects "
                 f"{full_shape_of(like)}; the checkpoint does not match its config.json"
             )
-        return sl[index] if full_shape else self._handle(name).get_tensor(name)
+        return take_shard(sl, like) if full_shape else self._handle(name).get_tensor(name)
 
 
 def full_shape_of(like: torch.Tensor) -> list[int]:
     """The unsharded shape of a TP-sharded tensor."""
     shape = list(like.shape)
-    dim = getattr(like, "tp_dim", None)
-    if dim is not None:
-        shape[dim] *= like.tp_shards
+    for dim, shards, _ in getattr(like, "tp_cuts", ()):
+        shape[dim] *= shards
     return shape
 
 

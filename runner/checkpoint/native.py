@@ -55,8 +55,9 @@ def tag_for(step: int) -> str:
 
 
 def tensor_manifest(model) -> dict[str, dict]:
-    """HF name → {layer, key, tp_dim, tp_replicas} for the tensors this rank's layer files hold:
-    which `layer_LL-*` files, which key inside them, and how TP cut them (what export undoes)."""
+    """HF name → {layer, key, tp_cuts, tp_replicas} for the tensors this rank's layer files hold:
+    which `layer_LL-*` files, which key inside them, and how TP cut them (what export undoes;
+    `tp_dim` also, for readers of checkpoints that predate `tp_cuts`)."""
     layer_of = {id(module): index for index, module in stage_layers(model).items()}
     manifest = {}
     for name, tensor, module in model.hf_tensors():
@@ -65,6 +66,7 @@ def tensor_manifest(model) -> dict[str, dict]:
                 "layer": layer_of[id(module)],
                 "key": name[len(module.hf_prefix):],
                 "tp_dim": getattr(tensor, "tp_dim", None),
+                "tp_cuts": [list(cut) for cut in getattr(tensor, "tp_cuts", ())],
                 "tp_replicas": getattr(tensor, "tp_replicas", 1),
             }
     return manifest

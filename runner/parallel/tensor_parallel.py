@@ -11,14 +11,14 @@ sequence, the norms and residual adds run on that slice only, and `gather_seq` e
 (all-gather forward, reduce-scatter backward). Same bytes on the wire, 1/tp of the token-wise work and
 of the activations between blocks (and between pipeline stages).
 
-Every sharded parameter records how it was cut (`tp_dim`, `tp_shards`, `tp_index`, `tp_replicas`),
+Every sharded parameter records how it was cut (`tp_cuts`, `tp_replicas`; `mark_cuts`),
 which is what checkpoint loading slices by and what gathering for export or tests undoes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -172,20 +172,45 @@ def sum_grad_over(param: nn.Parameter, group) -> None:
         param.grad_sum_group = group
 
 
-def mark_sharded(param: nn.Parameter, dim: int | None, tp: int, tp_rank: int, replicas: int = 1) -> None:
+# One cut of a sharded parameter: (dim, shards, blocks). The full tensor's `dim` is cut into `shards`
+# equal parts; with `blocks` > 1 it is first viewed as that many equal blocks along `dim` (a fused
+# [gate; up] projection) and each block is cut, a shard being its part of every block, in order.
+Cut = tuple[int, int, int]
+
+
+def mark_cuts(param: nn.Parameter, cuts: Sequence[Cut], tp: int, tp_rank: int, replicas: int = 1) -> None:
     """Record how `param` was cut from the full tensor (what loading slices and gathering undoes).
 
-    `dim=None`: replicated on every TP rank. Otherwise the full tensor is cut along `dim` into
-    tp/replicas shards and `replicas` consecutive TP ranks hold the same shard (KV heads fewer than
-    tp). DeepSpeed's gradient-norm code counts a parameter on every rank that marks it
-    `tensor_model_parallel` (and replicated ones on one rank only), so each distinct shard is marked
-    on exactly one rank of its replica group.
+    `cuts=()`: replicated on every TP rank. Otherwise the distinct shards are the product of the cuts'
+    `shards` (tp / replicas of them), the TP ranks laid over the cuts row-major (the first cut varies
+    slowest) and `replicas` consecutive TP ranks holding the same shard (KV heads fewer than tp). One
+    cut is Megatron's column/row split; experts cut two dims (experts over EP ranks, each expert's
+    intermediate width over the expert-TP ranks). DeepSpeed's gradient-norm code counts a parameter
+    on every rank that marks it `tensor_model_parallel` (and replicated ones on one rank only), so each
+    distinct shard is marked on exactly one rank of its replica group.
     """
-    param.tp_dim = dim
-    param.tp_shards = tp // replicas if dim is not None else 1
-    param.tp_index = tp_rank // replicas if dim is not None else 0
-    param.tp_replicas = replicas if dim is not None else tp
-    param.tensor_model_parallel = dim is not None and tp > 1 and tp_rank % replicas == 0
+    cuts = tuple(tuple(c) for c in cuts)
+    shards = math.prod(c[1] for c in cuts)
+    if cuts and shards * replicas != tp:
+        raise ValueError(f"cuts {cuts} x {replicas} replicas do not cover tp={tp}")
+    param.tp_cuts = cuts
+    param.tp_dim = cuts[0][0] if cuts else None  # None: replicated (what most callers ask)
+    param.tp_shards = shards if cuts else 1
+    param.tp_index = tp_rank // replicas if cuts else 0
+    param.tp_replicas = replicas if cuts else tp
+    param.tensor_model_parallel = bool(cuts) and tp > 1 and tp_rank % replicas == 0
+
+
+def mark_sharded(param: nn.Parameter, dim: int | None, tp: int, tp_rank: int, replicas: int = 1) -> None:
+    """`mark_cuts` with one cut along `dim` into tp/replicas shards (`dim=None`: replicated)."""
+    mark_cuts(param, () if dim is None else ((dim, tp // replicas, 1),), tp, tp_rank, replicas)
+
+
+def copy_sharding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Give `dst` (e.g. a gradient) the cut recorded on `src`; returns `dst`."""
+    for attr in ("tp_cuts", "tp_dim", "tp_shards", "tp_index", "tp_replicas"):
+        setattr(dst, attr, getattr(src, attr))
+    return dst
 
 
 class _ParallelLinear(nn.Module):
@@ -453,25 +478,81 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, group, ignore_index)
 
 
+def _cut_indices(cuts: Sequence[Cut], shard: int) -> list[int]:
+    """Shard number → this shard's index along each cut (row-major, the first cut slowest)."""
+    indices = []
+    for _, shards, _ in reversed(cuts):
+        indices.append(shard % shards)
+        shard //= shards
+    return indices[::-1]
+
+
+def join_shards(parts: Sequence[torch.Tensor], cuts: Sequence[Cut], replicas: int = 1) -> torch.Tensor:
+    """The full tensor from every TP rank's shard (rank order): one copy per distinct shard, joined
+    cut by cut from the innermost (the inverse of `take_shard`)."""
+    parts = list(parts[::replicas])
+    if not cuts:
+        return parts[0]
+    for dim, shards, blocks in reversed(cuts):
+        groups = [parts[i:i + shards] for i in range(0, len(parts), shards)]
+        parts = [torch.cat([torch.cat([p.chunk(blocks, dim)[b] for p in group], dim) for b in range(blocks)], dim)
+                 for group in groups]
+    return parts[0]
+
+
 def gather_full(tensor: torch.Tensor, tp_group) -> torch.Tensor:
-    """Reassemble the full tensor from the TP shards recorded by `mark_sharded` (collective over
+    """Reassemble the full tensor from the TP shards recorded by `mark_cuts` (collective over
     the TP group; replicated tensors are returned as they are)."""
-    dim = getattr(tensor, "tp_dim", None)
-    if dim is None or _group_size(tp_group) == 1:
+    cuts = getattr(tensor, "tp_cuts", ())
+    if not cuts or _group_size(tp_group) == 1:
         return tensor.detach()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group=tp_group))]
     dist.all_gather(parts, tensor.detach().contiguous(), group=tp_group)
-    return torch.cat(parts[:: tensor.tp_replicas], dim=dim)
+    return join_shards(parts, cuts, tensor.tp_replicas)
+
+
+def shard_shape(full_shape: Sequence[int], like: torch.Tensor) -> list[int]:
+    """This rank's shard shape in a full tensor of `full_shape`, cut as recorded on `like`; ValueError when
+    a dimension does not split into its shards (and blocks)."""
+    shape = list(full_shape)
+    for dim, shards, blocks in getattr(like, "tp_cuts", ()):
+        size, rem = divmod(shape[dim], shards * blocks)
+        if rem:
+            raise ValueError(f"dim {dim} = {full_shape[dim]} does not split into {shards * blocks} shards")
+        shape[dim] = size * blocks
+    return shape
+
+
+def shard_pieces(full_shape: Sequence[int], like: torch.Tensor) -> tuple[list[tuple[slice, ...]], int]:
+    """The index tuples into a full tensor of `full_shape` whose results, concatenated along the
+    returned dim, are this rank's shard (one piece unless a cut has blocks: a fused gate_up's gate
+    and up rows). Basic slices only, so safetensors' lazy slices read just these bytes."""
+    cuts = getattr(like, "tp_cuts", ())
+    shard_shape(full_shape, like)  # the divisibility check
+    pieces: list[list[slice]] = [[slice(None)] * len(full_shape)]
+    cat_dim = 0
+    for (dim, shards, blocks), index in zip(cuts, _cut_indices(cuts, getattr(like, "tp_index", 0))):
+        block = full_shape[dim] // blocks
+        size = block // shards
+        if blocks > 1:
+            cat_dim = dim
+        pieces = [p[:dim] + [slice(b * block + index * size, b * block + (index + 1) * size)] + p[dim + 1:]
+                  for p in pieces for b in range(blocks)]
+    return [tuple(p) for p in pieces], cat_dim
+
+
+def take_shard(full, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `full` (a tensor or a safetensors slice of the full shape), cut as `like` records."""
+    shape = list(full.get_shape()) if hasattr(full, "get_shape") else list(full.shape)
+    pieces, dim = shard_pieces(shape, like)
+    taken = [full[index] for index in pieces]
+    return taken[0] if len(taken) == 1 else torch.cat(taken, dim)
 
 
 def shard_index(full_shape: list[int], like: torch.Tensor) -> tuple[tuple[slice, ...], list[int]]:
-    """(index, shape) of this rank's shard in a full tensor of `full_shape`, cut as `mark_sharded` recorded
-    on `like`; ValueError when that dimension does not split into the shards."""
-    dim = getattr(like, "tp_dim", None)
-    index, shape = [slice(None)] * len(full_shape), list(full_shape)
-    if dim is not None:
-        size, rem = divmod(full_shape[dim], like.tp_shards)
-        if rem:
-            raise ValueError(f"dim {dim} = {full_shape[dim]} does not split into {like.tp_shards} shards")
-        index[dim], shape[dim] = slice(like.tp_index * size, (like.tp_index + 1) * size), size
-    return tuple(index), shape
+    """(index, shape) of this rank's shard in a full tensor of `full_shape`, for cuts without blocks (one
+    piece); ValueError when a dimension does not split into its shards."""
+    pieces, _ = shard_pieces(full_shape, like)
+    if len(pieces) != 1:
+        raise ValueError("a blocked cut has several pieces: use take_shard")
+    return pieces[0], shard_shape(full_shape, like)

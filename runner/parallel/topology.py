@@ -19,13 +19,25 @@ from runner.errors import UserError
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Degrees of tensor, pipeline and data parallelism, and whether the TP group also splits the
-    sequence between its blocks (Megatron's sequence parallelism)."""
+    """Degrees of tensor, pipeline and data parallelism, whether the TP group also splits the
+    sequence between its blocks (Megatron's sequence parallelism), and the expert-parallel size
+    inside the TP group (`ep`, None: tp; see `runner/models/gemma4/moe.py`)."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
+    ep: int | None = None
+
+    @property
+    def ep_size(self) -> int:
+        """Expert-parallel ranks of a TP group (each holds num_experts / ep_size experts)."""
+        return self.ep or self.tp
+
+    @property
+    def etp_size(self) -> int:
+        """Expert-tensor-parallel ranks: how many TP ranks split each expert's intermediate width."""
+        return self.tp // self.ep_size
 
     @property
     def world_size(self) -> int:
@@ -36,6 +48,9 @@ class ParallelDims:
         for name in ("tp", "pp", "dp"):
             if getattr(self, name) < 1:
                 raise UserError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ep is not None and (self.ep < 1 or self.tp % self.ep):
+            raise UserError(f"parallel.ep={self.ep} must divide parallel.tp={self.tp} (experts are split inside the "
+                            f"TP group); choose ep from the divisors of tp, or leave it unset (= tp)")
         if self.world_size != world_size:
             raise UserError(
                 f"parallel.tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world_size} but the job has "

@@ -22,6 +22,7 @@ from transformers import Gemma4Config
 
 from runner.compat import Gemma4TextAttention, deepspeed_prints_dropped
 from runner.errors import UserError
+from runner.models.gemma4.moe import validate_moe_layout
 from runner.models.gemma4.stages import (
     Gemma4DecoderLayerPipe,
     Gemma4FinalNorm,
@@ -49,7 +50,6 @@ def check_supported(config: Gemma4Config) -> None:
     unsupported = {
         "text_config.hidden_size_per_layer_input > 0 (per-layer embeddings)": bool(tc.hidden_size_per_layer_input),
         "text_config.num_kv_shared_layers > 0 (KV-shared layers)": bool(getattr(tc, "num_kv_shared_layers", 0)),
-        "text_config.enable_moe_block (mixture of experts)": bool(getattr(tc, "enable_moe_block", False)),
         "audio_config (audio tower)": getattr(config, "audio_config", None) is not None,
         "text_config.use_bidirectional_attention='all'": tc.use_bidirectional_attention == "all",
         "vision_config missing (text-only Gemma4)": config.vision_config is None,
@@ -90,6 +90,7 @@ def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
         },
         {kv for _, kv, _ in shapes.values()},
     )
+    validate_moe_layout(config, dims)
 
 
 def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms_norm: bool = True,

@@ -1,5 +1,5 @@
 """Real Gemma4 shapes, built locally without Hub access: `runner plan` and the GPU benchmark need the
-31B's exact geometry (and depth-reduced slices of it with the same width)."""
+31B's and 26B-A4B's exact geometry (and depth-reduced slices of the 31B with the same width)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ _PATTERN = 6  # 5 sliding + 1 full attention layer per 6
 GEMMA4_31B_IMAGE_SOFT_TOKENS = 280
 
 
-def gemma4_31b_config(depth: int = GEMMA4_31B_LAYERS) -> Gemma4Config:
+def gemma4_31b_config(depth: int = GEMMA4_31B_LAYERS, text_overrides: dict | None = None) -> Gemma4Config:
     """google/gemma-4-31B-it's config.json as a Gemma4Config, with `depth` decoder layers.
 
     `depth` < 60 keeps the width, the vision tower and the 5:1 sliding/full pattern (so it must be
     a multiple of 6): a slice whose per-layer cost, memory and kernels are the 31B's own.
     The full layers' shape is given the way the published config.json gives it
-    (`global_head_dim`, `num_global_key_value_heads`, `attention_k_eq_v`).
+    (`global_head_dim`, `num_global_key_value_heads`, `attention_k_eq_v`). `text_overrides` replace
+    text-config keys (a sibling model's shape).
     """
     if depth < _PATTERN or depth > GEMMA4_31B_LAYERS or depth % _PATTERN:
         raise UserError(
@@ -60,7 +61,7 @@ def gemma4_31b_config(depth: int = GEMMA4_31B_LAYERS) -> Gemma4Config:
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
-    )
+    ) | (text_overrides or {})
     vision = dict(
         hidden_size=1152,
         intermediate_size=4304,
@@ -87,3 +88,21 @@ def gemma4_31b_config(depth: int = GEMMA4_31B_LAYERS) -> Gemma4Config:
         eos_token_id=[1, 106],  # <eos> and end of turn, as the instruction-tuned 31B stops
         tie_word_embeddings=True,
     )
+
+
+GEMMA4_26B_A4B_ID = "google/gemma-4-26B-A4B-it"
+GEMMA4_26B_A4B_LAYERS = 30
+
+
+def gemma4_26b_a4b_config() -> Gemma4Config:
+    """google/gemma-4-26B-A4B-it's published shape: the 31B's vision tower and attention pattern at width
+    2816 over 30 layers, each with a dense MLP (2112) beside 128 experts of width 704, top-8."""
+    return gemma4_31b_config(GEMMA4_26B_A4B_LAYERS, dict(
+        hidden_size=2816, intermediate_size=2112, num_attention_heads=16, num_key_value_heads=8,
+        num_global_key_value_heads=2, enable_moe_block=True, num_experts=128, top_k_experts=8,
+        moe_intermediate_size=704,
+    ))
+
+
+# Hub ids whose shape `runner plan` knows without the Hub
+PRESETS = {GEMMA4_31B_ID: gemma4_31b_config, GEMMA4_26B_A4B_ID: gemma4_26b_a4b_config}

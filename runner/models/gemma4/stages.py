@@ -38,6 +38,7 @@ from runner.compat import (
 from runner.data.packing import document_positions
 from runner.errors import UserError
 from runner.models.gemma4.attention import WIDE_HEAD_ATTENTION, WIDE_HEAD_DIM, WIDE_HEAD_FWD_TILES
+from runner.models.gemma4.moe import shard_moe_block
 from runner.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -61,8 +62,9 @@ DECODER_TP_PLAN = {
     "mlp.down_proj": "rowwise",
 }
 
-# The norms whose outputs feed only column-parallel linears (transformers' decoder layer forward).
-BLOCK_INPUT_NORMS = ("input_layernorm", "pre_feedforward_layernorm")
+# The norms whose outputs feed only column-parallel linears (transformers' decoder layer forward), or
+# the experts of an MoE layer (`moe.py`).
+BLOCK_INPUT_NORMS = ("input_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2")
 
 
 def _mark_replicated(module: nn.Module, ps: ParallelState) -> None:
@@ -219,7 +221,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
     ) -> None:
         with torch.device("meta"):
             super().__init__(config.text_config, layer_idx)
-        _shard_decoder_layer(self, ps, fused_rms_norm)
+        _shard_decoder_layer(self, config, ps, fused_rms_norm)
         self.masks = masks
         self.layer_type = config.text_config.layer_types[layer_idx]
         self.hf_prefix = f"model.language_model.layers.{layer_idx}."
@@ -301,14 +303,20 @@ class BlockInputRMSNorm(SequenceSliceRMSNorm):
     """The norm in front of the attention block or the MLP: its output enters the TP group here, once,
     for all the block's column-parallel linears (built with `copy_input=False`), so backward
     all-reduces one input gradient per block instead of one per linear (q, k, v; gate, up). Under
-    sequence parallelism it normalizes this rank's slice and all-gathers the sequence."""
+    sequence parallelism it normalizes this rank's slice and all-gathers the sequence; a flat
+    [tokens, hidden] input (the MoE block's) is gathered along its tokens, in rank order."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         normed = super().forward(hidden_states)
-        return (gather_seq if self.sequence_parallel else copy_to_group)(normed, self.tp_group)
+        if not self.sequence_parallel:
+            return copy_to_group(normed, self.tp_group)
+        if normed.dim() == 2:
+            return gather_seq(normed.unsqueeze(0), self.tp_group).squeeze(0)
+        return gather_seq(normed, self.tp_group)
 
 
-def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused_rms_norm: bool) -> None:
+def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, config: Gemma4Config, ps: ParallelState,
+                         fused_rms_norm: bool) -> None:
     """Swap the (meta) linears of a transformers decoder layer for TP ones and its RMSNorms for
     ones that run fused or transformers' ops (`fused_rms_norm`); materialize the rest."""
     tp, sp = ps.dims.tp, ps.dims.sequence_parallel
@@ -335,6 +343,8 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, ps: ParallelState, fused
         else:
             new = ColumnParallelLinear(old.in_features, old.out_features, ps.tp_group, bias=bias, copy_input=False)
         setattr(parent, attr, new)
+    if layer.enable_moe_block:
+        shard_moe_block(layer, config, ps)
     for name, old in list(layer.named_modules()):
         if type(old) is Gemma4RMSNorm:
             parent_name, _, attr = name.rpartition(".")

@@ -178,6 +178,9 @@ _ALPHABET = sorted(set(string.printable) - set(" \t\r\x0b\x0c")) + ["▁"]
 _EMBED_STD = 0.25
 _NORM_JITTER = 0.1
 _LAYER_SCALAR_RANGE = (0.5, 1.5)
+# Router scores have this std (its input is normed to rms hidden^-½): top-k choices a wide margin apart,
+# so no layout's rounding flips one.
+_ROUTER_STD = 2.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -238,6 +241,19 @@ def tiny_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE) -
         vision_soft_tokens_per_image=TINY_IMAGE_SOFT_TOKENS,
         tie_word_embeddings=True,
     )
+
+
+def tiny_moe_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE) -> Gemma4Config:
+    """The tiny config with 26B-A4B's mixture-of-experts block in every layer (dense MLP beside 8 experts,
+    top-2): expert count and width split over every test layout's ep and tp / ep."""
+    config = tiny_config(num_hidden_layers, vocab_size)
+    tc = config.text_config
+    tc.enable_moe_block, tc.num_experts, tc.top_k_experts, tc.moe_intermediate_size = True, 8, 2, 32
+    return config
+
+
+# `make-tiny --like`: which published Gemma4 the tiny model copies the structure of
+TINY_LIKE = {"31b": tiny_config, "26b-a4b": tiny_moe_config}
 
 
 def tiny_tokenizer() -> GemmaTokenizer:
@@ -311,8 +327,10 @@ def randomize_(model: Gemma4ForConditionalGeneration, seed: int) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied weight is listed once
             noise = torch.randn(param.shape, generator=gen)
-            if param.ndim == 1:  # every 1-D parameter of Gemma4 is an RMSNorm scale
+            if param.ndim == 1:  # an RMSNorm scale, or a router's input / per-expert scale
                 param.copy_(1.0 + _NORM_JITTER * noise)
+            elif name.endswith("router.proj.weight"):  # decisive routing: no near-ties in the top-k
+                param.copy_(_ROUTER_STD * noise)
             elif name.endswith("embed_tokens.weight"):
                 param.copy_(_EMBED_STD * noise)
             else:
@@ -323,8 +341,10 @@ def randomize_(model: Gemma4ForConditionalGeneration, seed: int) -> None:
                 buf.copy_(low + (high - low) * torch.rand(buf.shape, generator=gen))
 
 
-def make_tiny(out_dir: Path, seed: int = 0, num_hidden_layers: int = 6, dtype: str = "float32") -> Path:
-    """Write a random tiny Gemma4ForConditionalGeneration checkpoint with its processor to `out_dir`.
+def make_tiny(out_dir: Path, seed: int = 0, num_hidden_layers: int = 6, dtype: str = "float32",
+              like: str = "31b") -> Path:
+    """Write a random tiny Gemma4ForConditionalGeneration checkpoint with its processor to `out_dir`,
+    structured like the published model `like` names (`TINY_LIKE`).
 
     The weights go into at least two safetensors shards with an index and without
     `lm_head.weight` (tied), as the 31B's do, so sharded and tied loading paths are exercised.
@@ -334,8 +354,10 @@ def make_tiny(out_dir: Path, seed: int = 0, num_hidden_layers: int = 6, dtype: s
         raise UserError(f"make-tiny: dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     if num_hidden_layers < 1:
         raise UserError(f"make-tiny: num_hidden_layers must be >= 1, got {num_hidden_layers}")
+    if like not in TINY_LIKE:
+        raise UserError(f"make-tiny: --like {like!r} is not one of {sorted(TINY_LIKE)}")
     out_dir = Path(out_dir)
-    config = tiny_config(num_hidden_layers=num_hidden_layers)
+    config = TINY_LIKE[like](num_hidden_layers=num_hidden_layers)
     with torch.random.fork_rng(devices=[]):  # the default init draws from the caller's global RNG
         model = Gemma4ForConditionalGeneration(config)
     randomize_(model, seed)
