@@ -49,7 +49,7 @@ evens them out. A WARNING line (stderr) names each stage that does not fit and t
 def _make_tiny(args: argparse.Namespace) -> int:
     from runner.models.gemma4.tiny import make_tiny
 
-    out = make_tiny(Path(args.out_dir), seed=args.seed, num_hidden_layers=args.layers, dtype=args.dtype)
+    out = make_tiny(Path(args.out_dir), seed=args.seed, num_hidden_layers=args.layers, dtype=args.dtype, like=args.like)
     print(f"wrote tiny Gemma4 checkpoint to {out}")
     return 0
 
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=6, help="decoder layers (default 6: 5 sliding + 1 full)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--like", default="31b", help="family member whose structure to copy: 31b (default), e2b, e4b")
     p.set_defaults(func=_make_tiny)
 
     p = sub.add_parser("make-data", help="write a small synthetic dataset in MedPix-VQA's schema (parquet, train/validation)")

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,21 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from runner.models.gemma4.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "gemma4-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_like(tmp_path_factory) -> Callable[[str], Path]:
+    """`like` (a `runner make-tiny --like` name) -> that member's tiny checkpoint, made once per session."""
+    from runner.models.gemma4.tiny import make_tiny
+
+    made: dict[str, Path] = {}
+
+    def get(like: str) -> Path:
+        if like not in made:
+            made[like] = make_tiny(tmp_path_factory.mktemp(f"tiny-{like}") / f"gemma4-tiny-{like}", seed=0, like=like)
+        return made[like]
+
+    return get
 
 
 def free_port() -> int:
