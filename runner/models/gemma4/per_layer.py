@@ -169,9 +169,9 @@ class _StageExit(torch.autograd.Function):
 
     DeepSpeed's pipeline engine backpropagates each float output of a stage on its own
     (`out.backward(grad, retain_graph=True)` per tensor). Carried keys/values reach back through every
-    layer before their producer, so each would traverse (and under activation checkpointing
-    recompute) most of the stage again. This node keeps the gradients until every output has one,
-    then releases them together: one traversal, one recompute.
+    layer before their producer, so each such call would run the backward of most of the stage
+    again (the sum is right, the work doubled). This node keeps the gradients until every output
+    has one (or all arrive in one call), then releases them together: one backward traversal.
     """
 
     @staticmethod
