@@ -1,0 +1,67 @@
+"""Gemma4 E2B / E4B beyond parity (tests/test_parity.py): the tiny e2b checkpoint (per-layer inputs,
+KV-shared layers without k/v weights, an audio tower) loads into a pp-2 pipeline, exports back to what
+transformers loads with all its weights and the same logits, and resumes bit-exactly after kill -9."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_checkpoint import hf_tensors, logits, run_worker
+from transformers import AutoModelForImageTextToText
+
+from runner.cli import main as cli
+from runner.models.gemma4.per_layer import AUDIO_PREFIXES
+
+LAYOUT = (1, 2, 1)  # stage 0 stores both layer types' keys/values, stage 1 reuses them
+
+
+@pytest.fixture(scope="module")
+def e2b(tiny_like) -> Path:
+    return tiny_like("e2b")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, e2b) -> Path:
+    """Steps 1-4 in one run; saved and exported at step 0, saved at step 2."""
+    base = tmp_path_factory.mktemp("e2b_unbroken")
+    return run_worker(e2b, LAYOUT, base, "--steps", "4", "--save-at", "0,2", "--export", str(base / "export"))
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, e2b) -> Path:
+    """A run killed with SIGKILL after step 3 (saved at 2), then resumed from step 2 in fresh processes."""
+    base = tmp_path_factory.mktemp("e2b_killed")
+    with pytest.raises(pytest.fail.Exception):
+        run_worker(e2b, LAYOUT, base, "--steps", "4", "--save-at", "2", "--kill-after", "3")
+    assert json.loads((base / "out" / "losses.json").read_text()).keys() == {"1", "2", "3"}
+    assert (base / "root" / "latest").read_text() == "step_00000002"
+    return run_worker(e2b, LAYOUT, base, "--resume", "--steps", "4")
+
+
+def test_export_loads_in_transformers_with_every_weight_and_equal_logits(e2b, unbroken):
+    export = unbroken / "export"
+    got, source = hf_tensors(export), hf_tensors(e2b)
+    assert got.keys() == source.keys(), sorted(got.keys() ^ source.keys())[:5]
+    assert any(n.startswith(AUDIO_PREFIXES) for n in got)  # passed through, never built
+    assert not any("layers.3.self_attn.k_proj" in n for n in got)  # KV-shared layers have no k/v weights
+    for name, tensor in source.items():
+        assert torch.equal(got[name], tensor), name
+    _, info = AutoModelForImageTextToText.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.equal(logits(export), logits(e2b))
+
+
+def test_resume_after_kill_9_is_exact(unbroken, resumed, tmp_path):
+    """Steps 3-4 after the resume give the unbroken run's losses bit for bit; the trained checkpoint (step 2)
+    exports to a model transformers loads completely."""
+    want = json.loads((unbroken / "out" / "losses.json").read_text())
+    got = json.loads((resumed / "out" / "losses.json").read_text())
+    assert list(got) == ["3", "4"]
+    for step, loss in got.items():
+        assert loss == want[step], (step, loss, want[step])
+    assert cli(["export", str(resumed / "root"), str(tmp_path / "export")]) == 0
+    _, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
