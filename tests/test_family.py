@@ -13,7 +13,11 @@ from test_checkpoint import hf_tensors, logits, run_worker
 from transformers import AutoModelForImageTextToText
 
 from runner.cli import main as cli
+from runner.data.sample import BadSample
+from runner.data.sources import chat_sample
 from runner.models.gemma4.per_layer import AUDIO_PREFIXES
+
+from conftest import assert_one_line
 
 LAYOUT = (1, 2, 1)  # stage 0 stores both layer types' keys/values, stage 1 reuses them
 
@@ -65,3 +69,12 @@ def test_resume_after_kill_9_is_exact(unbroken, resumed, tmp_path):
     assert cli(["export", str(resumed / "root"), str(tmp_path / "export")]) == 0
     _, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_audio_parts_are_refused_at_data_time():
+    """One line naming the sample, before any model work: the audio tower is not built."""
+    chat = [{"role": "user", "content": [{"type": "audio", "path": "a.wav"}, {"type": "text", "text": "what?"}]},
+            {"role": "assistant", "content": "a cough"}]
+    with pytest.raises(BadSample) as err:
+        chat_sample(chat, "train.jsonl:7")
+    assert_one_line(str(err.value), ["audio input", "train.jsonl:7", "audio tower"])
