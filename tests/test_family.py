@@ -13,11 +13,15 @@ from test_checkpoint import hf_tensors, logits, run_worker
 from transformers import AutoModelForImageTextToText
 
 from runner.cli import main as cli
+from runner.config import load_config
 from runner.data.sample import BadSample
 from runner.data.sources import chat_sample
+from runner.errors import UserError
 from runner.models.gemma4.per_layer import AUDIO_PREFIXES
+from runner.models.gemma4.presets import PRESETS
+from runner.plan import carried_bytes, make_plan
 
-from conftest import assert_one_line
+from conftest import ROOT, assert_one_line
 
 LAYOUT = (1, 2, 1)  # stage 0 stores both layer types' keys/values, stage 1 reuses them
 
@@ -78,3 +82,34 @@ def test_audio_parts_are_refused_at_data_time():
     with pytest.raises(BadSample) as err:
         chat_sample(chat, "train.jsonl:7")
     assert_one_line(str(err.value), ["audio input", "train.jsonl:7", "audio tower"])
+
+
+@pytest.mark.parametrize("recipe,table", [("gemma4_e2b_1x1", 262144 * 35 * 256), ("gemma4_e4b_tp2", 262144 * 42 * 256 // 2)])
+def test_recipes_plan_with_the_per_layer_table(recipe, table):
+    """The E recipes fit their cards; the first stage holds this rank's share of the per-layer table."""
+    plan = make_plan(load_config(ROOT / "recipes" / f"{recipe}.yaml"))
+    assert not plan.warnings, plan.warnings
+    first = plan.stages[0]
+    assert "per-layer embedding" in first.holds and first.params > table
+    assert plan.source == "built-in shape"
+
+
+def test_plan_at_pp2_counts_what_travels_between_stages():
+    """E2B at pp 2 (layers 0-17 | 18-34): into layer 18 travel the per-layer inputs of layers 18-34 and the
+    keys/values stored by layers 13 (sliding, 1 x 256) and 14 (full, 1 x 512), in bf16."""
+    cfg = load_config(ROOT / "recipes" / "gemma4_e2b_1x1.yaml", ["parallel.pp=2"])
+    plan = make_plan(cfg, world_size=2)
+    assert [s.decoder_layers[0] for s in plan.stages] == [0, 18]
+    tokens = cfg.train.micro_batch_size * cfg.data.row_length
+    carried = 2 * tokens * (17 * 256 + 2 * (256 + 512))
+    assert carried_bytes(PRESETS["google/gemma-4-E2B-it"]().text_config, 18, cfg.train.micro_batch_size,
+                         cfg.data.row_length, 1, 1) == carried
+    hidden = 2 * tokens * 1536
+    assert plan.stages[1].activations_gib["p2p_buffers"] == round((2 * hidden + carried) / 2**30, 3)
+
+
+def test_unsupported_layout_is_one_line():
+    cfg = load_config(ROOT / "recipes" / "gemma4_e4b_tp2.yaml", ["parallel.tp=3"])
+    with pytest.raises(UserError) as err:
+        make_plan(cfg, world_size=3)
+    assert_one_line(str(err.value), ["parallel.tp=3"])
