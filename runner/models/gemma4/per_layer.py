@@ -10,7 +10,8 @@ Between stages of these models travels
   `embed_tokens_per_layer` table (E2B: 262144 x 35·256 = 2.35 B parameters, 4.7 GB in bf16 plus
   its gradient, master copy and Adam state) and the image-merged input embeddings (the token
   embedding and the vision tower) on every stage; carrying costs 2 bytes x layers left x P per
-  token and boundary (E2B's first boundary at pp 2: ~4.5 KB per token, about 1.5 hidden states).
+  token and boundary (E2B at pp 2: 17 x 256 x 2 = 8.5 KB per token, under 3 hidden states; its
+  keys/values add 3 KB), sent once per micro-batch each way.
 - `k_t, v_t`: the keys and values (this rank's KV heads, whole sequence, after norm and RoPE) that
   the storing layer of layer type t produced, for as long as a later KV-shared layer of type t
   still needs them. They are ordinary tensors of the tuple, not shared state: activation-
