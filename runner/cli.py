@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=6, help="decoder layers (default 6: 5 sliding + 1 full)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--like", choices=["31b", "26b-a4b"], default="31b",
-                   help="structure: 31b (dense) or 26b-a4b (mixture of experts); default 31b")
+    p.add_argument("--like", choices=["31b", "26b-a4b", "e2b", "e4b"], default="31b",
+                   help="family member whose structure to copy: 31b (dense, default), 26b-a4b (mixture of experts), "
+                        "e2b, e4b (per-layer embeddings, KV-shared layers)")
     p.set_defaults(func=_make_tiny)
 
     p = sub.add_parser("make-data", help="write a small synthetic dataset in MedPix-VQA's schema (parquet, train/validation)")

@@ -45,6 +45,7 @@ __all__ = [
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
     "Gemma4TextRotaryEmbedding", "Gemma4TextRouter", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
     "decoder_layer_forward", "deepspeed_prints_dropped", "flex_attention_forward", "is_kv_shared_layer",
+    "kv_sharing_modes",
     "process_groups", "register_attention", "rms_norm_eps", "set_attn_implementation", "skip_deepspeed_shm_comm",
 ]
 
@@ -109,16 +110,37 @@ def build_packed_masks(config: Gemma4Config, hidden: torch.Tensor, document_ids:
 
 
 def decoder_layer_forward(layer: Gemma4TextDecoderLayer, hidden: torch.Tensor, position_embeddings: Any,
-                          attention_mask: Any, position_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """transformers' decoder-layer forward for training: no per-layer input (31B, 26B-A4B), no KV
-    sharing, no cache (positional: its keyword was renamed in 5.25)."""
-    return Gemma4TextDecoderLayer.forward(layer, hidden, None, {}, position_embeddings, attention_mask, position_ids,
-                                          **kwargs)
+                          attention_mask: Any, position_ids: torch.Tensor, per_layer_input: torch.Tensor | None = None,
+                          shared_kv_states: dict | None = None, **kwargs: Any) -> torch.Tensor:
+    """transformers' decoder-layer forward for training, no cache (positional: its keyword was renamed
+    in 5.25). `per_layer_input`: this layer's slice of the per-layer inputs (E2B/E4B; None without);
+    `shared_kv_states`: layer type -> (keys, values), read by KV-shared layers and written by the layer
+    that stores them (a plain dict on every release; 5.25 wraps it in KVSharingDict only in its model)."""
+    shared = {} if shared_kv_states is None else shared_kv_states
+    return Gemma4TextDecoderLayer.forward(layer, hidden, per_layer_input, shared, position_embeddings, attention_mask,
+                                          position_ids, **kwargs)
 
 
 def is_kv_shared_layer(attn: nn.Module) -> bool:
     """Whether an attention module reuses an earlier layer's keys/values (E2B/E4B's last layers)."""
     return bool(getattr(attn, "is_kv_shared_layer", False))
+
+
+def kv_sharing_modes(text_config: PretrainedConfig) -> list[str | None]:
+    """Per decoder layer: "reuse" (a KV-shared layer: no k/v projections, it reads the stored keys and
+    values of its type), "store" (the last non-shared layer of its type, whose keys/values those reuse)
+    or None. 5.25 has the config property `kv_sharing_modes`; 5.17 computes the same in each attention
+    module (`is_kv_shared_layer`, `store_full_length_kv`), by the rule repeated here."""
+    modes = getattr(text_config, "kv_sharing_modes", None)
+    if modes is not None:
+        return list(modes)
+    n = text_config.num_hidden_layers
+    first_shared = n - (getattr(text_config, "num_kv_shared_layers", 0) or 0)
+    modes = [None if i < first_shared else "reuse" for i in range(n)]
+    earlier = text_config.layer_types[:first_shared]
+    for layer_type in set(earlier):
+        modes[first_shared - 1 - earlier[::-1].index(layer_type)] = "store"
+    return modes
 
 
 # A saved PEFT adapter names a LoRA weight by the wrapped model's module path: PeftModel.base_model (LoraModel)

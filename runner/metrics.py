@@ -29,17 +29,21 @@ def forward_flops_per_token(text_config, seq_len: int) -> tuple[list[float], flo
     Matmuls: 2 FLOPs per weight per token (decoder linears and the LM head). Attention: QKᵀ and AV
     cost 2·2·heads·head_dim per attended key; a causal token attends to (seq+1)/2 keys on average,
     a sliding one to at most the window; an MoE layer's experts only the top-k a token is routed to. The
-    vision tower is not counted (a few % at one image).
+    vision tower and E2B/E4B's per-layer-input projection (first stage) are not counted.
     """
+    from runner.compat import kv_sharing_modes
     from runner.models.gemma4.pipeline import attention_shapes
 
     hidden = text_config.hidden_size
     shapes = attention_shapes(text_config)
     layers = []
-    for layer_type in text_config.layer_types:
+    for layer_type, mode in zip(text_config.layer_types, kv_sharing_modes(text_config)):
         q_heads, kv_heads, head_dim = shapes[layer_type]
         kv_proj = 1 if (layer_type == "full_attention" and text_config.attention_k_eq_v) else 2
-        weights = hidden * head_dim * (2 * q_heads + kv_proj * kv_heads) + 3 * hidden * text_config.intermediate_size
+        shared = mode == "reuse"  # KV-shared (E2B/E4B): no k/v projections, E2B's MLP double-wide
+        mlp = text_config.intermediate_size * (2 if shared and getattr(text_config, "use_double_wide_mlp", False) else 1)
+        weights = (hidden * head_dim * (2 * q_heads + (0 if shared else kv_proj * kv_heads)) + 3 * hidden * mlp
+                   + 2 * hidden * (text_config.hidden_size_per_layer_input or 0))  # the per-layer gate and projection
         if getattr(text_config, "enable_moe_block", False):  # router + the top-k experts a token runs
             weights += hidden * text_config.num_experts + text_config.top_k_experts * 3 * hidden * \
                 text_config.moe_intermediate_size

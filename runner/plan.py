@@ -25,7 +25,7 @@ from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 from transformers import AutoConfig, Gemma4Config, Gemma4TextConfig
 
-from runner.compat import Gemma4MultimodalEmbedder, Gemma4TextDecoderLayer, Gemma4VisionModel
+from runner.compat import Gemma4MultimodalEmbedder, Gemma4TextDecoderLayer, Gemma4VisionModel, kv_sharing_modes
 from runner.config import (
     FreezeConfig,
     LoraConfig,
@@ -40,6 +40,7 @@ from runner.errors import UserError
 from runner.metrics import forward_flops_per_token
 from runner.models.gemma4.attention import ROW_BLOCKS, WIDE_HEAD_DIM
 from runner.models.gemma4.moe import is_moe
+from runner.models.gemma4.per_layer import Gemma4PerLayerEmbedding, Gemma4PerLayerProjection, KVSharing
 from runner.models.gemma4.pipeline import (
     attention_shapes,
     check_supported,
@@ -176,12 +177,12 @@ def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int,
     with torch.device("meta"):
         layer = Gemma4TextDecoderLayer(text_config, layer_idx)
     attn = layer.self_attn
-    kv_heads = attn.k_proj.out_features // attn.head_dim
+    kv_heads = text_config.num_attention_heads // attn.num_key_value_groups  # also on KV-shared layers (no k/v)
     replicas = tp // kv_heads if kv_heads < tp else 1
     adapter = 0
     for path, style in DECODER_TP_PLAN.items() if lora else ():
         parent, attr = path.split(".")
-        linear = getattr(getattr(layer, parent), attr)
+        linear = getattr(getattr(layer, parent), attr, None)
         if linear is not None and attr in lora.target_modules:
             rows = linear.out_features * (replicas if attr in ("k_proj", "v_proj") else 1) // tp
             adapter += lora.rank * (linear.in_features // tp + linear.out_features if style == "rowwise"
@@ -218,24 +219,45 @@ class SpecParams:
 class ModelParams:
     """Parameter counts of the model's parts at one tp."""
 
-    per_type: dict[str, LayerParams]  # decoder layer type -> counts
+    per_type: dict[str, LayerParams]  # decoder layer kind (`layer_kind`) -> counts
     vision_tower: int
     embed_vision: int
     embed_local: int  # vocab / tp rows of the (tied) embedding
-    total: int  # the HF model's, each tensor once
+    total: int  # the HF model's, each tensor once (the audio tower included)
+    per_layer_embed_local: int = 0  # E2B/E4B: vocab_size_per_layer_input / tp rows of the per-layer table
+    per_layer_projection: int = 0  # E2B/E4B: its projection and norm, replicated
+    audio: int = 0  # E2B/E4B: the audio tower and its embedder (not built, passed through to exports)
+
+
+def layer_kind(text_config: Gemma4TextConfig, layer_idx: int) -> str:
+    """What a decoder layer's size depends on: its type and whether it is KV-shared (no k/v projections,
+    E2B's MLP double-wide)."""
+    shared = kv_sharing_modes(text_config)[layer_idx] == "reuse"
+    return text_config.layer_types[layer_idx] + (" shared" if shared else "")
 
 
 def model_params(config: Gemma4Config, tp: int, lora: LoraConfig | None = None) -> ModelParams:
     tc, vc = config.text_config, config.vision_config
-    per_type = {t: decoder_layer_params(tc, tc.layer_types.index(t), tp, lora) for t in set(tc.layer_types)}
+    kinds = [layer_kind(tc, i) for i in range(tc.num_hidden_layers)]
+    per_type = {k: decoder_layer_params(tc, kinds.index(k), tp, lora) for k in set(kinds)}
     with torch.device("meta"):
         vision_tower = _numel(Gemma4VisionModel(vc))
         embed_vision = _numel(Gemma4MultimodalEmbedder(vc, tc))
+        audio = 0
+        if getattr(config, "audio_config", None) is not None:
+            from transformers import AutoModel
+
+            audio = _numel(AutoModel.from_config(config.audio_config)) + _numel(
+                Gemma4MultimodalEmbedder(config.audio_config, tc))
     embed = tc.vocab_size * tc.hidden_size
     heads = 1 if config.tie_word_embeddings or tc.tie_word_embeddings else 2
-    layers = sum(per_type[t].full for t in tc.layer_types)
-    total = vision_tower + embed_vision + embed * heads + layers + tc.hidden_size
-    return ModelParams(per_type, vision_tower, embed_vision, tc.vocab_size // tp * tc.hidden_size, total)
+    layers = sum(per_type[k].full for k in kinds)
+    width = tc.num_hidden_layers * (tc.hidden_size_per_layer_input or 0)
+    projection = tc.hidden_size * width + (tc.hidden_size_per_layer_input or 0)
+    ple_table = tc.vocab_size_per_layer_input * width
+    total = vision_tower + embed_vision + embed * heads + layers + tc.hidden_size + ple_table + projection + audio
+    return ModelParams(per_type, vision_tower, embed_vision, tc.vocab_size // tp * tc.hidden_size, total,
+                       ple_table // tp, projection, audio)
 
 
 @dataclass(frozen=True)
@@ -259,15 +281,21 @@ class ParamCounter:
 
     def _one(self, spec, duplicate: bool) -> SpecParams:
         kind, tc, c, frozen = spec.typename, self.text_config, self.counts, self.freeze
-        if kind is Gemma4DecoderLayerPipe:
+        if issubclass(kind, Gemma4DecoderLayerPipe):
             idx = spec.module_args[1]
-            lp = c.per_type[tc.layer_types[idx]]
+            lp = c.per_type[layer_kind(tc, idx)]
             trainable = lp.adapter + (0 if frozen.language_model else lp.local)
             return SpecParams("", lp.local + lp.adapter, lp.replicated, trainable, layer=idx)
         if kind is Gemma4VisionStage:
             n = c.vision_tower + c.embed_vision
             trainable = 0 if self.lora else c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
             return SpecParams("vision", n, n, trainable, vision="frozen" if frozen.vision_tower else "trainable")
+        if kind is Gemma4PerLayerEmbedding:
+            n = c.per_layer_embed_local
+            return SpecParams("per-layer embedding", n, 0, 0 if frozen.embeddings or self.lora else n)
+        if kind is Gemma4PerLayerProjection:
+            n = c.per_layer_projection
+            return SpecParams("per-layer projection", n, n, 0 if self.lora else n)
         if kind is Gemma4FinalNorm:
             n = tc.hidden_size
             return SpecParams("final norm", n, n, 0 if frozen.language_model else n)
@@ -566,16 +594,21 @@ class MemoryModel:
         return self.tokens * (10 * self.hidden // self.seq_slices + (16 if self.softcap else 14) * self.vocab_local)
 
     def activations(self, layer_types: list[str], first: bool, last: bool, in_flight: int,
-                    recomputed: int, vision: str | None, pp: int) -> dict[str, int]:
+                    recomputed: int, vision: str | None, pp: int, carried: tuple[int, int, int] = (0, 0, 0)
+                    ) -> dict[str, int]:
         """The parts of a stage's peak, in bytes. `recomputed`: how many of the stage's first decoder
-        layers are checkpointed; `vision`: None (not on this stage), 'trainable' or 'frozen'."""
+        layers are checkpointed; `vision`: None (not on this stage), 'trainable' or 'frozen';
+        `carried` (E2B/E4B, `carried_bytes`): what travels in beside the hidden state, what travels out,
+        and the first stage's per-layer-input activations (per micro-batch)."""
+        carried_in, carried_out, per_layer_saved = carried
         a = self.tokens * self.hidden * 2 // self.seq_slices
         grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in set(layer_types)), default=0)
         checkpointed, kept = layer_types[:recomputed], layer_types[recomputed:]
         stored = len(checkpointed) * a + sum(self.layer_saved(t) for t in kept) + (0 if first or checkpointed else a)
         transient = max(((self.layer_saved(t) if t in checkpointed else 0) + self.backward_scratch[t]
                          for t in set(layer_types)), default=0) + grads
-        stored += (0 if last else a) + (self.vision_saved() if vision == "trainable" else 0)
+        stored += (0 if last else a + carried_out) + (self.vision_saved() if vision == "trainable" else 0)
+        stored += per_layer_saved
         candidates = [transient]
         if vision == "frozen":
             candidates.append(self.vision_saved() // self.vision_layers)
@@ -585,8 +618,27 @@ class MemoryModel:
             "stored_per_micro_batch": stored,
             "stored": in_flight * stored,
             "working_set": max(candidates),
-            "p2p_buffers": 2 * a if pp > 1 else 0,
+            "p2p_buffers": 2 * a + carried_in + carried_out if pp > 1 else 0,
         }
+
+
+def carried_bytes(text_config: Gemma4TextConfig, layer_idx: int, batch: int, seq: int, tp: int,
+                  seq_slices: int) -> int:
+    """bf16 bytes a per-layer model (E2B/E4B) carries into decoder layer `layer_idx` beside the hidden
+    state: the per-layer inputs of that layer and the later ones (this rank's sequence slice), and the
+    stored keys and values that a later KV-shared layer still reuses (this rank's KV heads, whole sequence)."""
+    tc = text_config
+    per_layer = batch * seq // seq_slices * (tc.num_hidden_layers - layer_idx) * (tc.hidden_size_per_layer_input or 0)
+    shapes = attention_shapes(tc)
+    kv = sum(2 * batch * seq * max(shapes[t][1] // tp, 1) * shapes[t][2] for t in KVSharing.of(tc).live(layer_idx))
+    return 2 * (per_layer + kv)
+
+
+def per_layer_input_saved(text_config: Gemma4TextConfig, tokens: int, seq_slices: int) -> int:
+    """What the first stage keeps for backward of the per-layer inputs (E2B/E4B), per micro-batch: the
+    table lookup and the projection (bf16), the projection norm's fp32 input and output, per token
+    and layer·P: 2 + 2 + 8 bytes."""
+    return tokens // seq_slices * text_config.num_hidden_layers * (text_config.hidden_size_per_layer_input or 0) * 12
 
 
 def recomputed_layers(checkpointing: bool, recompute_num_layers: int | None, layers: int) -> int:
@@ -764,9 +816,13 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         trainable = sum(p.trainable for p in parts)
         layers = [p.layer for p in parts if p.layer is not None]
         in_flight = min(dims.pp - stage, gas)
+        carry = functools.partial(carried_bytes, tc, batch=memory.batch, seq=memory.seq, tp=dims.tp,
+                                  seq_slices=memory.seq_slices)
+        carried = (carry(layers[0]) if stage else 0, carry(layers[-1] + 1) if stage < dims.pp - 1 else 0,
+                   per_layer_input_saved(tc, memory.tokens, memory.seq_slices) if stage == 0 else 0)
         stage_activations = functools.partial(
             memory.activations, [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
-            vision=next((p.vision for p in parts if p.vision), None), pp=dims.pp)
+            vision=next((p.vision for p in parts if p.vision), None), pp=dims.pp, carried=carried)
         recomputed = recomputed_layers(cfg.train.activation_checkpointing, cfg.train.recompute_num_layers, len(layers))
         activations = stage_activations(recomputed)
         # DeepSpeed's ZeRO step flattens one optimizer group's gradient partition and converts it to

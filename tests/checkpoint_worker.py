@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", default="", help="export the step-0 checkpoint here")
     ap.add_argument("--fail-save", default="", help="STEP:RANK — that rank's save at that step dies")
+    ap.add_argument("--kill-after", type=int, default=-1, help="rank 0 sends itself SIGKILL after this step")
     ap.add_argument("--lora", default="", help="LoRA started from this PEFT adapter directory")
     ap.add_argument("--backend", default="gloo", help="nccl with DS_ACCELERATOR=cuda runs it on GPUs")
     ap.add_argument("--eval-loss", action="store_true", help="at the end, write the eval loss of image batch seed 99")
@@ -112,6 +114,8 @@ def main() -> None:
                 json.dump(losses, f)
         if step in save_at:
             checkpoint(step)
+        if step == args.kill_after and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
     write_stage_tensors(model, ps, os.path.join(args.out, f"final_stage{ps.pp_rank}.pt"))
     if args.eval_loss:  # what `runner train`'s eval computes, on one fixed global batch
         mine = global_batch(config, "image", seed=EVAL_SEED)[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -30,11 +30,24 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_moe_ckpt(tmp_path_factory) -> Path:
-    """The tiny model with 26B-A4B's mixture-of-experts block (8 experts, top-2)."""
+def tiny_like(tmp_path_factory) -> Callable[[str], Path]:
+    """`like` (a `runner make-tiny --like` name) -> that member's tiny checkpoint, made once per session."""
     from runner.models.gemma4.tiny import make_tiny
 
-    return make_tiny(tmp_path_factory.mktemp("tiny-moe") / "gemma4-tiny-moe", seed=0, like="26b-a4b")
+    made: dict[str, Path] = {}
+
+    def get(like: str) -> Path:
+        if like not in made:
+            made[like] = make_tiny(tmp_path_factory.mktemp(f"tiny-{like}") / f"gemma4-tiny-{like}", seed=0, like=like)
+        return made[like]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_ckpt(tiny_like) -> Path:
+    """The tiny model with 26B-A4B's mixture-of-experts block (8 experts, top-2)."""
+    return tiny_like("26b-a4b")
 
 
 def free_port() -> int:

@@ -56,6 +56,25 @@ def test_loss_and_every_gradient_match_transformers(tmp_path, tiny_ckpt, tp, pp,
     _assert_matches_transformers(tmp_path, tiny_ckpt, (tp, pp, dp), extra)
 
 
+# E2B / E4B (`make-tiny --like`): per-layer inputs and KV-shared layers; at pp 2 the stored keys/values
+# cross the stage boundary (e2b: both layer types, e4b: the full one). e2b has 1 KV head: replicated at tp 2.
+FAMILY_CASES = [
+    ("e2b", (1, 1, 1), ()),
+    pytest.param("e2b", (2, 2, 1), ("--sequence-parallel",), marks=pytest.mark.compat),
+    ("e2b", (1, 2, 2), ("--recompute-num-layers", "1")),  # partial recompute: one layer per stage
+    ("e2b", (2, 1, 1), ("--sequence-parallel",)),
+    ("e2b", (1, 2, 1), ("--activation-checkpointing",)),
+    ("e4b", (1, 2, 1), ()),
+]
+
+
+@pytest.mark.parametrize("like,layout,extra", FAMILY_CASES, ids=str)
+def test_family_member_matches_transformers(tmp_path, tiny_like, like, layout, extra):
+    """Loss and every gradient — the per-layer embedding table, its projection, each layer's gate, the
+    producers' k/v projections fed back from the KV-shared layers — equal transformers'."""
+    _assert_matches_transformers(tmp_path, tiny_like(like), layout, extra)
+
+
 @pytest.mark.parametrize("layout,sp", [((1, 2, 1), ()), ((2, 2, 1), ("--sequence-parallel",))], ids=str)
 def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt, layout, sp):
     """Activation checkpointing on the first decoder layer of each stage only

@@ -27,6 +27,7 @@ from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key
 from runner.config import LoraConfig
 from runner.errors import UserError
 from runner.lora import PARTS, base_identity, peft_config
+from runner.models.gemma4.per_layer import AUDIO_PREFIXES
 from runner.parallel.tensor_parallel import join_shards
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
@@ -133,7 +134,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
     """Write the HF directory of a native checkpoint (a step_* dir, or a root holding `latest`).
 
     Weights: sharded safetensors + `model.safetensors.index.json`, every tensor in the dtype the
-    source HF checkpoint stores it in. config.json, tokenizer, processor and chat-template files are
+    source HF checkpoint stores it in; the source's audio tower (not trained here) copied unchanged. config.json, tokenizer, processor and chat-template files are
     copied from the source HF model recorded at save time, or from `source` if given (the source
     moved, or the checkpoint came from elsewhere). A LoRA checkpoint becomes a PEFT adapter
     directory, or with `merge` the source's weights with the adapters merged in.
@@ -156,8 +157,13 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
     if lora:
         merge_adapters(dict(checkpoint_tensors(ckpt, meta)), lora, src, writer)
     else:
+        written = set()
         for name, tensor in checkpoint_tensors(ckpt, meta):
             writer.add(name, tensor.to(src.dtype(name) if name in src else tensor.dtype))
+            written.add(name)
+        for name in src.weight_map:  # the audio tower (E2B/E4B): never built nor trained, copied as it is
+            if name.startswith(AUDIO_PREFIXES) and name not in written:
+                writer.add(name, src.read_full(name))
     writer.close()
     for f in src.path.iterdir():
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):

@@ -53,6 +53,7 @@ class SampleSource(Protocol):
 # where an image dict (datasets' value, a chat part) keeps it; OpenAI's `image_url` holds a URL string or {"url": ...}
 IMAGE_FIELDS = ("bytes", "image", "path", "url", "image_url")
 IMAGE_PARTS = ("image", "image_url")  # chat content part types that carry an image
+AUDIO_PARTS = ("audio", "input_audio", "audio_url")  # refused: the audio tower is not built
 _WEB_URL = re.compile(r"^(https?|ftp)://", re.IGNORECASE)
 
 
@@ -143,6 +144,9 @@ def chat_sample(messages: Any, key: str, root: Path | None = None, images: Seque
                 own = part["type"] == "image_url" or any(part.get(f) for f in IMAGE_FIELDS)
                 out_images.append(_decode_payload(part if own else next(pool, None), root, key))
                 out_parts.append({"type": "image"})
+            elif part.get("type") in AUDIO_PARTS:
+                raise BadSample("audio input", f"{key}: audio parts are not trained (the runner does not build "
+                                               f"Gemma4's audio tower); remove them from the sample")
             else:
                 raise BadSample("malformed chat", f"{key}: unsupported content part {str(part)[:60]!r}")
         out_messages.append({"role": role, "content": out_parts})

@@ -409,8 +409,9 @@ class VocabParallelEmbedding(nn.Module):
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scaled token embeddings, full hidden size, identical on every TP rank."""
+    def embed(self, input_ids: torch.Tensor, scatter_seq: bool = False) -> torch.Tensor:
+        """Scaled token embeddings, full hidden size, identical on every TP rank; with `scatter_seq`
+        only this rank's sequence slice (one reduce-scatter instead of an all-reduce and a split)."""
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows)
         local = local.masked_fill(outside, 0)
@@ -420,7 +421,7 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local, self.weight, padding_idx=pad)
         if _group_size(self.tp_group) > 1:
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-            out = reduce_from_group(out, self.tp_group)
+            out = (reduce_scatter_seq if scatter_seq else reduce_from_group)(out, self.tp_group)
         # transformers casts the scale to the weight dtype first (sqrt(5376) in bf16 is 73.5)
         return out * torch.tensor(self.embed_scale, dtype=self.weight.dtype, device=out.device)
 

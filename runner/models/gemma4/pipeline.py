@@ -23,6 +23,13 @@ from transformers import Gemma4Config
 from runner.compat import Gemma4TextAttention, deepspeed_prints_dropped
 from runner.errors import UserError
 from runner.models.gemma4.moe import validate_moe_layout
+from runner.models.gemma4.per_layer import (
+    Gemma4PerLayerDecoderLayerPipe,
+    Gemma4PerLayerEmbedding,
+    StageExit,
+    first_stage_specs,
+    uses_per_layer_stages,
+)
 from runner.models.gemma4.stages import (
     Gemma4DecoderLayerPipe,
     Gemma4FinalNorm,
@@ -48,9 +55,6 @@ def check_supported(config: Gemma4Config) -> None:
     """Refuse config features the stages do not implement, rather than mis-compute them."""
     tc = config.text_config
     unsupported = {
-        "text_config.hidden_size_per_layer_input > 0 (per-layer embeddings)": bool(tc.hidden_size_per_layer_input),
-        "text_config.num_kv_shared_layers > 0 (KV-shared layers)": bool(getattr(tc, "num_kv_shared_layers", 0)),
-        "audio_config (audio tower)": getattr(config, "audio_config", None) is not None,
         "text_config.use_bidirectional_attention='all'": tc.use_bidirectional_attention == "all",
         "vision_config missing (text-only Gemma4)": config.vision_config is None,
     }
@@ -58,7 +62,7 @@ def check_supported(config: Gemma4Config) -> None:
         if present:
             raise UserError(
                 f"model config uses {feature}, which the pipeline stages do not implement yet; "
-                f"use a dense Gemma4 such as google/gemma-4-31B-it"
+                f"use a supported Gemma4 (31B, 26B-A4B, E2B, E4B; README, Not supported)"
             )
 
 
@@ -87,6 +91,8 @@ def validate_layout(config: Gemma4Config, dims: ParallelDims) -> None:
             "text_config.num_attention_heads": tc.num_attention_heads,
             "text_config.vocab_size": tc.vocab_size,
             "text_config.intermediate_size": tc.intermediate_size,
+            **({"text_config.vocab_size_per_layer_input": tc.vocab_size_per_layer_input}
+               if tc.hidden_size_per_layer_input else {}),
         },
         {kv for _, kv, _ in shapes.values()},
     )
@@ -106,10 +112,14 @@ def gemma4_layer_specs(config: Gemma4Config, ps: ParallelState | None, fused_rms
     else:
         embed = LayerSpec(Gemma4TokenEmbedding, config, ps)
         head = LayerSpec(Gemma4LMHead, config, ps)
+    before, after = first_stage_specs(config, ps, fused_rms_norm)  # per-layer inputs (E2B/E4B)
+    decoder = Gemma4PerLayerDecoderLayerPipe if uses_per_layer_stages(config) else Gemma4DecoderLayerPipe
     return [
         LayerSpec(Gemma4VisionStage, config, ps),
+        *before,
         embed,
-        *[LayerSpec(Gemma4DecoderLayerPipe, config, i, ps, masks, fused_rms_norm, gemm_backward)
+        *after,
+        *[LayerSpec(decoder, config, i, ps, masks, fused_rms_norm, gemm_backward)
           for i in range(config.text_config.num_hidden_layers)],
         LayerSpec(Gemma4FinalNorm, config, ps, fused_rms_norm),
         head,
@@ -153,7 +163,8 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 def is_decoder_spec(spec) -> bool:
     """Whether a layer spec builds a decoder layer (what stages are split by)."""
-    return getattr(spec, "typename", None) is Gemma4DecoderLayerPipe
+    typename = getattr(spec, "typename", None)
+    return isinstance(typename, type) and issubclass(typename, Gemma4DecoderLayerPipe)
 
 
 def stage_boundaries(specs: Sequence, pp: int, stage_layers: Sequence[int] = ()) -> list[int]:
@@ -208,13 +219,21 @@ class Gemma4Pipeline(PipelineModule):
                 # function, because the engine recognizes only it as non-reentrant; with any other it
                 # marks pixel_values requires_grad and backpropagates through a frozen vision tower.
                 activation_checkpoint_func=ds_checkpointing.non_reentrant_checkpoint,
-                checkpointable_layers=[Gemma4DecoderLayerPipe.__name__],
+                checkpointable_layers=[Gemma4DecoderLayerPipe.__name__, Gemma4PerLayerDecoderLayerPipe.__name__],
                 dynamic_shape=True,
             )
         self.token_loss = loss
         self.lora: dict | None = None  # set by runner.lora.apply_lora: checkpoints then hold only the adapters
         decoder = [f for f in self.forward_funcs if isinstance(f, Gemma4DecoderLayerPipe)]
         self.recomputed = decoder if recompute_num_layers is None else decoder[:recompute_num_layers]
+        self.stage_exit = (StageExit(config, decoder[-1].layer_idx)
+                           if uses_per_layer_stages(config) and not ps.is_last_stage else None)
+
+    def forward(self, forward_input):
+        """The stage's layers; a non-last stage of a per-layer model then prepares what it sends
+        (`per_layer.StageExit`)."""
+        outputs = super().forward(forward_input)
+        return outputs if self.stage_exit is None else self.stage_exit(outputs)
 
     def _is_checkpointable(self, funcs: list) -> bool:
         """DeepSpeed's hook that decides, per chunk of `activation_checkpoint_interval` layers,
@@ -239,13 +258,13 @@ class Gemma4Pipeline(PipelineModule):
     def freeze(self, *, embeddings: bool = False, vision_tower: bool = False, language_model: bool = False) -> None:
         """Stop training parts of the model (call before building the optimizer).
 
-        embeddings: the token embedding and with it the tied head; vision_tower: the SigLIP tower
-        (`embed_vision`, the projector into the text width, stays trainable); language_model: the
-        decoder layers and the final norm.
+        embeddings: the token embedding and with it the tied head, and the per-layer embedding table;
+        vision_tower: the SigLIP tower (`embed_vision`, the projector into the text width, stays
+        trainable); language_model: the decoder layers and the final norm.
         """
         for module in self.modules():
             frozen = (
-                (embeddings and isinstance(module, Gemma4TokenEmbedding))
+                (embeddings and isinstance(module, (Gemma4TokenEmbedding, Gemma4PerLayerEmbedding)))
                 or (vision_tower and isinstance(module, Gemma4VisionStage))
                 or (language_model and isinstance(module, (Gemma4DecoderLayerPipe, Gemma4FinalNorm)))
             )

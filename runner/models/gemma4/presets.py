@@ -104,5 +104,51 @@ def gemma4_26b_a4b_config() -> Gemma4Config:
     ))
 
 
-# Hub ids whose shape `runner plan` knows without the Hub
-PRESETS = {GEMMA4_31B_ID: gemma4_31b_config, GEMMA4_26B_A4B_ID: gemma4_26b_a4b_config}
+
+GEMMA4_E2B_ID = "google/gemma-4-E2B-it"
+GEMMA4_E4B_ID = "google/gemma-4-E4B-it"
+_E_PATTERN = {"e2b": 5, "e4b": 6}  # E2B: 4 sliding + 1 full; E4B: 5 + 1
+
+
+def _gemma4_e_config(name: str, **text: object) -> Gemma4Config:
+    """An E-model config. From the published config.json (and the model card): every text field passed
+    in by the callers, the audio tower (transformers' Gemma4AudioConfig defaults equal it: 1024 wide,
+    12 conformer layers, output_proj_dims 1536). Assumed: the vision tower is transformers'
+    Gemma4VisionConfig defaults (documented against google/gemma-4-e2b-it: 768 wide, 16 layers) with the
+    31B's 280 soft tokens per image; softcap 30, RoPE, bidirectional image attention and the special
+    token ids as the 31B's."""
+    depth, pattern = int(text.pop("num_hidden_layers")), _E_PATTERN[name]
+    layer_types = [("full_attention" if (i + 1) % pattern == 0 else "sliding_attention") for i in range(depth)]
+    base = gemma4_31b_config().text_config.to_dict()
+    common = {k: base[k] for k in ("vocab_size", "hidden_activation", "final_logit_softcapping", "rope_parameters",
+                                   "use_bidirectional_attention", "rms_norm_eps", "pad_token_id", "eos_token_id",
+                                   "bos_token_id")}
+    return Gemma4Config(
+        text_config=dict(common, num_hidden_layers=depth, layer_types=layer_types, num_attention_heads=8,
+                         head_dim=256, global_head_dim=512, attention_k_eq_v=False, sliding_window=512,
+                         hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+                         max_position_embeddings=131072, tie_word_embeddings=True, **text),
+        vision_config=dict(default_output_length=GEMMA4_31B_IMAGE_SOFT_TOKENS, standardize=False),
+        audio_config={},
+        vision_soft_tokens_per_image=GEMMA4_31B_IMAGE_SOFT_TOKENS,
+        eos_token_id=[1, 106],
+        tie_word_embeddings=True,
+    )
+
+
+def gemma4_e2b_config() -> Gemma4Config:
+    """google/gemma-4-E2B-it: 35 layers, 1 KV head, double-wide MLPs on its 20 KV-shared layers
+    (which fields are published and which assumed: `_gemma4_e_config`)."""
+    return _gemma4_e_config("e2b", hidden_size=1536, num_hidden_layers=35, num_key_value_heads=1,
+                            intermediate_size=6144, use_double_wide_mlp=True, num_kv_shared_layers=20)
+
+
+def gemma4_e4b_config() -> Gemma4Config:
+    """google/gemma-4-E4B-it: 42 layers, 2 KV heads, 18 KV-shared layers (see `_gemma4_e_config`)."""
+    return _gemma4_e_config("e4b", hidden_size=2560, num_hidden_layers=42, num_key_value_heads=2,
+                            intermediate_size=10240, use_double_wide_mlp=False, num_kv_shared_layers=18)
+
+
+# Hub id -> its built-in config, for `runner plan` without the Hub
+PRESETS = {GEMMA4_31B_ID: gemma4_31b_config, GEMMA4_26B_A4B_ID: gemma4_26b_a4b_config, GEMMA4_E2B_ID: gemma4_e2b_config,
+           GEMMA4_E4B_ID: gemma4_e4b_config}

@@ -124,7 +124,8 @@ class Gemma4TokenEmbedding(VocabParallelEmbedding):
         self.softcap = tc.final_logit_softcapping
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        input_ids, attention_mask, mm_token_type_ids, image_features = inputs
+        # `extra`: what the first stage adds for per-layer-input models (runner/models/gemma4/per_layer.py)
+        input_ids, attention_mask, mm_token_type_ids, image_features, *extra = inputs
         placeholders = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device))
         hidden = self.embed(input_ids.masked_fill(placeholders, self.pad_token_id))
         image_rows = input_ids == self.image_token_id
@@ -140,7 +141,7 @@ class Gemma4TokenEmbedding(VocabParallelEmbedding):
         if self.sequence_parallel:  # the decoder layers take this rank's slice of the sequence
             hidden = split_seq(hidden, self.tp_group)
         position_ids = document_positions(attention_mask)  # 0… per packed sample (a padded row: 0…n-1)
-        return hidden, attention_mask, position_ids, mm_token_type_ids
+        return hidden, attention_mask, position_ids, mm_token_type_ids, *extra
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.logits(hidden)
@@ -247,12 +248,18 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, attention_mask, position_ids, mm_token_type_ids = inputs
+        return self.run(hidden, attention_mask, position_ids, mm_token_type_ids), attention_mask, position_ids, \
+            mm_token_type_ids
+
+    def run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            mm_token_type_ids: torch.Tensor, **layer_inputs) -> torch.Tensor:
+        """transformers' layer forward with this stage's masks and RoPE; `layer_inputs`: per-layer input and
+        shared keys/values (`decoder_layer_forward`)."""
         # under sequence parallelism `hidden` is this rank's slice; the masks span the whole sequence
         whole = hidden[:, :1].expand(-1, position_ids.shape[1], -1) if self.sequence_parallel else hidden
         masks = self.masks.get(whole, attention_mask, position_ids, mm_token_type_ids)
-        hidden = decoder_layer_forward(self, hidden, self.rotary_emb(hidden, position_ids, self.layer_type),
-                                       masks[self.layer_type], position_ids, **self.attn_kwargs)
-        return hidden, attention_mask, position_ids, mm_token_type_ids
+        return decoder_layer_forward(self, hidden, self.rotary_emb(hidden, position_ids, self.layer_type),
+                                     masks[self.layer_type], position_ids, **layer_inputs, **self.attn_kwargs)
 
 
 class FusedRMSNorm(Gemma4RMSNorm):
@@ -323,15 +330,13 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, config: Gemma4Config, ps
     attn = layer.self_attn
     head_dim = attn.head_dim
     q_heads = attn.q_proj.out_features // head_dim
-    kv_heads = attn.k_proj.out_features // head_dim
-    if is_kv_shared_layer(attn):
-        raise UserError("num_kv_shared_layers > 0 (KV-shared layers) is not supported by the pipeline stages")
+    kv_heads = q_heads // attn.num_key_value_groups  # also on KV-shared layers, which have no k/v projections
     replicas = tp // kv_heads if kv_heads < tp else 1
     kv_group = ps.replica_groups.get(replicas)
     for name, style in DECODER_TP_PLAN.items():
         parent_name, attr = name.split(".")
         parent = getattr(layer, parent_name)
-        old = getattr(parent, attr)
+        old = getattr(parent, attr, None)  # v_proj is None under k_eq_v; KV-shared layers have no k/v_proj
         if old is None:
             continue
         bias = old.bias is not None
@@ -358,7 +363,7 @@ def _shard_decoder_layer(layer: Gemma4TextDecoderLayer, config: Gemma4Config, ps
                 norm = FusedRMSNorm(dim, eps, with_scale=old.with_scale, fused=fused_rms_norm)
             setattr(layer.get_submodule(parent_name), attr, norm)
     if tp > 1:
-        for name in ("q_norm", "k_norm"):
+        for name in ("q_norm", "k_norm") if not is_kv_shared_layer(attn) else ("q_norm",):
             old = getattr(attn, name)
             setattr(attn, name, HeadSharedRMSNorm(old.weight.shape[0], rms_norm_eps(old), ps.tp_group, fused_rms_norm))
     # Local heads: q heads split tp ways, KV heads split or replicated (rank r holds KV head r // replicas).

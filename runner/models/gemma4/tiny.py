@@ -184,8 +184,9 @@ _ROUTER_STD = 2.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def tiny_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE) -> Gemma4Config:
-    """The tiny Gemma4 config: 31B structure, test sizes."""
+def tiny_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE, text_overrides: dict | None = None,
+                audio_config: dict | None = None) -> Gemma4Config:
+    """The tiny Gemma4 config: 31B structure, test sizes (`text_overrides`, `audio_config`: other members')."""
     ids = TINY_TOKEN_IDS
     text = dict(
         vocab_size=vocab_size,
@@ -212,6 +213,7 @@ def tiny_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE) -
         eos_token_id=ids["eos"],
         bos_token_id=ids["bos"],
     )
+    text.update(text_overrides or {})
     vision = dict(
         hidden_size=32,
         intermediate_size=64,
@@ -230,7 +232,7 @@ def tiny_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE) -
     return Gemma4Config(
         text_config=text,
         vision_config=vision,
-        audio_config=None,
+        audio_config=audio_config,
         image_token_id=ids["image"],
         boi_token_id=ids["boi"],
         eoi_token_id=ids["eoi"],
@@ -250,10 +252,6 @@ def tiny_moe_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZ
     tc = config.text_config
     tc.enable_moe_block, tc.num_experts, tc.top_k_experts, tc.moe_intermediate_size = True, 8, 2, 32
     return config
-
-
-# `make-tiny --like`: which published Gemma4 the tiny model copies the structure of
-TINY_LIKE = {"31b": tiny_config, "26b-a4b": tiny_moe_config}
 
 
 def tiny_tokenizer() -> GemmaTokenizer:
@@ -348,16 +346,19 @@ def make_tiny(out_dir: Path, seed: int = 0, num_hidden_layers: int = 6, dtype: s
 
     The weights go into at least two safetensors shards with an index and without
     `lm_head.weight` (tied), as the 31B's do, so sharded and tied loading paths are exercised.
-    The same arguments (and library versions) always give byte-identical files.
+    The same arguments (and library versions) always give byte-identical files. `like` picks the
+    family member's structure (`TINY_LIKE`); only the 31B's takes `num_hidden_layers`.
     """
     if dtype not in _DTYPES:
         raise UserError(f"make-tiny: dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     if num_hidden_layers < 1:
         raise UserError(f"make-tiny: num_hidden_layers must be >= 1, got {num_hidden_layers}")
     if like not in TINY_LIKE:
-        raise UserError(f"make-tiny: --like {like!r} is not one of {sorted(TINY_LIKE)}")
+        raise UserError(f"make-tiny: --like {like!r} is not a Gemma4 member it can build; use one of {sorted(TINY_LIKE)}")
+    if like in FIXED_DEPTH and num_hidden_layers != 6:
+        raise UserError(f"make-tiny: --like {like} has a fixed layer layout (6 layers); leave --layers at 6")
     out_dir = Path(out_dir)
-    config = TINY_LIKE[like](num_hidden_layers=num_hidden_layers)
+    config = TINY_LIKE[like]() if like in FIXED_DEPTH else TINY_LIKE[like](num_hidden_layers=num_hidden_layers)
     with torch.random.fork_rng(devices=[]):  # the default init draws from the caller's global RNG
         model = Gemma4ForConditionalGeneration(config)
     randomize_(model, seed)
@@ -372,3 +373,37 @@ def make_tiny(out_dir: Path, seed: int = 0, num_hidden_layers: int = 6, dtype: s
     model.save_pretrained(out_dir, max_shard_size=weight_bytes // 3)  # >= 3 shards, as a real checkpoint
     tiny_processor(config, tokenizer).save_pretrained(out_dir)
     return out_dir
+
+
+# E2B / E4B: per-layer inputs (P = 16 and 8) and KV-shared layers; 6 layers, so that at pp 2 with the even
+# split (layers 0-2 | 3-5) stored keys/values cross the stage boundary to the layers reusing them.
+_S, _F = "sliding_attention", "full_attention"
+# A tiny audio tower (not trained by the runner: its weights must pass through load and export).
+TINY_AUDIO = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[4, 4],
+                  conv_kernel_size=3, attention_chunk_size=4, attention_context_left=5, output_proj_dims=16)
+
+
+def tiny_e2b_config() -> Gemma4Config:
+    """E2B's structure: one KV head (replicated under TP), separate k and v on full layers, double-wide
+    MLPs on the KV-shared layers 3-5, which reuse what layers 1 (sliding) and 2 (full) store; both
+    producers sit on stage 0 of a pp-2 split, every consumer on stage 1. P = 16: at P = 8 this seed's
+    image-batch gradients move 7e-4 under a 1e-7 weight perturbation (fp64), too ill-conditioned to
+    compare fp32 gradients at 1e-4."""
+    return tiny_config(text_overrides=dict(
+        layer_types=[_S, _S, _F, _S, _S, _F], num_key_value_heads=1, num_global_key_value_heads=None,
+        attention_k_eq_v=False, hidden_size_per_layer_input=16, num_kv_shared_layers=3, use_double_wide_mlp=True,
+    ), audio_config=TINY_AUDIO)
+
+
+def tiny_e4b_config() -> Gemma4Config:
+    """E4B's structure: two KV heads, no double-wide MLP; layers 4-5 reuse what layers 3 (sliding,
+    stage 1 at pp 2: stored and reused on one stage) and 2 (full, stage 0: carried across) store."""
+    return tiny_config(text_overrides=dict(
+        layer_types=[_S, _S, _F, _S, _S, _F], num_key_value_heads=2, num_global_key_value_heads=None,
+        attention_k_eq_v=False, hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+    ), audio_config=TINY_AUDIO)
+
+
+# `runner make-tiny --like NAME`: the tiny config of each family member; the E models' layer layout is fixed
+TINY_LIKE = {"31b": tiny_config, "26b-a4b": tiny_moe_config, "e2b": tiny_e2b_config, "e4b": tiny_e4b_config}
+FIXED_DEPTH = ("e2b", "e4b")
