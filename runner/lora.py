@@ -2,7 +2,8 @@
 
 `apply_lora` freezes every base weight (PEFT's rule: the freeze.* flags add nothing) and gives each targeted
 column/row-parallel linear PEFT's update `lora_B(lora_A(dropout(x))) * scaling`, cut over TP so that it
-needs no collective of its own (`ColumnParallelLinear._shard_lora`, `RowParallelLinear._shard_lora`).
+needs no collective of its own (`ColumnParallelLinear._shard_lora`, `RowParallelLinear._shard_lora`);
+the dropout masks are the same on every TP rank (`LoraDropout`, `seed_dropout`).
 Adapters start as PEFT starts them (B zeros; A Kaiming-uniform or Gaussian), drawn per module from
 `train.seed` on the full tensor and then sliced, so every layout starts from the same adapters; or
 from a PEFT adapter directory (`lora.init_from`). Native checkpoints hold only the adapters, their
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -89,6 +91,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, base: dict) -> int:
     if cfg.init_from:
         load_adapter(adapted, cfg)
     return len(adapted)
+
+
+def seed_dropout(model: nn.Module, seed: int, step: int, dp_rank: int, pp_rank: int) -> None:
+    """Before each optimizer step of a run with `lora.dropout` > 0: seed the default generators (which
+    `LoraDropout` draws from, and activation-checkpoint recompute restores) from (seed, step, DP rank,
+    stage). Every TP rank of a stage then drops the same elements; DP replicas and stages draw their own
+    masks; a resumed run draws the masks of the unbroken one."""
+    if getattr(model, "lora", None) and model.lora["config"]["dropout"]:
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, dp_rank, pp_rank]).generate_state(1)[0]))
 
 
 def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:

@@ -19,7 +19,7 @@ from runner.compat import read_peft_lora_config, skip_deepspeed_shm_comm
 from runner.config import LoraConfig
 from runner.data.collate import Encoded
 from runner.data.packing import Packer
-from runner.lora import apply_lora, base_identity
+from runner.lora import apply_lora, base_identity, seed_dropout
 from runner.models.gemma4.pipeline import Gemma4Pipeline, to_pipe_batch
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.train import set_micro_batches, step_counts
@@ -190,18 +190,20 @@ def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
 
 
 def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dict[str, torch.Tensor]],
-               gas: int) -> float:
-    """One optimizer step on this DP rank's `gas` micro-batches of the global batch `micro`, the loss
-    weighted by the label tokens of the whole global batch; returns the loss."""
+               gas: int, step: int = 0) -> float:
+    """Optimizer step `step` on this DP rank's `gas` micro-batches of the global batch `micro`, the loss
+    weighted by the label tokens of the whole global batch (LoRA dropout seeded as `runner train` seeds
+    it); returns the loss."""
     mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+    seed_dropout(model, 0, step, ps.dp_rank, ps.pp_rank)
     set_micro_batches(engine, gas)
     model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)  # the count `runner train` uses
     return float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))
 
 
-def apply_peft_adapter(model: Gemma4Pipeline, ckpt: str, adapter: str) -> int:
+def apply_peft_adapter(model: Gemma4Pipeline, ckpt: str, adapter: str, dropout: float = 0.0) -> int:
     """The runner's LoRA on the frozen base `ckpt`, started from the PEFT adapter directory `adapter` (its r
-    and lora_alpha); returns the number of adapted linears."""
+    and lora_alpha), with `lora.dropout`; returns the number of adapted linears."""
     saved = read_peft_lora_config(adapter)
-    return apply_lora(model, LoraConfig(enabled=True, rank=saved.r, alpha=saved.lora_alpha, init_from=adapter),
-                      seed=0, base=base_identity(ckpt, ckpt))
+    return apply_lora(model, LoraConfig(enabled=True, rank=saved.r, alpha=saved.lora_alpha, dropout=dropout,
+                                        init_from=adapter), seed=0, base=base_identity(ckpt, ckpt))

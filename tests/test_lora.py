@@ -21,7 +21,7 @@ from runner.config import LoraConfig as RunLoraConfig, load_config
 from runner.errors import UserError
 from runner.lora import base_identity, check_lora_resume, init_adapter, load_adapter, peft_target_modules
 from runner.models.gemma4.pipeline import PIPE_INPUT_KEYS
-from runner.parallel.tensor_parallel import RowParallelLinear, mark_sharded
+from runner.parallel.tensor_parallel import ColumnParallelLinear, LoraDropout, RowParallelLinear, mark_sharded
 
 from conftest import ROOT, assert_one_line, torchrun
 from synthetic import global_batch
@@ -56,6 +56,62 @@ def test_lora_loss_and_adapter_gradients_match_peft(tmp_path, tiny_ckpt, peft_ad
     """Text and image global batches; tp 4 replicates the KV heads (B's rows follow them); the worker checks
     the frozen base is bit-unchanged and gradient-free."""
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(peft_adapter))
+
+
+DROPOUT_LAYOUTS = [((2, 2, 1), SP + RECOMPUTE), ((2, 1, 2), ())]
+
+
+@pytest.mark.parametrize("layout,extra", DROPOUT_LAYOUTS, ids=str)
+def test_lora_dropout_matches_peft_under_the_same_masks(tmp_path, tiny_ckpt, peft_adapter, layout, extra):
+    """lora.dropout 0.25: PEFT's own lora_dropout, fed the masks the runner drew (full width, one per module and
+    micro-batch), gives the runner's loss and adapter gradients: the dropout sits where PEFT's does and a TP
+    shard drops its slice of one mask. The worker checks that both TP ranks drew each mask, that the recompute
+    drew its forward's mask again, and that the two DP replicas drew different ones."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(peft_adapter), dropout=0.25)
+
+
+@pytest.mark.parametrize("kind", [ColumnParallelLinear, RowParallelLinear])
+def test_lora_dropout_draws_the_masks_of_pefts_layer(kind):
+    """At tp 1 the runner's adapter and PEFT's lora.Linear consume the same random stream: seeded alike, the
+    same output bit for bit in training (dropout on the adapter input only), and the undropped one in eval."""
+    gen = torch.Generator().manual_seed(0)
+    ours = kind(16, 12, None)
+    ours.add_lora(4, 2.0, 0.25)
+    base = torch.nn.Linear(16, 12, bias=False)
+    with torch.no_grad():
+        for p in (ours.weight, ours.lora_A.weight, ours.lora_B.weight):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        base.weight.copy_(ours.weight)
+    holder = get_peft_model(torch.nn.ModuleDict({"proj": base}), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25,
+                                                                               target_modules=["proj"]))
+    theirs = holder.base_model.model["proj"]
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(3, 5, 16, generator=gen)
+    outs = []
+    for model in (ours, theirs):
+        torch.manual_seed(1)
+        outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])
+    undropped = x @ ours.weight.T + x @ ours.lora_A.weight.T @ ours.lora_B.weight.T * 2.0
+    assert not torch.allclose(outs[0], undropped, atol=1e-3)
+    ours.eval()
+    theirs.eval()
+    assert torch.allclose(ours(x), undropped, atol=1e-5) and torch.equal(ours(x), theirs(x))
+
+
+def test_lora_dropout_of_a_column_shard_is_its_slice_of_the_whole_mask():
+    """A row-parallel shard (columns 8-15 of 16) drops exactly the elements the unsharded input loses under the
+    same seed, and about p of them: the tp-2 ranks together drop what tp 1 drops."""
+    x = torch.randn(64, 32, 16)
+    torch.manual_seed(3)
+    whole = LoraDropout(0.25, 16)(x)
+    torch.manual_seed(3)
+    shard = LoraDropout(0.25, 16, slice(8, 16))(x[..., 8:])
+    assert torch.equal(shard, whole[..., 8:])
+    assert abs(float((whole == 0).float().mean()) - 0.25) < 0.02
+    assert torch.allclose(whole[whole != 0], (x / 0.75)[whole != 0])
 
 
 @pytest.mark.parametrize("ds_config", ["gpu_bf16_zero1.json", "gpu_bf16_zero1_fp32_grads.json"])
