@@ -103,7 +103,7 @@ class LoraConfig:
     vision_tower: bool = False  # adapters in the vision tower too (not implemented: refused)
     init: Literal["peft_default", "gaussian"] = "peft_default"  # A Kaiming-uniform (gaussian: N(0, 1/r)), B zeros
     use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
-    init_from: str = ""  # a PEFT adapter directory to continue from (its rank and targets must match)
+    init_from: str = ""  # a PEFT adapter directory to continue; its r, alpha, rslora, dropout, targets are taken
 
     @property
     def scaling(self) -> float:
@@ -305,6 +305,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     source = f"{path} with --set" if overrides else str(path)  # a bad key or value may come from either
     cfg = _build(RunConfig, data, "", source)
     validate(cfg, source)
+    if cfg.lora.enabled and cfg.lora.init_from:  # continue a PEFT adapter: its settings, as PEFT would load it
+        from runner.lora import adopt_adapter_config
+
+        cfg.lora = adopt_adapter_config(cfg.lora, set(data.get("lora") or {}), source)
     return cfg
 
 

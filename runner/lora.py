@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import zlib
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Collection, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,16 @@ from safetensors import safe_open
 from torch import nn
 
 from runner.checkpoint.hf_load import INDEX_NAME, SINGLE_NAME, full_shape_of
-from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key, peft_lora_config, read_peft_lora_config
-from runner.config import LoraConfig
+from runner.compat import ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, peft_key, peft_lora_config, read_peft_lora_config
+from runner.config import LORA_TARGETS, LoraConfig
 from runner.errors import UserError
 from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe
 from runner.parallel.tensor_parallel import shard_index
 
 PARTS = ("lora_A", "lora_B")
+# an adapter weight of a decoder linear in adapter_model.safetensors: (layer, block, linear)
+_DECODER_KEY = re.compile(rf"^{re.escape(PEFT_KEY_PREFIX)}model\.language_model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+                          rf"(\w+)\.lora_[AB]\.weight$")
 
 
 def peft_target_modules(targets: list[str]) -> str:
@@ -102,6 +106,52 @@ def seed_dropout(model: nn.Module, seed: int, step: int, dp_rank: int, pp_rank: 
         torch.manual_seed(int(np.random.SeedSequence([seed, step, dp_rank, pp_rank]).generate_state(1)[0]))
 
 
+# PEFT settings whose non-default values change what the adapter computes in ways the runner does not train
+_UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("rank_pattern", {}, "per-module ranks (rank_pattern)"),
+                ("alpha_pattern", {}, "per-module alphas (alpha_pattern)"), ("modules_to_save", None, "modules_to_save"),
+                ("bias", "none", "trained biases (bias)"), ("lora_bias", False, "lora_bias"),
+                ("target_parameters", None, "target_parameters"), ("trainable_token_indices", None,
+                                                                   "trainable_token_indices"))
+
+
+def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str) -> LoraConfig:
+    """The `lora` section continuing the PEFT adapter `cfg.init_from`, as PeftModel.from_pretrained would: its
+    r, lora_alpha, use_rslora and lora_dropout, and as targets the decoder linears its weights adapt. A value the
+    recipe states (`explicit`: the keys under `lora:`) must agree with the adapter's, else one line names both;
+    only lora.dropout may differ (it changes training, not the adapter), the recipe's then wins."""
+    path = Path(cfg.init_from).expanduser()
+    where = f"{source}: lora.init_from {path}"
+    try:
+        saved = read_peft_lora_config(path)
+        with safe_open(path / ADAPTER_WEIGHTS_NAME, framework="pt") as f:
+            keys = list(f.keys())
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{where}: not a PEFT LoRA adapter directory with {ADAPTER_WEIGHTS_NAME} "
+                        f"({str(err).splitlines()[0][:200]}); give the directory PeftModel.save_pretrained wrote") from None
+    for attr, default, what in _UNSUPPORTED:
+        if getattr(saved, attr, default) not in (default, None, {}, False, "none"):
+            raise UserError(f"{where}: the adapter uses {what}, which the runner does not train; continue it with PEFT")
+    targets = set()
+    for key in keys:
+        match = _DECODER_KEY.match(key)
+        if not match or match[2] not in LORA_TARGETS:
+            part = "the vision tower (lora.vision_tower is not supported)" if "vision_tower" in key else key
+            raise UserError(f"{where}: the adapter adapts {part}; the runner adapts only the decoder linears "
+                            f"{', '.join(LORA_TARGETS)}: continue it with PEFT")
+        targets.add(match[2])
+    adopted = {"rank": saved.r, "alpha": saved.lora_alpha, "use_rslora": bool(saved.use_rslora),
+               "target_modules": [t for t in LORA_TARGETS if t in targets]}
+    names = {"rank": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora", "target_modules": "target_modules"}
+    for key, theirs in adopted.items():
+        mine = getattr(cfg, key)
+        if key in explicit and (set(mine) != set(theirs) if key == "target_modules" else mine != theirs):
+            raise UserError(f"{where}: the adapter has {names[key]} = {theirs}, the recipe sets lora.{key}: {mine}; "
+                            f"remove lora.{key} (the adapter's is used) or set it to {theirs}")
+    if "dropout" not in explicit:
+        adopted["dropout"] = saved.lora_dropout
+    return replace(cfg, **adopted)
+
+
 def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
     """Fill this rank's adapter shards from the PEFT adapter directory `cfg.init_from`, whose r, lora_alpha,
     use_rslora and targets must be the recipe's."""
@@ -126,8 +176,8 @@ def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
             for part in PARTS:
                 key, param = peft_key(name, part), getattr(linear, part).weight
                 if key not in keys:
-                    raise UserError(f"{where}: no {key}: the adapter does not adapt {name}; set lora.target_modules "
-                                    f"to the modules it adapts")
+                    raise UserError(f"{where}: no {key}: the adapter does not adapt {name} (PEFT's layers_to_transform "
+                                    f"or exclude_modules?); the runner adapts lora.target_modules in every decoder layer")
                 sl = f.get_slice(key)
                 index, shape = shard_index(list(sl.get_shape()), param)
                 if shape != list(param.shape):

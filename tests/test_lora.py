@@ -265,6 +265,63 @@ def test_lora_init_is_peft_default_and_the_same_at_every_layout():
         assert torch.equal(shard, a[:, rank * 8:(rank + 1) * 8])
 
 
+def _save_adapter(tiny_ckpt: Path, out: Path, **config) -> Path:
+    """A PEFT adapter of the tiny model saved as PEFT saves it (B random: not a fresh one)."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(**config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def _lora_recipe(tmp_path: Path, **lora) -> Path:
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(json.dumps({"data": {"train": "x"}, "lora": {"enabled": True, **lora}}))
+    return recipe
+
+
+def test_lora_init_from_takes_the_adapters_settings(tmp_path, tiny_ckpt, peft_adapter):
+    """As PeftModel.from_pretrained: r, lora_alpha, use_rslora, lora_dropout from adapter_config.json, the targets
+    from the decoder linears its weights adapt; a recipe's own lora.dropout wins, equal values may be restated."""
+    small = _save_adapter(tiny_ckpt, tmp_path / "small", r=2, lora_alpha=3, use_rslora=True, lora_dropout=0.1,
+                          target_modules=peft_target_modules(["q_proj", "v_proj"]))
+    cfg = load_config(_lora_recipe(tmp_path, init_from=str(small))).lora
+    assert (cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, cfg.target_modules) == (2, 3, True, 0.1, ["q_proj", "v_proj"])
+    assert cfg.scaling == 3 / 2**0.5
+    cfg = load_config(_lora_recipe(tmp_path, init_from=str(small), rank=2, dropout=0.3,
+                                   target_modules=["v_proj", "q_proj"])).lora
+    assert (cfg.rank, cfg.dropout, cfg.use_rslora) == (2, 0.3, True)
+    cfg = load_config(_lora_recipe(tmp_path, init_from=str(peft_adapter))).lora
+    assert (cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, cfg.target_modules) == (4, 8, False, 0.0, TARGETS)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("lora.rank=8", ["lora.init_from", "r = 4", "lora.rank: 8", "remove lora.rank"]),
+    ("lora.alpha=16", ["lora_alpha = 8", "lora.alpha: 16"]),
+    ("lora.use_rslora=true", ["use_rslora = False", "lora.use_rslora: True"]),
+    ("lora.target_modules=[q_proj]", ["target_modules = ['q_proj', 'k_proj'", "remove lora.target_modules"]),
+])
+def test_lora_init_from_refuses_a_recipe_that_sets_other_values(tmp_path, peft_adapter, override, words):
+    with pytest.raises(UserError) as err:
+        load_config(_lora_recipe(tmp_path, init_from=str(peft_adapter)), [override])
+    assert_one_line(str(err.value), words)
+
+
+@pytest.mark.parametrize("config,words", [
+    (dict(target_modules=r".*vision_tower.*\.q_proj\.linear"), ["the vision tower", "continue it with PEFT"]),
+    (dict(target_modules=peft_target_modules(["q_proj"]), use_dora=True), ["DoRA", "continue it with PEFT"]),
+    (dict(target_modules=peft_target_modules(["q_proj"]), rank_pattern={"k_proj": 2}), ["rank_pattern"]),
+])
+def test_lora_init_from_refuses_adapters_it_cannot_continue(tmp_path, tiny_ckpt, config, words):
+    adapter = _save_adapter(tiny_ckpt, tmp_path / "adapter", r=4, **config)
+    with pytest.raises(UserError) as err:
+        load_config(_lora_recipe(tmp_path, init_from=str(adapter)))
+    assert_one_line(str(err.value), ["lora.init_from", *words])
+
+
 def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
     with pytest.raises(UserError) as err:
         load_adapter([], RunLoraConfig(enabled=True, rank=8, alpha=8, init_from=str(peft_adapter)))
