@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--stage-layers", default="", help="comma list: decoder layers per stage (empty: even split)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--lora", default="", help="LoRA on the frozen base, started from this PEFT adapter directory")
+    ap.add_argument("--dp-counts", default="", help="comma list: micro-batches per DP rank of every step "
+                    "(empty: an even split), as packing gives replicas different counts")
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="lora.dropout; the masks drawn are saved "
                     "(masks_stage{pp}_dp{dp}.pt) for the reference to replay")
     ap.add_argument("--ds-config", default="", help="a GPU config of ds_configs/ instead of the fp32 one (bf16 model); "
@@ -144,8 +146,10 @@ def main() -> None:
     micro_batches = 0  # this DP rank's, all steps (packed steps differ in count)
     for kind in kinds:
         batch = global_batch(config, kind, multiple=multiple)
-        micro_batches += len(batch) // args.dp
-        result["losses"].append(train_step(engine, model, ps, batch, len(batch) // args.dp, step=len(result["losses"])))
+        dp_counts = [int(n) for n in args.dp_counts.split(",") if n] or None
+        micro_batches += dp_counts[ps.dp_rank] if dp_counts else len(batch) // args.dp
+        result["losses"].append(train_step(engine, model, ps, batch, len(batch) // args.dp, step=len(result["losses"]),
+                                           dp_counts=dp_counts))
         if args.lora_dropout:
             masks.append(check_dropout_masks(drawn, ps, len(batch) // args.dp, checkpointing))
             drawn.clear()

@@ -190,11 +190,14 @@ def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
 
 
 def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dict[str, torch.Tensor]],
-               gas: int, step: int = 0) -> float:
-    """Optimizer step `step` on this DP rank's `gas` micro-batches of the global batch `micro`, the loss
-    weighted by the label tokens of the whole global batch (LoRA dropout seeded as `runner train` seeds
-    it); returns the loss."""
-    mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+               gas: int, step: int = 0, dp_counts: list[int] | None = None) -> float:
+    """Optimizer step `step` on this DP rank's `gas` micro-batches of the global batch `micro` (or, with
+    `dp_counts`, on its share of them: micro-batches per DP rank, in rank order), the loss weighted by the
+    label tokens of the whole global batch (LoRA dropout seeded as `runner train` seeds it); returns the loss."""
+    counts = dp_counts or [gas] * ps.dims.dp
+    assert sum(counts) == len(micro) and len(counts) == ps.dims.dp, (counts, len(micro))
+    start, gas = sum(counts[:ps.dp_rank]), counts[ps.dp_rank]
+    mine = micro[start:start + gas]
     seed_dropout(model, 0, step, ps.dp_rank, ps.pp_rank)
     set_micro_batches(engine, gas)
     model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)  # the count `runner train` uses
