@@ -275,7 +275,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     resuming = resume_from is not None
     if resuming:  # the layout, before building the model (minutes on the 31B)
         zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
-        meta = native.check_resumable(resume_from, dims, zero=zero)
+        meta = native.check_resumable(resume_from, dims, zero=zero, sizes=checked.resume_sizes)
         check_lora_resume(meta, cfg.lora, model_dir, cfg.model.path, resume_from)
         if meta["step"] == total_steps:  # nothing left to train
             if rank == 0:
