@@ -47,7 +47,9 @@ def check_dropout_masks(drawn: dict[str, list[torch.Tensor]], ps, gas: int, chec
         for mask in calls:  # forwards come in micro-batch order; a recompute repeats an earlier one
             if not any(mask.shape == u.shape and torch.equal(mask, u) for u in unique):
                 unique.append(mask)
-        assert len(unique) == gas and len(calls) in (gas, 2 * gas if checkpointing else gas), (name, len(unique), len(calls))
+        # the vision tower runs on the micro-batches with images only, and is never recomputed
+        want = len(calls) if ".vision_tower." in name else gas
+        assert len(unique) == want and len(calls) in (want, 2 * want if checkpointing else want), (name, len(unique), len(calls))
         for mask in unique:
             copies = [torch.empty_like(mask, dtype=torch.uint8) for _ in range(ps.dims.tp)]
             dist.all_gather(copies, mask.to(torch.uint8), group=ps.tp_group)
@@ -106,7 +108,8 @@ def main() -> None:
     if args.lora:  # the runner's LoRA started from a PEFT adapter directory; the base must not move
         assert apply_peft_adapter(model, args.ckpt, args.lora, args.lora_dropout)
     drawn: dict[str, list[torch.Tensor]] = collections.defaultdict(list)  # LoRA dropout: keep masks, full width
-    for name, linear in adapted_linears(model, list(LORA_TARGETS)) if args.lora_dropout else ():
+    for name, linear in adapted_linears(model, list(LORA_TARGETS), model.lora["config"]["vision_tower"]
+                                        ) if args.lora_dropout else ():
         def noise(x, name=name, draw=linear.lora_dropout.noise):
             out = draw(x)
             drawn[name].append(out.ne(0))

@@ -15,11 +15,11 @@ import torch
 from transformers import AutoConfig, Gemma4Config
 
 from runner.checkpoint.hf_load import load_hf_weights
-from runner.compat import read_peft_lora_config, skip_deepspeed_shm_comm
+from runner.compat import skip_deepspeed_shm_comm
 from runner.config import LoraConfig
 from runner.data.collate import Encoded
 from runner.data.packing import Packer
-from runner.lora import apply_lora, base_identity, seed_dropout
+from runner.lora import adopt_adapter_config, apply_lora, base_identity, seed_dropout
 from runner.models.gemma4.pipeline import Gemma4Pipeline, to_pipe_batch
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.train import set_micro_batches, step_counts
@@ -205,8 +205,8 @@ def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dic
 
 
 def apply_peft_adapter(model: Gemma4Pipeline, ckpt: str, adapter: str, dropout: float = 0.0) -> int:
-    """The runner's LoRA on the frozen base `ckpt`, started from the PEFT adapter directory `adapter` (its r
-    and lora_alpha), with `lora.dropout`; returns the number of adapted linears."""
-    saved = read_peft_lora_config(adapter)
-    return apply_lora(model, LoraConfig(enabled=True, rank=saved.r, alpha=saved.lora_alpha, dropout=dropout,
-                                        init_from=adapter), seed=0, base=base_identity(ckpt, ckpt))
+    """The runner's LoRA on the frozen base `ckpt`, started from the PEFT adapter directory `adapter` with its
+    settings as `lora.init_from` takes them (r, lora_alpha, targets, vision tower), and `lora.dropout`; returns
+    the number of adapted linears."""
+    cfg = adopt_adapter_config(LoraConfig(enabled=True, init_from=adapter, dropout=dropout), {"dropout"}, adapter)
+    return apply_lora(model, cfg, seed=0, base=base_identity(ckpt, ckpt))

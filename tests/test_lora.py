@@ -46,6 +46,13 @@ def peft_adapter(tiny_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def vision_adapter(tiny_ckpt, tmp_path_factory) -> Path:
+    """As `peft_adapter`, with the vision encoder layers' linears adapted too (r 4, alpha 8, rsLoRA)."""
+    return _save_adapter(tiny_ckpt, tmp_path_factory.mktemp("vision_adapter") / "peft", r=4, lora_alpha=8,
+                         use_rslora=True, target_modules=peft_target_modules(TARGETS, vision_tower=True), random_a=True)
+
+
 SP, RECOMPUTE = ("--sequence-parallel",), ("--activation-checkpointing",)
 LAYOUTS = [((1, 1, 1), ()), ((2, 1, 1), ()), ((1, 2, 1), ()), ((2, 2, 1), ()), ((1, 2, 2), ()), ((4, 1, 1), ()),
            ((2, 2, 1), SP), ((2, 2, 1), SP + RECOMPUTE)]
@@ -58,16 +65,28 @@ def test_lora_loss_and_adapter_gradients_match_peft(tmp_path, tiny_ckpt, peft_ad
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(peft_adapter))
 
 
-DROPOUT_LAYOUTS = [((2, 2, 1), SP + RECOMPUTE), ((2, 1, 2), ())]
+@pytest.mark.parametrize("layout,extra", [((1, 1, 1), ()), ((2, 2, 1), SP)], ids=str)
+def test_vision_tower_lora_matches_peft(tmp_path, tiny_ckpt, vision_adapter, layout, extra):
+    """lora.vision_tower: adapters on the vision encoder layers' linears too (replicated on every TP rank of the
+    first stage): loss and every adapter gradient, the vision tower's included, equal PEFT's."""
+    from runner.lora import adopt_adapter_config
+
+    cfg = adopt_adapter_config(RunLoraConfig(enabled=True, init_from=str(vision_adapter)), set(), "test")
+    assert cfg.vision_tower and cfg.use_rslora and cfg.target_modules == TARGETS
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(vision_adapter), vision=True)
 
 
-@pytest.mark.parametrize("layout,extra", DROPOUT_LAYOUTS, ids=str)
-def test_lora_dropout_matches_peft_under_the_same_masks(tmp_path, tiny_ckpt, peft_adapter, layout, extra):
+DROPOUT_LAYOUTS = [((2, 2, 1), SP + RECOMPUTE, "peft_adapter"), ((2, 1, 2), (), "vision_adapter")]
+
+
+@pytest.mark.parametrize("layout,extra,adapter", DROPOUT_LAYOUTS, ids=str)
+def test_lora_dropout_matches_peft_under_the_same_masks(request, tmp_path, tiny_ckpt, layout, extra, adapter):
     """lora.dropout 0.25: PEFT's own lora_dropout, fed the masks the runner drew (full width, one per module and
-    micro-batch), gives the runner's loss and adapter gradients: the dropout sits where PEFT's does and a TP
-    shard drops its slice of one mask. The worker checks that both TP ranks drew each mask, that the recompute
-    drew its forward's mask again, and that the two DP replicas drew different ones."""
-    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(peft_adapter), dropout=0.25)
+    micro-batch; the vision tower's too), gives the runner's loss and adapter gradients: the dropout sits where
+    PEFT's does and a TP shard drops its slice of one mask. The worker checks that both TP ranks drew each mask
+    from one seed, that the recompute drew its forward's mask again, and that the DP replicas were seeded apart."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(request.getfixturevalue(adapter)),
+                                 dropout=0.25)
 
 
 @pytest.mark.parametrize("kind", [ColumnParallelLinear, RowParallelLinear])
@@ -225,15 +244,15 @@ def test_lora_resume_and_export_refuse_another_base_or_kind(lora_runs, tiny_ckpt
 
 
 def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
-    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism: 2 steps, then a continued run to
-    step 3 (base from model.path, adapters and Adam moments from the checkpoint); export/adapter loads in PEFT,
-    export/merged in transformers, and they agree."""
+    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism, vision tower adapters on: 2 steps,
+    then a continued run to step 3 (base from model.path, adapters and Adam moments from the checkpoint);
+    export/adapter loads in PEFT (vision tower adapters trained), export/merged in transformers, and they agree."""
     from runner.data.synthetic import make_data
 
     data = make_data(tmp_path / "data", n=16, seed=0)
     sets = [f"model.path={tiny_ckpt}", f"data.train={data}", f"data.eval={data}", f"output.dir={tmp_path / 'out'}",
             "parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "eval.every_steps=0",
-            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0"]
+            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0", "lora.vision_tower=true"]
     for steps in (2, 3):
         torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
                  *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
@@ -245,7 +264,8 @@ def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
     with torch.no_grad():
         want = with_adapter(**{k: mb[k] for k in PIPE_INPUT_KEYS}).logits
     assert torch.allclose(logits(export / "merged"), want, rtol=1e-4, atol=1e-4)
-    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in with_adapter.named_parameters() if "lora_B" in n)
+    trained = {n for n, p in with_adapter.named_parameters() if "lora_B" in n and p.any()}
+    assert any(".vision_tower." in n for n in trained) and any(".language_model." in n for n in trained), trained
 
 
 def test_lora_init_is_peft_default_and_the_same_at_every_layout():
@@ -265,14 +285,15 @@ def test_lora_init_is_peft_default_and_the_same_at_every_layout():
         assert torch.equal(shard, a[:, rank * 8:(rank + 1) * 8])
 
 
-def _save_adapter(tiny_ckpt: Path, out: Path, **config) -> Path:
-    """A PEFT adapter of the tiny model saved as PEFT saves it (B random: not a fresh one)."""
+def _save_adapter(tiny_ckpt: Path, out: Path, random_a: bool = False, **config) -> Path:
+    """A PEFT adapter of the tiny model saved as PEFT saves it (B random: not a fresh one; A too with `random_a`)."""
     model = AutoModelForImageTextToText.from_pretrained(tiny_ckpt, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(**config))
+    gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
+            if "lora_B" in name or (random_a and "lora_A" in name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.save_pretrained(out)
     return out
 
@@ -311,7 +332,10 @@ def test_lora_init_from_refuses_a_recipe_that_sets_other_values(tmp_path, peft_a
 
 
 @pytest.mark.parametrize("config,words", [
-    (dict(target_modules=r".*vision_tower.*\.q_proj\.linear"), ["the vision tower", "continue it with PEFT"]),
+    (dict(target_modules=r".*vision_tower.*\.q_proj\.linear"), ["['q_proj'] in the vision tower but [] in the "
+                                                                  "decoder", "continue it with PEFT"]),
+    (dict(target_modules=r".*vision_tower\.patch_embedder\.input_proj"), ["vision_tower.patch_embedder.input_proj",
+                                                                          "continue it with PEFT"]),
     (dict(target_modules=peft_target_modules(["q_proj"]), use_dora=True), ["DoRA", "continue it with PEFT"]),
     (dict(target_modules=peft_target_modules(["q_proj"]), rank_pattern={"k_proj": 2}), ["rank_pattern"]),
 ])
@@ -330,7 +354,6 @@ def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
 
 @pytest.mark.parametrize("override,words", [
     ("lora.target_modules=[q_proj, qkv]", ["lora.target_modules", "q_proj, k_proj"]),
-    ("lora.vision_tower=true", ["lora.vision_tower", "false"]),
     ("lora.rank=0", ["lora.rank must be >= 1"]),
     ("lora.init_from=/nonexistent/adapter", ["lora.init_from", "PEFT adapter directory"]),
 ])

@@ -81,7 +81,7 @@ def _dropout_masks(out, steps: int, pp: int, dp: int) -> dict[str, list[torch.Te
 
 def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...],
                                  kinds: str = "text,image", ref_kinds: str = "", adapter: str = "",
-                                 dropout: float = 0.0) -> None:
+                                 dropout: float = 0.0, vision: bool = False) -> None:
     """Loss and every trainable parameter's gradient of each step (by default a text and an image step) against
     transformers' on `ref_kinds` (default: the same global batches); with `adapter`, PEFT's LoRA model with
     that adapter against the runner's LoRA started from it, with `dropout` PEFT's dropout replaying the masks
@@ -108,6 +108,8 @@ def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, in
             assert not got[name].any(), f"{name} has a gradient but no use in transformers"
         missing = set(expected) - set(got)
         assert not missing, f"no gradient for {sorted(missing)[:5]}"
+        if vision:  # the vision tower's adapters are compared, and trained on the image step
+            assert any(".vision_tower." in n and ".lora_" in n for n in expected) or kind == "text", sorted(expected)
         errors = {n: _rel(got[n], g) for n, g in expected.items()}
         worst = max(errors, key=errors.get)
         print(f"{(tp, pp, dp)} {kind}: loss rel {abs(loss - ref['losses'][step]) / ref['losses'][step]:.2e}, "
