@@ -92,8 +92,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters in the decoder layers' linears; the base model frozen. Keys and defaults are PEFT's
-    `LoraConfig` (r, lora_alpha, lora_dropout, target_modules, use_rslora, init_lora_weights)."""
+    """LoRA adapters in the decoder layers' linears (and the vision encoder's); the base model frozen. Keys and
+    defaults are PEFT's `LoraConfig` (r, lora_alpha, lora_dropout, target_modules, use_rslora, init_lora_weights)."""
 
     enabled: bool = False
     rank: int = 8

@@ -1,9 +1,10 @@
 """LoRA adapters inside the tensor-parallel decoder linears, in PEFT's format in and out.
 
 `apply_lora` freezes every base weight (PEFT's rule: the freeze.* flags add nothing) and gives each targeted
-column/row-parallel linear (with `lora.vision_tower` also the vision encoder's replicated linears) PEFT's update `lora_B(lora_A(dropout(x))) * scaling`, cut over TP so that it
+column/row-parallel linear PEFT's update `lora_B(lora_A(dropout(x))) * scaling`, cut over TP so that it
 needs no collective of its own (`ColumnParallelLinear._shard_lora`, `RowParallelLinear._shard_lora`);
-the dropout masks are the same on every TP rank (`LoraDropout`, `seed_dropout`).
+with `lora.vision_tower` the vision encoder's linears too, replicated (`add_replicated_lora`). The dropout
+masks are the same on every TP rank (`LoraDropout`, `seed_dropout`).
 Adapters start as PEFT starts them (B zeros; A Kaiming-uniform or Gaussian), drawn per module from
 `train.seed` on the full tensor and then sliced, so every layout starts from the same adapters; or
 from a PEFT adapter directory (`lora.init_from`). Native checkpoints hold only the adapters, their
@@ -223,7 +224,7 @@ def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
                 key, param = peft_key(name, part), getattr(linear, part).weight
                 if key not in keys:
                     raise UserError(f"{where}: no {key}: the adapter does not adapt {name} (PEFT's layers_to_transform "
-                                    f"or exclude_modules?); the runner adapts lora.target_modules in every decoder layer")
+                                    f"or exclude_modules?); the runner adapts lora.target_modules in every layer")
                 sl = f.get_slice(key)
                 index, shape = shard_index(list(sl.get_shape()), param)
                 if shape != list(param.shape):
@@ -259,7 +260,7 @@ def check_lora_resume(meta: dict, cfg: LoraConfig, model_dir: str | Path, source
         return
     for key in ("rank", "target_modules", "use_rslora", "alpha", "vision_tower"):
         if saved["config"].get(key, False) != getattr(cfg, key):
-            raise UserError(f"{ckpt} was trained with lora.{key} = {saved['config'][key]}, this recipe sets "
+            raise UserError(f"{ckpt} was trained with lora.{key} = {saved['config'].get(key, False)}, this recipe sets "
                             f"{getattr(cfg, key)}; set it back to resume", on_every_rank=True)
     if base_identity(model_dir, source)["fingerprint"] != saved["base"]["fingerprint"]:
         raise UserError(f"{ckpt} holds adapters for the base model {saved['base']['path']}, but model.path = {source} "
