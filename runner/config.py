@@ -95,18 +95,18 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters in the decoder layers' linears; the base model frozen. Keys and defaults are PEFT's
-    `LoraConfig` (r, lora_alpha, lora_dropout, target_modules, use_rslora, init_lora_weights)."""
+    """LoRA adapters in the decoder layers' linears (and the vision encoder's); the base model frozen. Keys and
+    defaults are PEFT's `LoraConfig` (r, lora_alpha, lora_dropout, target_modules, use_rslora, init_lora_weights)."""
 
     enabled: bool = False
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    vision_tower: bool = False  # adapters in the vision tower too (not implemented: refused)
+    vision_tower: bool = False  # adapters on the same target_modules of the vision encoder's layers too
     init: Literal["peft_default", "gaussian"] = "peft_default"  # A Kaiming-uniform (gaussian: N(0, 1/r)), B zeros
     use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
-    init_from: str = ""  # a PEFT adapter directory to continue from (its rank and targets must match)
+    init_from: str = ""  # a PEFT adapter directory to continue; its r, alpha, rslora, dropout, targets are taken
 
     @property
     def scaling(self) -> float:
@@ -316,6 +316,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     source = f"{path} with --set" if overrides else str(path)  # a bad key or value may come from either
     cfg = _build(RunConfig, data, "", source)
     validate(cfg, source)
+    if cfg.lora.enabled and cfg.lora.init_from:  # continue a PEFT adapter: its settings, as PEFT would load it
+        from runner.lora import adopt_adapter_config
+
+        cfg.lora = adopt_adapter_config(cfg.lora, set(data.get("lora") or {}), source)
     return cfg
 
 
@@ -387,8 +391,6 @@ def validate(cfg: RunConfig, source: str) -> None:
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (bool(cfg.lora.target_modules) and set(cfg.lora.target_modules) <= set(LORA_TARGETS),
          f"lora.target_modules = {cfg.lora.target_modules} must be a non-empty list of {', '.join(LORA_TARGETS)}"),
-        (not cfg.lora.vision_tower, "lora.vision_tower: true is not implemented yet (adapters go in the decoder "
-         "layers only); set lora.vision_tower: false"),
         (not cfg.lora.init_from or Path(cfg.lora.init_from).expanduser().is_dir(),
          f"lora.init_from = {cfg.lora.init_from!r} is not a directory; give a PEFT adapter directory "
          f"(adapter_config.json, adapter_model.safetensors) or leave it empty"),

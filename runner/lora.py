@@ -2,7 +2,9 @@
 
 `apply_lora` freezes every base weight (PEFT's rule: the freeze.* flags add nothing) and gives each targeted
 column/row-parallel linear PEFT's update `lora_B(lora_A(dropout(x))) * scaling`, cut over TP so that it
-needs no collective of its own (`ColumnParallelLinear._shard_lora`, `RowParallelLinear._shard_lora`).
+needs no collective of its own (`ColumnParallelLinear._shard_lora`, `RowParallelLinear._shard_lora`);
+with `lora.vision_tower` the vision encoder's linears too, replicated (`add_replicated_lora`). The dropout
+masks are the same on every TP rank (`LoraDropout`, `seed_dropout`).
 Adapters start as PEFT starts them (B zeros; A Kaiming-uniform or Gaussian), drawn per module from
 `train.seed` on the full tensor and then sliced, so every layout starts from the same adapters; or
 from a PEFT adapter directory (`lora.init_from`). Native checkpoints hold only the adapters, their
@@ -15,48 +17,89 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import zlib
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Collection, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from runner.checkpoint.hf_load import INDEX_NAME, SINGLE_NAME, full_shape_of
-from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key, peft_lora_config, read_peft_lora_config
-from runner.config import LoraConfig
+from runner.compat import ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, peft_key, peft_lora_config, read_peft_lora_config
+from runner.config import LORA_TARGETS, LoraConfig
 from runner.errors import UserError
-from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe
-from runner.parallel.tensor_parallel import shard_index
+from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe, Gemma4VisionStage
+from runner.parallel.tensor_parallel import LoraDropout, mark_sharded, shard_index
 
 PARTS = ("lora_A", "lora_B")
+# an adapter weight of a decoder / vision encoder linear in adapter_model.safetensors: (layer, linear)
+_DECODER_KEY = re.compile(rf"^{re.escape(PEFT_KEY_PREFIX)}model\.language_model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+                          rf"(\w+)\.lora_[AB]\.weight$")
+_VISION_KEY = re.compile(rf"^{re.escape(PEFT_KEY_PREFIX)}model\.vision_tower\.encoder\.layers\.(\d+)\."
+                         rf"(?:self_attn|mlp)\.(\w+)\.linear\.lora_[AB]\.weight$")
+# a vision encoder linear inside Gemma4VisionModel: (linear's name)
+_VISION_LINEAR = re.compile(r"^encoder\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.linear$")
 
 
-def peft_target_modules(targets: list[str]) -> str:
-    """PEFT's `target_modules` for these linears of the decoder layers only: a regex PEFT full-matches against
+def peft_target_modules(targets: list[str], vision_tower: bool = False) -> str:
+    """PEFT's `target_modules` for these linears of the decoder layers (and with `vision_tower` of the vision
+    encoder's layers, whose clippable linears hold the nn.Linear as `.linear`): a regex PEFT full-matches against
     module names (a plain name list would also catch the vision tower's q_proj, …)."""
-    return rf".*\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(targets)})"
+    names = "|".join(targets)
+    decoder = rf".*\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
+    return decoder + (rf"|.*\.vision_tower\.encoder\.layers\.\d+\.(self_attn|mlp)\.({names})\.linear"
+                      if vision_tower else "")
 
 
 def peft_config(cfg: LoraConfig, base: str):
     """The PEFT LoraConfig equivalent to the recipe's `lora` section (what the adapter export writes)."""
     return peft_lora_config(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-                            target_modules=peft_target_modules(cfg.target_modules), base_model_name_or_path=base,
+                            target_modules=peft_target_modules(cfg.target_modules, cfg.vision_tower),
+                            base_model_name_or_path=base,
                             init_lora_weights=True if cfg.init == "peft_default" else "gaussian")
 
 
-def adapted_linears(model: nn.Module, targets: list[str]) -> Iterator[tuple[str, nn.Module]]:
-    """(transformers module name, TP linear) of every targeted linear on this rank, in model order
-    (full layers with attention_k_eq_v have no v_proj: skipped, as PEFT skips them)."""
+def adapted_linears(model: nn.Module, targets: list[str], vision_tower: bool = False
+                    ) -> Iterator[tuple[str, nn.Module]]:
+    """(transformers module name, linear) of every targeted linear on this rank, in model order: the decoder
+    layers' TP linears (full layers with attention_k_eq_v have no v_proj: skipped, as PEFT skips them), and with
+    `vision_tower` the vision encoder layers' nn.Linear (replicated on every TP rank of the first stage)."""
     for layer in model.modules():
+        if isinstance(layer, Gemma4VisionStage) and vision_tower:
+            for name, linear in layer.vision_tower.named_modules():
+                match = _VISION_LINEAR.match(name)
+                if match and match[1] in targets and isinstance(linear, nn.Linear):
+                    yield f"{layer.hf_prefix}vision_tower.{name}", linear
         if isinstance(layer, Gemma4DecoderLayerPipe):
             for path in DECODER_TP_PLAN:
                 parent, attr = path.split(".")
                 linear = getattr(getattr(layer, parent), attr)
                 if attr in targets and linear is not None:
                     yield layer.hf_prefix + path, linear
+
+
+def add_replicated_lora(linear: nn.Linear, rank: int, scaling: float, dropout: float) -> None:
+    """PEFT's LoRA update on a replicated nn.Linear (the vision tower's): `lora_A`, `lora_B`, `lora_dropout` as
+    its submodules (so their names are PEFT's: `….linear.lora_A.weight`) and the update added to its output by a
+    forward hook. Every TP rank computes the whole update on the same input and gets the whole gradient."""
+    kw = dict(bias=False, device=linear.weight.device, dtype=linear.weight.dtype)
+    linear.lora_A = nn.Linear(linear.in_features, rank, **kw)
+    linear.lora_B = nn.Linear(rank, linear.out_features, **kw)
+    tp = getattr(linear.weight, "tp_replicas", 1)
+    for p in (linear.lora_A.weight, linear.lora_B.weight):
+        nn.init.zeros_(p)
+        mark_sharded(p, None, tp, 0)
+    linear.lora_dropout = LoraDropout(dropout, linear.in_features) if dropout else nn.Identity()
+    linear.lora_scaling = scaling
+    linear.register_forward_hook(_add_lora_update)
+
+
+def _add_lora_update(linear: nn.Linear, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    return out + linear.lora_B(linear.lora_A(linear.lora_dropout(args[0]))) * linear.lora_scaling
 
 
 def init_adapter(name: str, linear: nn.Module, cfg: LoraConfig, seed: int) -> None:
@@ -81,14 +124,79 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, base: dict) -> int:
     model.lora = {"config": asdict(cfg), "base": base}
     for p in model.parameters():
         p.requires_grad_(False)
-    adapted = list(adapted_linears(model, cfg.target_modules))
+    adapted = list(adapted_linears(model, cfg.target_modules, cfg.vision_tower))
     for name, linear in adapted:
-        linear.add_lora(cfg.rank, cfg.scaling, cfg.dropout)
+        if isinstance(linear, nn.Linear):  # the vision tower's
+            add_replicated_lora(linear, cfg.rank, cfg.scaling, cfg.dropout)
+        else:
+            linear.add_lora(cfg.rank, cfg.scaling, cfg.dropout)
         if not cfg.init_from:
             init_adapter(name, linear, cfg, seed)
     if cfg.init_from:
         load_adapter(adapted, cfg)
     return len(adapted)
+
+
+def seed_dropout(model: nn.Module, seed: int, step: int, dp_rank: int, pp_rank: int) -> None:
+    """Before each optimizer step of a run with `lora.dropout` > 0: seed the default generators (which
+    `LoraDropout` draws from, and activation-checkpoint recompute restores) from (seed, step, DP rank,
+    stage). Every TP rank of a stage then drops the same elements; DP replicas and stages draw their own
+    masks; a resumed run draws the masks of the unbroken one."""
+    if getattr(model, "lora", None) and model.lora["config"]["dropout"]:
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, dp_rank, pp_rank]).generate_state(1)[0]))
+
+
+# PEFT settings whose non-default values change what the adapter computes in ways the runner does not train
+_UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("rank_pattern", {}, "per-module ranks (rank_pattern)"),
+                ("alpha_pattern", {}, "per-module alphas (alpha_pattern)"), ("modules_to_save", None, "modules_to_save"),
+                ("bias", "none", "trained biases (bias)"), ("lora_bias", False, "lora_bias"),
+                ("target_parameters", None, "target_parameters"), ("trainable_token_indices", None,
+                                                                   "trainable_token_indices"))
+
+
+def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str) -> LoraConfig:
+    """The `lora` section continuing the PEFT adapter `cfg.init_from`, as PeftModel.from_pretrained would: its
+    r, lora_alpha, use_rslora and lora_dropout, and as targets the decoder linears its weights adapt. A value the
+    recipe states (`explicit`: the keys under `lora:`) must agree with the adapter's, else one line names both;
+    only lora.dropout may differ (it changes training, not the adapter), the recipe's then wins."""
+    path = Path(cfg.init_from).expanduser()
+    where = f"{source}: lora.init_from {path}"
+    try:
+        saved = read_peft_lora_config(path)
+        with safe_open(path / ADAPTER_WEIGHTS_NAME, framework="pt") as f:
+            keys = list(f.keys())
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{where}: not a PEFT LoRA adapter directory with {ADAPTER_WEIGHTS_NAME} "
+                        f"({str(err).splitlines()[0][:200]}); give the directory PeftModel.save_pretrained wrote") from None
+    for attr, default, what in _UNSUPPORTED:
+        if getattr(saved, attr, default) not in (default, None, {}, False, "none"):
+            raise UserError(f"{where}: the adapter uses {what}, which the runner does not train; continue it with PEFT")
+    targets: dict[str, set[str]] = {"decoder": set(), "vision": set()}
+    for key in keys:
+        decoder, vision = _DECODER_KEY.match(key), _VISION_KEY.match(key)
+        match = decoder or vision
+        if not match or match[2] not in LORA_TARGETS:
+            raise UserError(f"{where}: the adapter adapts {key.removeprefix(PEFT_KEY_PREFIX)}; the runner adapts only "
+                            f"the linears {', '.join(LORA_TARGETS)} of the decoder and vision encoder layers: "
+                            f"continue it with PEFT")
+        targets["decoder" if decoder else "vision"].add(match[2])
+    if targets["vision"] and targets["vision"] != targets["decoder"]:
+        raise UserError(f"{where}: the adapter adapts {sorted(targets['vision'])} in the vision tower but "
+                        f"{sorted(targets['decoder'])} in the decoder; the runner adapts the same lora.target_modules "
+                        f"in both: continue it with PEFT")
+    adopted = {"rank": saved.r, "alpha": saved.lora_alpha, "use_rslora": bool(saved.use_rslora),
+               "target_modules": [t for t in LORA_TARGETS if t in targets["decoder"]],
+               "vision_tower": bool(targets["vision"])}
+    names = {"rank": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora", "target_modules": "target_modules",
+             "vision_tower": "vision tower adapters"}
+    for key, theirs in adopted.items():
+        mine = getattr(cfg, key)
+        if key in explicit and (set(mine) != set(theirs) if key == "target_modules" else mine != theirs):
+            raise UserError(f"{where}: the adapter has {names[key]} = {theirs}, the recipe sets lora.{key}: {mine}; "
+                            f"remove lora.{key} (the adapter's is used) or set it to {theirs}")
+    if "dropout" not in explicit:
+        adopted["dropout"] = saved.lora_dropout
+    return replace(cfg, **adopted)
 
 
 def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
@@ -115,8 +223,8 @@ def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
             for part in PARTS:
                 key, param = peft_key(name, part), getattr(linear, part).weight
                 if key not in keys:
-                    raise UserError(f"{where}: no {key}: the adapter does not adapt {name}; set lora.target_modules "
-                                    f"to the modules it adapts")
+                    raise UserError(f"{where}: no {key}: the adapter does not adapt {name} (PEFT's layers_to_transform "
+                                    f"or exclude_modules?); the runner adapts lora.target_modules in every layer")
                 sl = f.get_slice(key)
                 index, shape = shard_index(list(sl.get_shape()), param)
                 if shape != list(param.shape):
@@ -150,9 +258,9 @@ def check_lora_resume(meta: dict, cfg: LoraConfig, model_dir: str | Path, source
                         f"set it back, or start afresh in a new output.dir", on_every_rank=True)
     if not saved:
         return
-    for key in ("rank", "target_modules", "use_rslora", "alpha"):
-        if saved["config"][key] != getattr(cfg, key):
-            raise UserError(f"{ckpt} was trained with lora.{key} = {saved['config'][key]}, this recipe sets "
+    for key in ("rank", "target_modules", "use_rslora", "alpha", "vision_tower"):
+        if saved["config"].get(key, False) != getattr(cfg, key):
+            raise UserError(f"{ckpt} was trained with lora.{key} = {saved['config'].get(key, False)}, this recipe sets "
                             f"{getattr(cfg, key)}; set it back to resume", on_every_rank=True)
     if base_identity(model_dir, source)["fingerprint"] != saved["base"]["fingerprint"]:
         raise UserError(f"{ckpt} holds adapters for the base model {saved['base']['path']}, but model.path = {source} "

@@ -40,6 +40,7 @@ class Checked:
     train_source: SampleSource
     eval_source: SampleSource | None
     resume_from: Path | None  # the complete checkpoint to continue from
+    resume_sizes: dict[str, int] | None = None  # its files' sizes, as checked (not stat'ed again)
 
 
 def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
@@ -59,11 +60,10 @@ def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
         check_writable_dir(out_dir, "output.dir")
         if (out_dir / "checkpoints").exists():
             check_writable_dir(out_dir / "checkpoints", "output.dir's checkpoints")
-        resume_from = resume_checkpoint(cfg, out_dir / "checkpoints")
-        need = (sum(native.file_sizes(resume_from).values()) if resume_from is not None
-                else checkpoint_bytes(cfg, config))
+        resume_from, resume_sizes = resume_checkpoint(cfg, out_dir / "checkpoints")
+        need = sum(resume_sizes.values()) if resume_from is not None else checkpoint_bytes(cfg, config)
         check_free_disk(out_dir, need)
-    return Checked(model_dir, config, processor, train_source, eval_source, resume_from)
+    return Checked(model_dir, config, processor, train_source, eval_source, resume_from, resume_sizes)
 
 
 def data_sources(cfg: RunConfig) -> tuple[SampleSource, SampleSource | None]:
@@ -192,22 +192,22 @@ def check_writable_dir(path: Path, key: str) -> None:
                         f"{key} at a writable directory")
 
 
-def resume_checkpoint(cfg: RunConfig, ckpt_root: Path) -> Path | None:
-    """The complete checkpoint the run continues from (None: a fresh start), its files whole."""
+def resume_checkpoint(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict[str, int]]:
+    """The complete checkpoint the run continues from (None: a fresh start), its files whole, and their
+    sizes (each file stat'ed once for the whole resume)."""
     resume_root = {"auto": ckpt_root, "none": None}.get(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
     if resume_root is None:
         if native.has_checkpoints(ckpt_root):  # saving would overwrite and prune them
             raise UserError(f"{ckpt_root} holds an earlier run's checkpoints and checkpoint.resume is none; continue "
                             f"that run with checkpoint.resume=auto, or start afresh in a new output.dir")
-        return None
+        return None, {}
     resume_from = native.latest_complete(resume_root)
     if resume_from is None:
         if resume_root != ckpt_root:
             raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
                             f"point it at a checkpoints directory with `latest`, or use auto / none")
-        return None
-    native.check_files(resume_from, native.read_meta(resume_from))
-    return resume_from
+        return None, {}
+    return resume_from, native.check_files(resume_from, native.read_meta(resume_from))
 
 
 def checkpoint_bytes(cfg: RunConfig, config: Any) -> int:

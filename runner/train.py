@@ -42,7 +42,7 @@ from runner.guard import (
     output_lock,
     set_collective_timeout,
 )
-from runner.lora import apply_lora, base_identity, check_lora_resume
+from runner.lora import apply_lora, base_identity, check_lora_resume, seed_dropout
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
@@ -275,7 +275,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     resuming = resume_from is not None
     if resuming:  # the layout, before building the model (minutes on the 31B)
         zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
-        meta = native.check_resumable(resume_from, dims, zero=zero)
+        meta = native.check_resumable(resume_from, dims, zero=zero, sizes=checked.resume_sizes)
         check_lora_resume(meta, cfg.lora, model_dir, cfg.model.path, resume_from)
         if meta["step"] == total_steps:  # nothing left to train
             if rank == 0:
@@ -355,6 +355,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
         set_micro_batches(engine, len(micro))  # packed: as many as this replica's samples fill
         model.token_loss.set_label_count(n_labels, len(micro))
         profiling = step + 1 == cfg.logging.profile_step
+        seed_dropout(model, cfg.train.seed, step, ps.dp_rank, ps.pp_rank)
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
         dt = time.time() - t0

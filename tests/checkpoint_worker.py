@@ -108,7 +108,7 @@ def main() -> None:
     for step in range(start + 1, args.steps + 1):
         seed = random.randrange(10**6) ^ int(np.random.randint(10**6)) ^ int(torch.randint(10**6, (1,)))
         micro = global_batch(config, ("text", "image")[step % 2], seed=seed)
-        losses[step] = train_step(engine, model, ps, micro, gas)
+        losses[step] = train_step(engine, model, ps, micro, gas, step=step)
         if dist.get_rank() == 0:
             with open(os.path.join(args.out, "losses.json"), "w") as f:
                 json.dump(losses, f)

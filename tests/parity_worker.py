@@ -16,6 +16,8 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm  # noqa: E402
 
+from runner.config import LORA_TARGETS  # noqa: E402
+from runner.lora import adapted_linears  # noqa: E402
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
 from runner.parallel.tensor_parallel import copy_sharding, gather_full  # noqa: E402
 
@@ -35,6 +37,32 @@ class CapturingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def check_dropout_masks(drawn: dict[str, list[torch.Tensor]], ps, gas: int, checkpointing: bool
+                        ) -> dict[str, list[torch.Tensor]]:
+    """One step's LoRA dropout masks, one per micro-batch and module, after checking them: a recompute
+    draws its forward's mask again; every TP rank drew the same masks, from one seed; DP replicas seeded their own."""
+    step: dict[str, list[torch.Tensor]] = {}
+    for name, calls in sorted(drawn.items()):
+        unique: list[torch.Tensor] = []
+        for mask in calls:  # forwards come in micro-batch order; a recompute repeats an earlier one
+            if not any(mask.shape == u.shape and torch.equal(mask, u) for u in unique):
+                unique.append(mask)
+        # the vision tower runs on the micro-batches with images only, and is never recomputed
+        want = len(calls) if ".vision_tower." in name else gas
+        assert len(unique) == want and len(calls) in (want, 2 * want if checkpointing else want), (name, len(unique), len(calls))
+        for mask in unique:
+            copies = [torch.empty_like(mask, dtype=torch.uint8) for _ in range(ps.dims.tp)]
+            dist.all_gather(copies, mask.to(torch.uint8), group=ps.tp_group)
+            assert all(torch.equal(c.bool(), mask) for c in copies), f"{name}: TP ranks dropped different elements"
+        step[name] = unique
+    seed = torch.tensor([torch.initial_seed()], dtype=torch.float64)  # the step's seed: one per replica and stage
+    for group, size, same in ((ps.tp_group, ps.dims.tp, True), (ps.dp_group, ps.dims.dp, False)):
+        seeds = [torch.empty_like(seed) for _ in range(size)]
+        dist.all_gather(seeds, seed, group=group)
+        assert size == 1 or (len(set(float(s) for s in seeds)) == (1 if same else size)), (same, seeds)
+    return step
+
+
 def main() -> None:
     ap = worker_parser()
     ap.add_argument("--batches", default="text,image", help="one global batch kind per optimizer step")
@@ -46,6 +74,10 @@ def main() -> None:
     ap.add_argument("--stage-layers", default="", help="comma list: decoder layers per stage (empty: even split)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--lora", default="", help="LoRA on the frozen base, started from this PEFT adapter directory")
+    ap.add_argument("--dp-counts", default="", help="comma list: micro-batches per DP rank of every step "
+                    "(empty: an even split), as packing gives replicas different counts")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="lora.dropout; the masks drawn are saved "
+                    "(masks_stage{pp}_dp{dp}.pt) for the reference to replay")
     ap.add_argument("--ds-config", default="", help="a GPU config of ds_configs/ instead of the fp32 one (bf16 model); "
                     "only the once-per-step sums of partial gradients are captured (DeepSpeed steps flat copies), "
                     "replicated weights are compared across TP ranks after the steps")
@@ -74,7 +106,15 @@ def main() -> None:
     model.freeze(**{part: True for part in args.freeze.split(",") if part})
     base: dict[str, torch.Tensor] = {}
     if args.lora:  # the runner's LoRA started from a PEFT adapter directory; the base must not move
-        assert apply_peft_adapter(model, args.ckpt, args.lora)
+        assert apply_peft_adapter(model, args.ckpt, args.lora, args.lora_dropout)
+    drawn: dict[str, list[torch.Tensor]] = collections.defaultdict(list)  # LoRA dropout: keep masks, full width
+    for name, linear in adapted_linears(model, list(LORA_TARGETS), model.lora["config"]["vision_tower"]
+                                        ) if args.lora_dropout else ():
+        def noise(x, name=name, draw=linear.lora_dropout.noise):
+            out = draw(x)
+            drawn[name].append(out.ne(0))
+            return out
+        linear.lora_dropout.noise = noise
 
     kinds = args.batches.split(",")
     multiple = args.tp if args.sequence_parallel else 1  # sequences split into tp slices
@@ -105,11 +145,17 @@ def main() -> None:
         engine.allreduce_gradients = capture(engine.allreduce_gradients)  # ZeRO-1 with bf16 gradients
 
     result: dict = {"losses": [], "grads": []}
+    masks: list[dict[str, list[torch.Tensor]]] = []  # per step: module -> this DP rank's masks, one per micro-batch
     micro_batches = 0  # this DP rank's, all steps (packed steps differ in count)
     for kind in kinds:
         batch = global_batch(config, kind, multiple=multiple)
-        micro_batches += len(batch) // args.dp
-        result["losses"].append(train_step(engine, model, ps, batch, len(batch) // args.dp))
+        dp_counts = [int(n) for n in args.dp_counts.split(",") if n] or None
+        micro_batches += dp_counts[ps.dp_rank] if dp_counts else len(batch) // args.dp
+        result["losses"].append(train_step(engine, model, ps, batch, len(batch) // args.dp, step=len(result["losses"]),
+                                           dp_counts=dp_counts))
+        if args.lora_dropout:
+            masks.append(check_dropout_masks(drawn, ps, len(batch) // args.dp, checkpointing))
+            drawn.clear()
         grads = dict(summed) if args.ds_config else optimizer.captured[-1]
         summed.clear()
         step_grads = {}
@@ -140,6 +186,8 @@ def main() -> None:
         result["embed_weight"] = gather_full(embed.weight, ps.tp_group)
     if ps.tp_rank == 0 and ps.dp_rank == 0:
         torch.save(result, os.path.join(args.out, f"stage{ps.pp_rank}.pt"))
+    if ps.tp_rank == 0 and masks:
+        torch.save(masks, os.path.join(args.out, f"masks_stage{ps.pp_rank}_dp{ps.dp_rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()  # a gloo group torn down at interpreter exit can abort the process
 

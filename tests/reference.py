@@ -4,7 +4,7 @@ ground truth every parallel layout must reproduce."""
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForImageTextToText
 
 from synthetic import global_batch
@@ -36,13 +36,47 @@ def global_loss(model, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Te
     return total / count
 
 
-def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0, adapter: str = "") -> dict:
+class ReplayedDropout(torch.nn.Module):
+    """Stands in for PEFT's `lora_dropout` of one module: its nn.Dropout with the runner's keep masks, in
+    the order the runner drew them (one per micro-batch), scaled as nn.Dropout scales."""
+
+    def __init__(self, masks: list[torch.Tensor], p: float) -> None:
+        super().__init__()
+        self.masks, self.p = list(masks), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.masks.pop(0)  # the runner's micro-batch may be right-padded further (to a multiple of tp)
+        assert keep.shape[0] == x.shape[0] and keep.shape[1] >= x.shape[1] and keep.shape[2:] == x.shape[2:]
+        keep = keep[:, :x.shape[1]]
+        return x * keep.to(x.dtype).div_(1 - self.p)
+
+
+def replay_dropout(model: PeftModel, masks: dict[str, list[torch.Tensor]], p: float) -> list[ReplayedDropout]:
+    """Put the runner's masks (by transformers module name) into PEFT's LoRA dropout, which must be
+    PEFT's own nn.Dropout(p) on the adapter input of exactly those modules."""
+    replays = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            own = module.lora_dropout["default"]
+            assert isinstance(own, torch.nn.Dropout) and own.p == p, (name, own)
+            replays.append(ReplayedDropout(masks.pop(name.removeprefix("base_model.model.")), p))
+            module.lora_dropout["default"] = replays[-1]
+    assert not masks, f"masks for modules PEFT does not adapt: {sorted(masks)[:3]}"
+    return replays
+
+
+def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0, adapter: str = "", dropout: float = 0.0,
+                  masks: dict[str, list[torch.Tensor]] | None = None) -> dict:
     """Losses and gradients (HF names; a PEFT adapter's as the runner names them: `….q_proj.lora_A.weight`)
     per step, and the embedding after the last step. `adapter`: PEFT's LoRA model with that adapter,
-    trainable, on the frozen base."""
+    trainable, on the frozen base, its lora_dropout `dropout` drawing `masks` (module → one per micro-batch
+    of every step, in order)."""
     model = load_reference(ckpt)
     if adapter:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        config = LoraConfig.from_pretrained(adapter)
+        config.lora_dropout = dropout
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True, config=config)
+    replays = replay_dropout(model, dict(masks), dropout) if masks else []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     out: dict = {"losses": [], "grads": []}
     for kind in kinds:
@@ -53,5 +87,6 @@ def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0, adapter: str = "
         out["grads"].append({n.removeprefix("base_model.model.").replace(".default.", "."): p.grad.detach().clone()
                              for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
+    assert not any(r.masks for r in replays), "PEFT ran fewer adapter forwards than the runner"
     out["embed_weight"] = model.get_input_embeddings().weight.detach().clone()
     return out

@@ -15,11 +15,11 @@ import torch
 from transformers import AutoConfig, Gemma4Config
 
 from runner.checkpoint.hf_load import load_hf_weights
-from runner.compat import read_peft_lora_config, skip_deepspeed_shm_comm
+from runner.compat import skip_deepspeed_shm_comm
 from runner.config import LoraConfig
 from runner.data.collate import Encoded
 from runner.data.packing import Packer
-from runner.lora import apply_lora, base_identity
+from runner.lora import adopt_adapter_config, apply_lora, base_identity, seed_dropout
 from runner.models.gemma4.pipeline import Gemma4Pipeline, to_pipe_batch
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.train import set_micro_batches, step_counts
@@ -191,18 +191,23 @@ def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
 
 
 def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dict[str, torch.Tensor]],
-               gas: int) -> float:
-    """One optimizer step on this DP rank's `gas` micro-batches of the global batch `micro`, the loss
-    weighted by the label tokens of the whole global batch; returns the loss."""
-    mine = micro[ps.dp_rank * gas:(ps.dp_rank + 1) * gas]
+               gas: int, step: int = 0, dp_counts: list[int] | None = None) -> float:
+    """Optimizer step `step` on this DP rank's `gas` micro-batches of the global batch `micro` (or, with
+    `dp_counts`, on its share of them: micro-batches per DP rank, in rank order), the loss weighted by the
+    label tokens of the whole global batch (LoRA dropout seeded as `runner train` seeds it); returns the loss."""
+    counts = dp_counts or [gas] * ps.dims.dp
+    assert sum(counts) == len(micro) and len(counts) == ps.dims.dp, (counts, len(micro))
+    start, gas = sum(counts[:ps.dp_rank]), counts[ps.dp_rank]
+    mine = micro[start:start + gas]
+    seed_dropout(model, 0, step, ps.dp_rank, ps.pp_rank)
     set_micro_batches(engine, gas)
     model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)  # the count `runner train` uses
     return float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))
 
 
-def apply_peft_adapter(model: Gemma4Pipeline, ckpt: str, adapter: str) -> int:
-    """The runner's LoRA on the frozen base `ckpt`, started from the PEFT adapter directory `adapter` (its r
-    and lora_alpha); returns the number of adapted linears."""
-    saved = read_peft_lora_config(adapter)
-    return apply_lora(model, LoraConfig(enabled=True, rank=saved.r, alpha=saved.lora_alpha, init_from=adapter),
-                      seed=0, base=base_identity(ckpt, ckpt))
+def apply_peft_adapter(model: Gemma4Pipeline, ckpt: str, adapter: str, dropout: float = 0.0) -> int:
+    """The runner's LoRA on the frozen base `ckpt`, started from the PEFT adapter directory `adapter` with its
+    settings as `lora.init_from` takes them (r, lora_alpha, targets, vision tower), and `lora.dropout`; returns
+    the number of adapted linears."""
+    cfg = adopt_adapter_config(LoraConfig(enabled=True, init_from=adapter, dropout=dropout), {"dropout"}, adapter)
+    return apply_lora(model, cfg, seed=0, base=base_identity(ckpt, ckpt))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
+import os
 from pathlib import Path
 
 import datasets
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from runner.cli import main as cli_main
 from runner.data.sample import BadSample
@@ -249,6 +252,64 @@ def test_bad_rows_raise_bad_sample_when_read(tmp_path: Path) -> None:
         source[1]
     assert (unreadable.value.reason, empty.value.reason) == ("unreadable image", "empty answer")
     assert source[2].images[0].size == (20, 30)
+    message = assert_one_line(str(unreadable.value), ["bad.parquet[train] row 0", "image of 9 bytes could not be "
+                                                      "decoded (not in an image format PIL reads)"])
+    assert "BytesIO" not in message and "0x" not in message
+
+
+def test_an_image_that_cannot_be_decoded_names_the_sample_and_the_image(tmp_path: Path) -> None:
+    """Base64 bytes, a file, datasets' {bytes, path} value, a truncated PNG, a missing file: each message names the
+    line and the image (its path, or its size), says it could not be decoded or read, and never PIL's buffer."""
+    (tmp_path / "junk.png").write_bytes(b"GIF89a but not really")
+    (tmp_path / "cut.png").write_bytes(_png()[:60])
+    parts = [{"type": "image", "bytes": base64.b64encode(b"\x00" * 40).decode()}, {"type": "image", "path": "junk.png"},
+             {"type": "image", "bytes": base64.b64encode(b"nope").decode(), "path": "scan_17.png"},
+             {"type": "image", "path": "cut.png"}, {"type": "image", "path": "gone.png"}]
+    lines = [json.dumps({"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "A"}]})
+             for part in parts]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    source = load_source(str(tmp_path / "chat.jsonl"))
+    expected = [["chat.jsonl:1", "image of 40 bytes could not be decoded (not in an image format PIL reads)"],
+                ["chat.jsonl:2", f"image {tmp_path / 'junk.png'} could not be decoded"],
+                ["chat.jsonl:3", "image scan_17.png could not be decoded"],
+                ["chat.jsonl:4", f"image {tmp_path / 'cut.png'} could not be decoded"],
+                ["chat.jsonl:5", f"image {tmp_path / 'gone.png'} could not be read (No such file or directory)"]]
+    for index, words in enumerate(expected):
+        with pytest.raises(BadSample) as bad:
+            source[index]
+        assert bad.value.reason == "unreadable image"
+        assert "BytesIO" not in assert_one_line(str(bad.value), words)
+
+
+def _open_paths() -> set[str]:
+    """What this process's file descriptors point at."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor listdir itself used
+            pass
+    return paths
+
+
+def test_a_jsonl_source_closes_its_file_and_stays_readable_in_forked_workers(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(_chat(f"A{i}") for i in range(6)) + "\n")
+    with load_source(str(path)) as source:
+        assert source[0].messages[-1]["content"][0]["text"] == "A0" and str(path) in _open_paths()
+    assert str(path) not in _open_paths()
+    source = load_source(str(path))
+    source[1]  # the parent opens its descriptor before the workers fork, then closes it while they read
+    loader = DataLoader(source, batch_size=2, num_workers=2, multiprocessing_context="fork",
+                        collate_fn=lambda items: [s.messages[-1]["content"][0]["text"] for s in items])
+    batches = iter(loader)  # the workers fork here
+    source.close()
+    assert str(path) not in _open_paths()
+    assert list(batches) == [["A0", "A1"], ["A2", "A3"], ["A4", "A5"]]
+    assert source[5].messages[-1]["content"][0]["text"] == "A5"  # read again: opened again
+    del source, loader, batches
+    gc.collect()
+    assert str(path) not in _open_paths()
 
 
 def _chat(answer: str) -> str:

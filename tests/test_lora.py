@@ -21,7 +21,7 @@ from runner.config import LoraConfig as RunLoraConfig, load_config
 from runner.errors import UserError
 from runner.lora import base_identity, check_lora_resume, init_adapter, load_adapter, peft_target_modules
 from runner.models.gemma4.pipeline import PIPE_INPUT_KEYS
-from runner.parallel.tensor_parallel import RowParallelLinear, mark_sharded
+from runner.parallel.tensor_parallel import ColumnParallelLinear, LoraDropout, RowParallelLinear, mark_sharded
 
 from conftest import ROOT, assert_one_line, torchrun
 from synthetic import global_batch
@@ -30,15 +30,16 @@ from test_parity import _assert_matches_transformers, _reference, _run
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_peft_adapter(ckpt: Path, out: Path) -> Path:
-    """PEFT's LoRA (r 4, alpha 8) on every decoder linear of the model at `ckpt`, A and B random (B = 0 would
-    make A's gradient zero and the test compare zeros), saved to `out` as PEFT saves it."""
+def make_peft_adapter(ckpt: Path, out: Path, *, random_a: bool = True, seed: int = 7, **config) -> Path:
+    """PEFT's LoRA on the model at `ckpt` (default r 4, alpha 8, every decoder linear), saved to `out` as PEFT
+    saves it. B random (B = 0 would make A's gradient zero and the test compare zeros), A too with `random_a`."""
+    config = {"r": 4, "lora_alpha": 8, "target_modules": peft_target_modules(TARGETS), **config}
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=peft_target_modules(TARGETS)))
-    gen = torch.Generator().manual_seed(7)
+    model = get_peft_model(model, LoraConfig(**config))
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_B" in name or (random_a and "lora_A" in name):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.save_pretrained(out)
     return out
@@ -47,6 +48,13 @@ def make_peft_adapter(ckpt: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def peft_adapter(tiny_ckpt, tmp_path_factory) -> Path:
     return make_peft_adapter(tiny_ckpt, tmp_path_factory.mktemp("adapter") / "peft")
+
+
+@pytest.fixture(scope="session")
+def vision_adapter(tiny_ckpt, tmp_path_factory) -> Path:
+    """As `peft_adapter`, with the vision encoder layers' linears adapted too (r 4, alpha 8, rsLoRA)."""
+    return make_peft_adapter(tiny_ckpt, tmp_path_factory.mktemp("vision_adapter") / "peft", seed=11, r=4, lora_alpha=8,
+                             use_rslora=True, target_modules=peft_target_modules(TARGETS, vision_tower=True))
 
 
 SP, RECOMPUTE = ("--sequence-parallel",), ("--activation-checkpointing",)
@@ -59,6 +67,74 @@ def test_lora_loss_and_adapter_gradients_match_peft(tmp_path, tiny_ckpt, peft_ad
     """Text and image global batches; tp 4 replicates the KV heads (B's rows follow them); the worker checks
     the frozen base is bit-unchanged and gradient-free."""
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(peft_adapter))
+
+
+@pytest.mark.parametrize("layout,extra", [((1, 1, 1), ()), ((2, 2, 1), SP)], ids=str)
+def test_vision_tower_lora_matches_peft(tmp_path, tiny_ckpt, vision_adapter, layout, extra):
+    """lora.vision_tower: adapters on the vision encoder layers' linears too (replicated on every TP rank of the
+    first stage): loss and every adapter gradient, the vision tower's included, equal PEFT's."""
+    from runner.lora import adopt_adapter_config
+
+    cfg = adopt_adapter_config(RunLoraConfig(enabled=True, init_from=str(vision_adapter)), set(), "test")
+    assert cfg.vision_tower and cfg.use_rslora and cfg.target_modules == TARGETS
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(vision_adapter), vision=True)
+
+
+DROPOUT_LAYOUTS = [((2, 2, 1), SP + RECOMPUTE, "peft_adapter"), ((2, 1, 2), (), "vision_adapter")]
+
+
+@pytest.mark.parametrize("layout,extra,adapter", DROPOUT_LAYOUTS, ids=str)
+def test_lora_dropout_matches_peft_under_the_same_masks(request, tmp_path, tiny_ckpt, layout, extra, adapter):
+    """lora.dropout 0.25: PEFT's own lora_dropout, fed the masks the runner drew (full width, one per module and
+    micro-batch; the vision tower's too), gives the runner's loss and adapter gradients: the dropout sits where
+    PEFT's does and a TP shard drops its slice of one mask. The worker checks that both TP ranks drew each mask
+    from one seed, that the recompute drew its forward's mask again, and that the DP replicas were seeded apart."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(request.getfixturevalue(adapter)),
+                                 dropout=0.25)
+
+
+@pytest.mark.parametrize("kind", [ColumnParallelLinear, RowParallelLinear])
+def test_lora_dropout_draws_the_masks_of_pefts_layer(kind):
+    """At tp 1 the runner's adapter and PEFT's lora.Linear consume the same random stream: seeded alike, the
+    same output bit for bit in training (dropout on the adapter input only), and the undropped one in eval."""
+    gen = torch.Generator().manual_seed(0)
+    ours = kind(16, 12, None)
+    ours.add_lora(4, 2.0, 0.25)
+    base = torch.nn.Linear(16, 12, bias=False)
+    with torch.no_grad():
+        for p in (ours.weight, ours.lora_A.weight, ours.lora_B.weight):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        base.weight.copy_(ours.weight)
+    holder = get_peft_model(torch.nn.ModuleDict({"proj": base}), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25,
+                                                                               target_modules=["proj"]))
+    theirs = holder.base_model.model["proj"]
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(3, 5, 16, generator=gen)
+    outs = []
+    for model in (ours, theirs):
+        torch.manual_seed(1)
+        outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])
+    undropped = x @ ours.weight.T + x @ ours.lora_A.weight.T @ ours.lora_B.weight.T * 2.0
+    assert not torch.allclose(outs[0], undropped, atol=1e-3)
+    ours.eval()
+    theirs.eval()
+    assert torch.allclose(ours(x), undropped, atol=1e-5) and torch.equal(ours(x), theirs(x))
+
+
+def test_lora_dropout_of_a_column_shard_is_its_slice_of_the_whole_mask():
+    """A row-parallel shard (columns 8-15 of 16) drops exactly the elements the unsharded input loses under the
+    same seed, and about p of them: the tp-2 ranks together drop what tp 1 drops."""
+    x = torch.randn(64, 32, 16)
+    torch.manual_seed(3)
+    whole = LoraDropout(0.25, 16)(x)
+    torch.manual_seed(3)
+    shard = LoraDropout(0.25, 16, slice(8, 16))(x[..., 8:])
+    assert torch.equal(shard, whole[..., 8:])
+    assert abs(float((whole == 0).float().mean()) - 0.25) < 0.02
+    assert torch.allclose(whole[whole != 0], (x / 0.75)[whole != 0])
 
 
 @pytest.mark.parametrize("ds_config", ["gpu_bf16_zero1.json", "gpu_bf16_zero1_fp32_grads.json"])
@@ -172,15 +248,15 @@ def test_lora_resume_and_export_refuse_another_base_or_kind(lora_runs, tiny_ckpt
 
 
 def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
-    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism: 2 steps, then a continued run to
-    step 3 (base from model.path, adapters and Adam moments from the checkpoint); export/adapter loads in PEFT,
-    export/merged in transformers, and they agree."""
+    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism, vision tower adapters on: 2 steps,
+    then a continued run to step 3 (base from model.path, adapters and Adam moments from the checkpoint);
+    export/adapter loads in PEFT (vision tower adapters trained), export/merged in transformers, and they agree."""
     from runner.data.synthetic import make_data
 
     data = make_data(tmp_path / "data", n=16, seed=0)
     sets = [f"model.path={tiny_ckpt}", f"data.train={data}", f"data.eval={data}", f"output.dir={tmp_path / 'out'}",
             "parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "eval.every_steps=0",
-            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0"]
+            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0", "lora.vision_tower=true"]
     for steps in (2, 3):
         torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
                  *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
@@ -192,7 +268,8 @@ def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
     with torch.no_grad():
         want = with_adapter(**{k: mb[k] for k in PIPE_INPUT_KEYS}).logits
     assert torch.allclose(logits(export / "merged"), want, rtol=1e-4, atol=1e-4)
-    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in with_adapter.named_parameters() if "lora_B" in n)
+    trained = {n for n, p in with_adapter.named_parameters() if "lora_B" in n and p.any()}
+    assert any(".vision_tower." in n for n in trained) and any(".language_model." in n for n in trained), trained
 
 
 def test_lora_init_is_peft_default_and_the_same_at_every_layout():
@@ -212,6 +289,54 @@ def test_lora_init_is_peft_default_and_the_same_at_every_layout():
         assert torch.equal(shard, a[:, rank * 8:(rank + 1) * 8])
 
 
+def _lora_recipe(tmp_path: Path, **lora) -> Path:
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(json.dumps({"data": {"train": "x"}, "lora": {"enabled": True, **lora}}))
+    return recipe
+
+
+def test_lora_init_from_takes_the_adapters_settings(tmp_path, tiny_ckpt, peft_adapter):
+    """As PeftModel.from_pretrained: r, lora_alpha, use_rslora, lora_dropout from adapter_config.json, the targets
+    from the decoder linears its weights adapt; a recipe's own lora.dropout wins, equal values may be restated."""
+    small = make_peft_adapter(tiny_ckpt, tmp_path / "small", random_a=False, seed=11, r=2, lora_alpha=3,
+                              use_rslora=True, lora_dropout=0.1, target_modules=peft_target_modules(["q_proj", "v_proj"]))
+    cfg = load_config(_lora_recipe(tmp_path, init_from=str(small))).lora
+    assert (cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, cfg.target_modules) == (2, 3, True, 0.1, ["q_proj", "v_proj"])
+    assert cfg.scaling == 3 / 2**0.5
+    cfg = load_config(_lora_recipe(tmp_path, init_from=str(small), rank=2, dropout=0.3,
+                                   target_modules=["v_proj", "q_proj"])).lora
+    assert (cfg.rank, cfg.dropout, cfg.use_rslora) == (2, 0.3, True)
+    cfg = load_config(_lora_recipe(tmp_path, init_from=str(peft_adapter))).lora
+    assert (cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, cfg.target_modules) == (4, 8, False, 0.0, TARGETS)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("lora.rank=8", ["lora.init_from", "r = 4", "lora.rank: 8", "remove lora.rank"]),
+    ("lora.alpha=16", ["lora_alpha = 8", "lora.alpha: 16"]),
+    ("lora.use_rslora=true", ["use_rslora = False", "lora.use_rslora: True"]),
+    ("lora.target_modules=[q_proj]", ["target_modules = ['q_proj', 'k_proj'", "remove lora.target_modules"]),
+])
+def test_lora_init_from_refuses_a_recipe_that_sets_other_values(tmp_path, peft_adapter, override, words):
+    with pytest.raises(UserError) as err:
+        load_config(_lora_recipe(tmp_path, init_from=str(peft_adapter)), [override])
+    assert_one_line(str(err.value), words)
+
+
+@pytest.mark.parametrize("config,words", [
+    (dict(target_modules=r".*vision_tower.*\.q_proj\.linear"), ["['q_proj'] in the vision tower but [] in the "
+                                                                  "decoder", "continue it with PEFT"]),
+    (dict(target_modules=r".*vision_tower\.patch_embedder\.input_proj"), ["vision_tower.patch_embedder.input_proj",
+                                                                          "continue it with PEFT"]),
+    (dict(target_modules=peft_target_modules(["q_proj"]), use_dora=True), ["DoRA", "continue it with PEFT"]),
+    (dict(target_modules=peft_target_modules(["q_proj"]), rank_pattern={"k_proj": 2}), ["rank_pattern"]),
+])
+def test_lora_init_from_refuses_adapters_it_cannot_continue(tmp_path, tiny_ckpt, config, words):
+    adapter = make_peft_adapter(tiny_ckpt, tmp_path / "adapter", random_a=False, seed=11, r=4, **config)
+    with pytest.raises(UserError) as err:
+        load_config(_lora_recipe(tmp_path, init_from=str(adapter)))
+    assert_one_line(str(err.value), ["lora.init_from", *words])
+
+
 def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
     with pytest.raises(UserError) as err:
         load_adapter([], RunLoraConfig(enabled=True, rank=8, alpha=8, init_from=str(peft_adapter)))
@@ -220,7 +345,6 @@ def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
 
 @pytest.mark.parametrize("override,words", [
     ("lora.target_modules=[q_proj, qkv]", ["lora.target_modules", "q_proj, k_proj"]),
-    ("lora.vision_tower=true", ["lora.vision_tower", "false"]),
     ("lora.rank=0", ["lora.rank must be >= 1"]),
     ("lora.init_from=/nonexistent/adapter", ["lora.init_from", "PEFT adapter directory"]),
 ])

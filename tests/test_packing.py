@@ -111,6 +111,26 @@ def test_packed_loss_and_every_gradient_match_samples_one_by_one(tmp_path, tiny_
                                  ref_kinds="unpacked,unpacked")
 
 
+@pytest.mark.parametrize("layout,extra", [((1, 2, 1), ("--activation-checkpointing",)),
+                                          ((2, 2, 1), ("--sequence-parallel", "--activation-checkpointing"))], ids=str)
+def test_packed_rows_under_activation_checkpointing_match_samples_one_by_one(tmp_path, tiny_ckpt, layout, extra):
+    """Recompute rebuilds each packed row's masks and positions from its document ids (the worker checks every
+    decoder layer ran its forward twice per micro-batch): loss and every gradient as without it."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, kinds="packed,packed2",
+                                 ref_kinds="unpacked,unpacked")
+
+
+def test_dp_replicas_with_different_packed_row_counts_match_samples_one_by_one(tmp_path, tiny_ckpt):
+    """Packing gives each DP replica as many micro-batches as its samples fill: here replica 0 trains three
+    packed rows (7 samples, 2 of 3 images) and replica 1 one row (1 sample), each through its own pipeline
+    schedule of 3 and 1 micro-batches; the token-weighted loss and every gradient are still transformers' on
+    the 8 samples one by one."""
+    packed = global_batch(tiny_config(), "packed")
+    assert [int(mb["attention_mask"].amax()) for mb in packed] == [3, 2, 2, 1]  # samples per row
+    _assert_matches_transformers(tmp_path, tiny_ckpt, (1, 2, 2), ("--dp-counts", "3,1"), kinds="packed,packed",
+                                 ref_kinds="unpacked,unpacked")
+
+
 PACKED_RUN = ("parallel.tp=1", "parallel.pp=1", "parallel.dp=2", "train.micro_batch_size=1",
               "train.global_batch_size=8", "data.packing=true", "data.pack_length=512", "data.group_by_length=false",
               "eval.every_steps=2", "eval.max_batches=2", "checkpoint.every_steps=2", "checkpoint.keep=3")

@@ -84,14 +84,33 @@ def test_partial_recompute_matches_transformers(tmp_path, tiny_ckpt, layout, sp)
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, ("--recompute-num-layers", "1", *sp))
 
 
+def _dropout_masks(out, steps: int, pp: int, dp: int) -> dict[str, list[torch.Tensor]]:
+    """The LoRA dropout masks the workers drew: module → one per micro-batch of the global batches, in order
+    (step, DP replica, micro-batch)."""
+    files = {(s, d): torch.load(out / f"masks_stage{s}_dp{d}.pt", weights_only=False) for s in range(pp)
+             for d in range(dp)}
+    masks: dict[str, list[torch.Tensor]] = {}
+    for step in range(steps):
+        for d in range(dp):
+            for s in range(pp):
+                for name, drawn in files[s, d][step].items():
+                    masks.setdefault(name, []).extend(drawn)
+    return masks
+
+
 def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...],
-                                 kinds: str = "text,image", ref_kinds: str = "", adapter: str = "") -> None:
+                                 kinds: str = "text,image", ref_kinds: str = "", adapter: str = "",
+                                 dropout: float = 0.0, vision: bool = False) -> None:
     """Loss and every trainable parameter's gradient of each step (by default a text and an image step) against
     transformers' on `ref_kinds` (default: the same global batches); with `adapter`, PEFT's LoRA model with
-    that adapter against the runner's LoRA started from it."""
+    that adapter against the runner's LoRA started from it, with `dropout` PEFT's dropout replaying the masks
+    the runner drew."""
     tp, pp, dp = layout
-    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra + (("--lora", adapter) if adapter else ()))
-    ref = _reference(str(tiny_ckpt), ref_kinds or kinds, 0.0, adapter)
+    lora = ("--lora", adapter, "--lora-dropout", str(dropout)) if adapter else ()
+    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra + lora)
+    masks = _dropout_masks(tmp_path, len(kinds.split(",")), pp, dp) if dropout else None
+    ref = (reference_run(str(tiny_ckpt), (ref_kinds or kinds).split(","), 0.0, adapter, dropout, masks) if dropout
+           else _reference(str(tiny_ckpt), ref_kinds or kinds, 0.0, adapter))
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]
         assert abs(loss - ref["losses"][step]) <= LOSS_RTOL * abs(ref["losses"][step]), (kind, loss, ref["losses"][step])
@@ -108,6 +127,8 @@ def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, in
             assert not got[name].any(), f"{name} has a gradient but no use in transformers"
         missing = set(expected) - set(got)
         assert not missing, f"no gradient for {sorted(missing)[:5]}"
+        if vision:  # the vision tower's adapters are compared, and trained on the image step
+            assert any(".vision_tower." in n and ".lora_" in n for n in expected) or kind == "text", sorted(expected)
         errors = {n: _rel(got[n], g) for n, g in expected.items()}
         worst = max(errors, key=errors.get)
         print(f"{(tp, pp, dp)} {kind}: loss rel {abs(loss - ref['losses'][step]) / ref['losses'][step]:.2e}, "

@@ -138,6 +138,35 @@ def test_a_damaged_resume_checkpoint_is_one_line(capsys, tmp_path, saved, tiny_c
     assert_one_error_line(_check(capsys, *sets), words)
 
 
+def test_a_resume_stats_each_checkpoint_file_once(monkeypatch, saved, tiny_ckpt, medpix):
+    """The preflight's size check, its free-disk need and `check_resumable` before the model is built read
+    each file's size once between them; a truncated file is still found (test above)."""
+    from collections import Counter
+
+    from runner.checkpoint import native
+    from runner.config import load_config
+    from runner.parallel.topology import ParallelDims
+    from runner.preflight import preflight
+
+    sets = _sets(tiny_ckpt, medpix, saved, "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "train.max_steps=2")
+    cfg = load_config(DEMO, [s for s in sets if s != "--set"])
+    ckpt = native.latest_complete(saved / "checkpoints")
+    stats: Counter[str] = Counter()
+    real_stat = Path.stat
+
+    def counting_stat(self, *args, **kwargs):
+        if self.parent == ckpt or self.parent.parent == ckpt:
+            stats[self.relative_to(ckpt).as_posix()] += 1
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", counting_stat)
+    checked = preflight(cfg, 1)
+    native.check_resumable(checked.resume_from, ParallelDims(1, 1, 1), zero=False, sizes=checked.resume_sizes)
+    files = native.read_meta(ckpt)["files"]
+    assert checked.resume_from == ckpt and checked.resume_sizes == files
+    assert {name: stats[name] for name in files} == dict.fromkeys(files, 1), stats
+
+
 def test_running_out_of_disk_while_saving_is_one_line(tmp_path):
     from runner.checkpoint.native import _disk_full_is_one_line
 

@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -127,10 +128,11 @@ def has_checkpoints(root: Path) -> bool:
     return (root / LATEST_NAME).is_file() or (root.is_dir() and any(TAG_RE.match(p.name) for p in root.iterdir()))
 
 
-def check_resumable(path: Path, dims: ParallelDims, zero: bool) -> dict:
+def check_resumable(path: Path, dims: ParallelDims, zero: bool, sizes: dict[str, int] | None = None) -> dict:
     """The checks a resume needs from the checkpoint's files alone — format, layout, every file there —
     run before the model is built (minutes on the 31B); returns the checkpoint's metadata. Every
-    process reads the same files, so each error is one line per job."""
+    process reads the same files, so each error is one line per job. `sizes`: what `check_files` found
+    on this checkpoint in this process already (the preflight): its files are not stat'ed again."""
     meta = read_meta(path)
     fresh = f"export it (`runner export {path} OUT_DIR`), then train with model.path=OUT_DIR and a new output.dir"
     if meta.get("format", 1) != FORMAT:
@@ -146,13 +148,14 @@ def check_resumable(path: Path, dims: ParallelDims, zero: bool) -> dict:
                         f"optimizer state cannot be re-split: resume at dp={saved['dp']}, or {fresh}", on_every_rank=True)
     wanted = {f"mp_rank_{i:02d}_model_states.pt" for i in range(dims.tp * dims.pp)}
     wanted |= {f"rng/rank_{i:05d}.pt" for i in range(dims.tp * dims.pp * saved["dp"])}
-    missing = sorted(name for name in wanted if not (path / name).is_file())
+    missing = sorted(name for name in wanted if (name not in sizes if sizes is not None else not (path / name).is_file()))
     found = {layer: len(layer_files(path, layer)) for layer in sorted({e["layer"] for e in meta["tensors"].values()})}
     missing += [f"layer {layer}: {n} of {dims.tp} files" for layer, n in found.items() if n != dims.tp]
     if missing:
         raise UserError(f"{path}: {missing[0]} missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                         f"{DAMAGED}", on_every_rank=True)
-    check_files(path, meta)
+    if sizes is None:
+        check_files(path, meta)
     return meta
 
 
@@ -176,31 +179,43 @@ def latest_complete(root: str | Path) -> Path | None:
     return path
 
 
+def _file_size(path: Path) -> int | None:
+    """Bytes of a regular file (one stat), None when there is none."""
+    try:
+        found = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return found.st_size if stat.S_ISREG(found.st_mode) else None
+
+
 def file_sizes(ckpt: Path) -> dict[str, int]:
     """Every file of a checkpoint directory but its metadata: relative name → bytes."""
-    return {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in sorted(ckpt.rglob("*"))
-            if p.is_file() and p.name != META_NAME}
+    sizes = {p.relative_to(ckpt).as_posix(): _file_size(p) for p in sorted(ckpt.rglob("*")) if p.name != META_NAME}
+    return {name: size for name, size in sizes.items() if size is not None}
 
 
-def check_files(ckpt: Path, meta: dict) -> None:
+def check_files(ckpt: Path, meta: dict) -> dict[str, int]:
     """Every file the save recorded is there with the size it was written at (checkpoints from before
-    the size record: no file is empty), so a truncated file is found before the model is built."""
+    the size record: no file is empty), so a truncated file is found before the model is built.
+    Returns the files' sizes (what a resume needs free on disk, and `check_resumable` reads)."""
     recorded = meta.get("files")
     if recorded is None:
         sizes = file_sizes(ckpt)
         bad = [f"{name} is empty" for name, size in sizes.items() if size == 0]
     else:
-        bad = []
+        bad, sizes = [], {}
         for name, size in recorded.items():
-            path = ckpt / name
-            found = path.stat().st_size if path.is_file() else None
+            found = _file_size(ckpt / name)
             if found is None:
                 bad.append(f"{name} missing")
             elif found != size:
                 bad.append(f"{name} has {found} bytes, the save wrote {size}")
+            else:
+                sizes[name] = found
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"{ckpt}: {bad[0]}{more}; {DAMAGED}", on_every_rank=True)
+    return sizes
 
 
 def _prune(root: Path, keep: int, latest: Path) -> None:

@@ -7,11 +7,14 @@ A sample is a chat (HF messages with content parts) plus its decoded PIL images,
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_BUFFER = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # how PIL names an in-memory file
 
 
 class BadSample(Exception):
@@ -46,16 +49,23 @@ def _text_of(message: dict) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
-def load_image(data: bytes | str | Path, key: str) -> Image.Image:
+def load_image(data: bytes | str | Path, key: str, name: str | None = None) -> Image.Image:
     """Decode bytes or a file to an RGB image now, so a corrupt file is a BadSample here rather than an
-    exception deep inside the processor. As transformers' and datasets' loaders do: the EXIF
-    orientation applied, transparency composited onto white. 16-bit and float grayscale (DICOM-derived
+    exception deep inside the processor; its message names the sample (`key`) and the image (`name`, the
+    path, or the byte count), never PIL's in-memory buffer. As transformers' and datasets' loaders do: the
+    EXIF orientation applied, transparency composited onto white. 16-bit and float grayscale (DICOM-derived
     PNGs) is scaled to its own range: PIL's conversion would clip everything above 255 to white."""
+    what = name or (f"of {len(data)} bytes" if isinstance(data, bytes) else str(data))
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             return to_rgb(img)
+    except UnidentifiedImageError:
+        reason = "not in an image format PIL reads"
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        raise BadSample("unreadable image", f"{key}: image {what} could not be read ({err.strerror})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadSample("unreadable image", f"{key}: {err}") from None
+        reason = _BUFFER.sub("the image", str(err)) or type(err).__name__
+    raise BadSample("unreadable image", f"{key}: image {what} could not be decoded ({reason})")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -59,7 +59,9 @@ _WEB_URL = re.compile(r"^(https?|ftp)://", re.IGNORECASE)
 
 def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
     """Any image payload a row may carry → RGB PIL image (BadSample if it cannot be read)."""
+    name = None  # the file bytes came from, where the row says (datasets' Image value keeps it beside them)
     while isinstance(payload, dict):  # datasets' Image(decode=False) value, a chat image part, image_url's {"url"}
+        name = payload.get("path") if isinstance(payload.get("path"), str) else name
         field = next((f for f in IMAGE_FIELDS if payload.get(f)), None)
         payload = None if field is None else payload[field]
         if field == "bytes" and isinstance(payload, str):  # base64 in JSON
@@ -71,7 +73,7 @@ def _decode_payload(payload: Any, root: Path | None, key: str) -> Image.Image:
     if isinstance(payload, str):
         return load_image(_image_path(_url_path(payload, key), root, key), key)
     if isinstance(payload, bytes):
-        return load_image(payload, key)
+        return load_image(payload, key, name)
     raise BadSample("unreadable image", f"{key}: no image payload")
 
 
@@ -268,6 +270,22 @@ class JsonlSource:
         """Loader worker processes open the file themselves."""
         return {**self.__dict__, "_fd": None}
 
+    def close(self) -> None:
+        """Close the descriptor this process reads lines through; a later read opens it again. A forked loader
+        worker holds its own copy of the descriptor: closing either leaves the other readable."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> JsonlSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a source dropped without close() (a --check, an eval pass) leaks no descriptor
+        self.close()
+
     def _key(self, index: int) -> str:
         return f"{self.path.name}:{self.linenos[index]}"
 
@@ -330,6 +348,11 @@ class ConcatSource:
     def text_and_images(self, index: int) -> tuple[str, int]:
         source, local = self._locate(index)
         return source.text_and_images(local)
+
+    def close(self) -> None:
+        """Close the files of the sources that keep one open (JSONL)."""
+        for source in self.sources:
+            getattr(source, "close", lambda: None)()
 
 
 class RowRange:

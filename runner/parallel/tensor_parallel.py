@@ -213,6 +213,35 @@ def copy_sharding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+class LoraDropout(nn.Module):
+    """PEFT's `lora_dropout` on this rank's adapter input, with one mask for the whole input.
+
+    The noise is drawn as `nn.Dropout` draws it on CPU (`bernoulli_(1 - p)` on a tensor like the input,
+    divided by 1 - p, from the default generator of the input's device), but always at the full input
+    width and then cut to this rank's `columns` (row-parallel inputs are sharded by columns). So every TP
+    rank, seeded alike (`runner.lora.seed_dropout`), drops the same elements of a replicated input and
+    its own slice of one mask of a sharded one: the update is the tp-1 update, whatever the layout.
+    Activation-checkpoint recompute restores the generator's state, so it draws the same mask again."""
+
+    def __init__(self, p: float, full_features: int, columns: slice | None = None) -> None:
+        super().__init__()
+        self.p, self.full_features, self.columns = p, full_features, columns
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        """0 or 1 / (1 - p) per element of the full-width input `x` stands for."""
+        shape = (*x.shape[:-1], self.full_features)
+        return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p).div_(1 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.p:
+            return x
+        noise = self.noise(x)
+        return x * (noise if self.columns is None else noise[..., self.columns].contiguous())
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, full_features={self.full_features}, columns={self.columns}"
+
+
 class _ParallelLinear(nn.Module):
     """What the column- and row-parallel linears share: nn.Linear's initialization of the shard
     (checkpoint loading overwrites it; a model built without weights still trains sanely), and an
@@ -245,9 +274,13 @@ class _ParallelLinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, **kw)
         for p in (self.lora_A.weight, self.lora_B.weight):
             nn.init.zeros_(p)
-        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.lora_scaling = scaling
         self._shard_lora(*_coords(self.tp_group))
+        self.lora_dropout = self._lora_dropout(dropout) if dropout else nn.Identity()
+
+    def _lora_dropout(self, p: float) -> LoraDropout:
+        """Dropout on the whole (unsharded) input: column-parallel linears see it all."""
+        return LoraDropout(p, self.in_features)
 
     def _shard_lora(self, tp: int, tp_rank: int) -> None:
         raise NotImplementedError
@@ -365,6 +398,12 @@ class RowParallelLinear(_ParallelLinear):
         mark_sharded(self.lora_A.weight, 1, tp, tp_rank)
         mark_sharded(self.lora_B.weight, None, tp, tp_rank)
         sum_grad_over(self.lora_B.weight, self.tp_group)
+
+    def _lora_dropout(self, p: float) -> LoraDropout:
+        """Dropout on this rank's columns of the full input's mask."""
+        shards, index = self.lora_A.weight.tp_shards, self.lora_A.weight.tp_index
+        columns = slice(index * self.in_features, (index + 1) * self.in_features) if shards > 1 else None
+        return LoraDropout(p, self.in_features * shards, columns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.reduce(self._with_lora(F.linear(x, self.weight), x), self.tp_group)
