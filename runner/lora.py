@@ -66,7 +66,8 @@ def peft_config(cfg: LoraConfig, base: str):
 def adapted_linears(model: nn.Module, targets: list[str], vision_tower: bool = False
                     ) -> Iterator[tuple[str, nn.Module]]:
     """(transformers module name, linear) of every targeted linear on this rank, in model order: the decoder
-    layers' TP linears (full layers with attention_k_eq_v have no v_proj: skipped, as PEFT skips them), and with
+    layers' TP linears (full layers with attention_k_eq_v have no v_proj, E2B/E4B's KV-shared layers no k_proj or
+    v_proj: skipped, as PEFT has nothing to adapt there; the per-layer gate and projection are not targets), and with
     `vision_tower` the vision encoder layers' nn.Linear (replicated on every TP rank of the first stage)."""
     for layer in model.modules():
         if isinstance(layer, Gemma4VisionStage) and vision_tower:
@@ -77,7 +78,7 @@ def adapted_linears(model: nn.Module, targets: list[str], vision_tower: bool = F
         if isinstance(layer, Gemma4DecoderLayerPipe):
             for path in DECODER_TP_PLAN:
                 parent, attr = path.split(".")
-                linear = getattr(getattr(layer, parent), attr)
+                linear = getattr(getattr(layer, parent), attr, None)
                 if attr in targets and linear is not None:
                     yield layer.hf_prefix + path, linear
 

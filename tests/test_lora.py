@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,16 +58,39 @@ def vision_adapter(tiny_ckpt, tmp_path_factory) -> Path:
                              use_rslora=True, target_modules=peft_target_modules(TARGETS, vision_tower=True))
 
 
+@pytest.fixture(scope="session")
+def model_with_adapter(request, tmp_path_factory) -> Callable[[str], tuple[Path, Path]]:
+    """`like` (a `runner make-tiny --like` name) -> (its tiny checkpoint, a PEFT adapter on every decoder linear it
+    has, as `make_peft_adapter` makes it); "31b" is `tiny_ckpt` with `peft_adapter`."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(like: str) -> tuple[Path, Path]:
+        if like == "31b":
+            return request.getfixturevalue("tiny_ckpt"), request.getfixturevalue("peft_adapter")
+        if like not in made:
+            ckpt = request.getfixturevalue("tiny_like")(like)
+            made[like] = ckpt, make_peft_adapter(ckpt, tmp_path_factory.mktemp(f"adapter-{like}") / "peft")
+        return made[like]
+
+    return get
+
+
 SP, RECOMPUTE = ("--sequence-parallel",), ("--activation-checkpointing",)
-LAYOUTS = [((1, 1, 1), ()), ((2, 1, 1), ()), ((1, 2, 1), ()), ((2, 2, 1), ()), ((1, 2, 2), ()), ((4, 1, 1), ()),
-           ((2, 2, 1), SP), ((2, 2, 1), SP + RECOMPUTE)]
+LAYOUTS = [("31b", (1, 1, 1), ()), ("31b", (2, 1, 1), ()), ("31b", (1, 2, 1), ()), ("31b", (2, 2, 1), ()),
+           ("31b", (1, 2, 2), ()), ("31b", (4, 1, 1), ()), ("31b", (2, 2, 1), SP), ("31b", (2, 2, 1), SP + RECOMPUTE),
+           # E2B: the KV-shared layers 3-5 have no k/v projections, so PEFT has no adapter there and neither has the
+           # runner; at pp 2 they sit on stage 1 and the producers' (1, 2) adapted k/v on stage 0 get their gradient
+           # back through the carried keys/values. The per-layer gate/projection are not of the seven names: frozen.
+           ("e2b", (2, 2, 1), SP), ("e2b", (1, 2, 1), ())]
 
 
-@pytest.mark.parametrize("layout,extra", LAYOUTS, ids=str)
-def test_lora_loss_and_adapter_gradients_match_peft(tmp_path, tiny_ckpt, peft_adapter, layout, extra):
+@pytest.mark.parametrize("like,layout,extra", LAYOUTS, ids=str)
+def test_lora_loss_and_adapter_gradients_match_peft(tmp_path, model_with_adapter, like, layout, extra):
     """Text and image global batches; tp 4 replicates the KV heads (B's rows follow them); the worker checks
-    the frozen base is bit-unchanged and gradient-free."""
-    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(peft_adapter))
+    the frozen base is bit-unchanged and gradient-free. Every adapter PEFT has gets the runner's gradient, and the
+    runner has no adapter PEFT lacks."""
+    ckpt, adapter = model_with_adapter(like)
+    _assert_matches_transformers(tmp_path, ckpt, layout, extra, adapter=str(adapter))
 
 
 @pytest.mark.parametrize("layout,extra", [((1, 1, 1), ()), ((2, 2, 1), SP)], ids=str)
@@ -203,13 +227,26 @@ def _peft_model(tiny_ckpt: Path, adapter: Path):
     return PeftModel.from_pretrained(base, adapter).eval()
 
 
-def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(lora_runs, tiny_ckpt, tmp_path):
+def lora_run(request, like: str) -> tuple[Path, Path]:
+    """(base checkpoint, a LoRA run's directory) for the model `like`: the 31B-like `lora_runs.b` (2,2,1); E2B-like
+    (1,2,1), producers of the shared keys/values on stage 0, the KV-shared layers on stage 1: 2 steps, saved at 2."""
+    if like == "31b":
+        return request.getfixturevalue("tiny_ckpt"), request.getfixturevalue("lora_runs").b
+    ckpt, adapter = request.getfixturevalue("model_with_adapter")(like)
+    base = request.getfixturevalue("tmp_path_factory").mktemp(f"lora_{like}")
+    return ckpt, run_worker(ckpt, (1, 2, 1), base, "--steps", "2", "--save-at", "2", "--lora", str(adapter))
+
+
+@pytest.mark.parametrize("like", ["31b", "e2b"])
+def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(request, like, tmp_path):
     """`runner export` writes what PeftModel loads unchanged (every trained adapter value, TP shards
-    joined, PEFT's key names); `--merge` equals PEFT's merge_and_unload and gives the adapter model's logits."""
+    joined, PEFT's key names; on E2B none on the KV-shared layers' missing k/v projections); `--merge` equals
+    PEFT's merge_and_unload and gives the adapter model's logits."""
+    tiny_ckpt, run = lora_run(request, like)
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    assert cli(["export", str(lora_runs.b / "root"), str(adapter)]) == 0
-    assert cli(["export", str(lora_runs.b / "root"), str(merged), "--merge"]) == 0
-    final = {k: v for stage in stage_files(lora_runs.b / "out", "final") for k, v in stage.items()}
+    assert cli(["export", str(run / "root"), str(adapter)]) == 0
+    assert cli(["export", str(run / "root"), str(merged), "--merge"]) == 0
+    final = {k: v for stage in stage_files(run / "out", "final") for k, v in stage.items()}
     model = _peft_model(tiny_ckpt, adapter)
     loaded = {n.removeprefix("base_model.model.").replace(".default.", "."): p for n, p in model.named_parameters()
               if "lora_" in n}
@@ -335,6 +372,16 @@ def test_lora_init_from_refuses_adapters_it_cannot_continue(tmp_path, tiny_ckpt,
     with pytest.raises(UserError) as err:
         load_config(_lora_recipe(tmp_path, init_from=str(adapter)))
     assert_one_line(str(err.value), ["lora.init_from", *words])
+
+
+def test_lora_init_from_refuses_an_adapter_on_the_per_layer_linears(tmp_path, tiny_like):
+    """E2B's per-layer gate and projection are not among PEFT's seven attention/MLP names, so neither PEFT nor the
+    runner adapts them by default; an adapter naming them is refused in one line, not half loaded."""
+    adapter = make_peft_adapter(tiny_like("e2b"), tmp_path / "adapter", random_a=False, target_modules=(
+        r".*\.language_model\.layers\.\d+\.(per_layer_input_gate|per_layer_projection|self_attn\.q_proj)"))
+    with pytest.raises(UserError) as err:
+        load_config(_lora_recipe(tmp_path, init_from=str(adapter)))
+    assert_one_line(str(err.value), ["lora.init_from", ".per_layer_", "continue it with PEFT"])
 
 
 def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):

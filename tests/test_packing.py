@@ -99,16 +99,22 @@ def test_packed_batches_hold_every_sample_once():
         assert sum(mb["pixel_values"].shape[0] for mb in batch) == images
 
 
-PACKED_LAYOUTS = [((1, 1, 1), ()), ((2, 2, 1), ("--sequence-parallel",)), ((1, 2, 2), ()),
-                  ((2, 1, 1), ("--sequence-parallel",))]
+SP = ("--sequence-parallel",)
+PACKED_LAYOUTS = [("31b", (1, 1, 1), ()), ("31b", (2, 2, 1), SP), ("31b", (1, 2, 2), ()), ("31b", (2, 1, 1), SP),
+                  # E2B: per-layer inputs per token; the KV-shared layers 3-5 (stage 1 at pp 2) attend to the carried
+                  # keys/values of layers 1 and 2 through the packed block masks
+                  ("e2b", (2, 2, 1), SP), ("e2b", (1, 2, 1), ()),
+                  # MoE: routing is per token; whole experts per rank (ep 2)
+                  ("26b-a4b", (2, 2, 1), SP), ("26b-a4b", (2, 1, 1), ("--ep", "2"))]
 
 
-@pytest.mark.parametrize("layout,extra", PACKED_LAYOUTS, ids=str)
-def test_packed_loss_and_every_gradient_match_samples_one_by_one(tmp_path, tiny_ckpt, layout, extra):
+@pytest.mark.parametrize("like,layout,extra", PACKED_LAYOUTS, ids=str)
+def test_packed_loss_and_every_gradient_match_samples_one_by_one(request, tmp_path, like, layout, extra):
     """Two packed steps (micro-batches of one row, then of two rows: the micro-batch count changes
-    between steps) against the same samples run one by one through transformers, token-weighted."""
-    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, kinds="packed,packed2",
-                                 ref_kinds="unpacked,unpacked")
+    between steps) against the same samples run one by one through transformers, token-weighted; on the
+    31B-like, E2B-like and 26B-A4B-like tiny models."""
+    ckpt = request.getfixturevalue("tiny_ckpt") if like == "31b" else request.getfixturevalue("tiny_like")(like)
+    _assert_matches_transformers(tmp_path, ckpt, layout, extra, kinds="packed,packed2", ref_kinds="unpacked,unpacked")
 
 
 @pytest.mark.parametrize("layout,extra", [((1, 2, 1), ("--activation-checkpointing",)),
