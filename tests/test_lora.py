@@ -255,7 +255,8 @@ def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(request, like, tmp_
         assert torch.equal(p, final[name]), name
     ours, peft_merged = hf_tensors(merged), model.merge_and_unload().state_dict()
     assert ours.keys() == hf_tensors(tiny_ckpt).keys()
-    worst = max(float((ours[n] - peft_merged[n]).abs().max()) for n in ours)
+    # equal values differ by 0 (the E models' audio clip bounds are ±inf: inf - inf would be nan)
+    worst = max(float((ours[n] - peft_merged[n]).abs().masked_fill(ours[n] == peft_merged[n], 0).max()) for n in ours)
     print(f"merged vs PEFT merge_and_unload: max abs diff {worst:.2e}")
     assert worst <= 1e-6
     with_adapter = _peft_model(tiny_ckpt, adapter)
