@@ -59,11 +59,15 @@ def main() -> None:
     bf16 = args.dtype == "bfloat16"
     # Built on the device before the plugin exists: transformers 5 under deepspeed.zero.Init fails in
     # _init_weights; ZeRO-3 partitions it in prepare().
-    text_config = AutoConfig.from_pretrained(args.ckpt).get_text_config()
+    config = AutoConfig.from_pretrained(args.ckpt)
+    text_config = config.get_text_config()
     moe = bool(getattr(text_config, "enable_moe_block", False))
+    # E2B / E4B carry an audio tower, which refuses sdpa at construction: eager there, sdpa for the rest
+    attn = "sdpa" if config.audio_config is None else {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa",
+                                                       "audio_config": "eager"}
     model = AutoModelForImageTextToText.from_pretrained(
         args.ckpt, dtype=getattr(torch, args.dtype), device_map={"": acc.device_name(local)},
-        attn_implementation="sdpa", **({"experts_implementation": args.experts_implementation} if moe else {}))
+        attn_implementation=attn, **({"experts_implementation": args.experts_implementation} if moe else {}))
     language_model = model.model.language_model
     frozen = [language_model.embed_tokens, model.model.vision_tower]
     frozen += [m for m in (getattr(language_model, "embed_tokens_per_layer", None),  # E2B / E4B
@@ -81,6 +85,7 @@ def main() -> None:
 
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                  target_modules=peft_target_modules(list(LORA_TARGETS))))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
@@ -139,7 +144,7 @@ def main() -> None:
                 "step_time": statistics.median(s for s, _ in rest),
                 "mem_gib": float(peak), "steps_timed": len(rest),
                 "dp": world, "micro_batch": args.micro, "micro_batches_per_step": args.gas,
-                **({"experts_implementation": experts} if moe else {}),
+                "trainable_params": trainable, **({"experts_implementation": experts} if moe else {}),
             }
             tmp = f"{args.out}.tmp"
             with open(tmp, "w") as f:
