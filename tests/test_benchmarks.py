@@ -148,3 +148,13 @@ def test_tiny_e2b_benchmark_runs_the_runner_and_the_zero3_baseline(tmp_path):
     by_system = _tiny_bench(tmp_path, 1, "--model", "e2b")
     assert "E2B" in by_system["runner"]["model"] and by_system["runner"]["layout"]["tp"] == 1
     assert "experts_implementation" not in by_system["zero3"].get("details", {})
+
+
+def test_moe_mfu_counts_active_parameters():
+    """MFU's FLOPs per token for 26B-A4B are those of its ~3.8B active parameters (router, top-8 of 128 experts,
+    dense MLP, attention, head), not of its 25.8B: 2 FLOPs per active weight, attention aside (one key)."""
+    from runner.metrics import forward_flops_per_token
+    from runner.models.gemma4.presets import gemma4_26b_a4b_config
+
+    layers, head = forward_flops_per_token(gemma4_26b_a4b_config().text_config, seq_len=1)
+    assert 3.7e9 < (sum(layers) + head) / 2 < 3.9e9
