@@ -1,29 +1,53 @@
-"""GPU benchmark: `runner train` on the 31B's width under TP×PP, beside transformers + ZeRO-3.
+"""GPU benchmark: `runner train` on a Gemma4 member's full width under TP×PP, beside transformers + ZeRO-3.
 
 One command builds everything on the GPU host itself (no Hub access needed) and runs it:
 
     python -m benchmarks.gpu_bench --out $OUT --depth 12 --layouts 2x2,4x1,1x4 --steps 6
 
-A layout may carry recipe overrides for a before/after pair in the same command, e.g.
-`--layouts 2x1,2x1:data.pad_to_multiple_of=128` (`;` between overrides; lists as `[7,5]`). The key
+`--model 31b|26b-a4b|e2b|e4b` (default 31b) picks the member; `--depth` and `--layouts` default per
+member and GPU count to what `runner plan` fits in an H200 for full fine-tuning with embeddings and
+vision tower frozen (MEMBERS): 26B-A4B 6 of its 30 layers on one GPU (the experts train; 12 layers
+need 168 GiB), 18 on two, all 30 on four or more; E2B / E4B always whole (35 / 42 layers). With the
+DeepSpeed wheels carried in `.whl/` (../shared/device/README.md), the one-call commands are:
+
+    # 1x H200: 26B-A4B (6 layers, full width) against ZeRO-3; MFU on active parameters
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1; BENCH_COMMIT=<short commit> \
+        python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 6 --layouts 1x1 --workloads text \
+        --steps 6 --warmup 2 --budget 500 --out $OUT
+    # 4x H200: the whole 26B-A4B at TP2 x PP2, experts split EP2 (same install line first)
+    python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 30 --layouts 2x2:parallel.ep=2 --workloads text \
+        --steps 5 --warmup 2 --budget 500 --out $OUT
+    # 1x H200: E4B (E2B: --model e2b) whole (same install line first)
+    python3 -m benchmarks.gpu_bench --model e4b --layouts 1x1 --workloads text --steps 6 --warmup 2 \
+        --budget 500 --out $OUT
+
+`--budget S` keeps the whole command inside S seconds (a device call's limit): each run is stopped at
+an even share of the time left, keeping the steps it timed. A layout may carry recipe overrides for a
+before/after pair in the same command, e.g. `--layouts 2x1,2x1:data.pad_to_multiple_of=128` or
+`--layouts 2x1:parallel.ep=2,2x1:parallel.ep=1` (`;` between overrides; lists as `[7,5]`). The key
 `code=DIR` runs that layout's `runner` from another source tree (DIR holding another commit's `runner/`,
 `ds_configs/` and `pyproject.toml`, e.g. from `git worktree add DIR OLD`), so a code change gets its
 before/after on the same GPUs, checkpoint and data: `--layouts 2x2:code=/tmp/old,2x2`.
 `$OUT` gets three files only (records.jsonl, logs.txt with each run's tail, profiles.txt with the
 profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under BENCH_WORK.
+`--tiny --model NAME` is the CPU smoke test of all of it on that member's tiny model (fp32 baseline).
 
-1. a random-weight Gemma4 of the real 31B shape (`gemma4_31b_config(depth)`: same width, vision
-   tower and 5:1 sliding/full pattern, `depth` decoder layers), bf16, saved as an HF checkpoint with
-   the tiny tokenizer and a processor at the 31B's 280 soft tokens per image;
+1. a random-weight Gemma4 of the member's real shape (presets.py: same width, vision tower and
+   sliding/full pattern, `depth` decoder layers), bf16, built on the GPUs themselves (E2B's per-layer
+   table alone is 2.3B weights) and saved as an HF checkpoint with the tiny tokenizer and a processor
+   at 280 soft tokens per image;
 2. two chat-JSONL workloads: `text` (one ~4096-token answer per sample) and `medpix` (one image, a
    short question and answer: a few hundred tokens, MedPix-VQA's shape);
 3. `runner train` per layout and workload (torchrun, bf16, ZeRO-1, activation checkpointing,
    embeddings and vision tower frozen), steady state = median of the steps after the warm-up;
 4. the baseline a user would otherwise pick: transformers' model under DeepSpeed ZeRO-3 through
-   Accelerate, data parallel over the same GPUs, same data, same frozen parts (zero3_baseline.py);
-5. `records.jsonl`: one record per run in the shape of `benchmarks/records.py` (tok/s per GPU, MFU,
-   peak GiB, `runner plan`'s estimate, the ZeRO-3 baseline and the ratio; date, card, commit from
-   `git rev-parse` or BENCH_COMMIT, and the command), ready to append to benchmarks/results/records.jsonl.
+   Accelerate, data parallel over the same GPUs, same data, same frozen parts (zero3_baseline.py;
+   MoE experts through transformers' `grouped_mm`, named in the record);
+5. `records.jsonl`: one record per run in the shape of `benchmarks/records.py` (tok/s per GPU, MFU —
+   on active parameters for MoE, `details.mfu_basis` —, peak GiB, `runner plan`'s estimate, the ZeRO-3
+   baseline and the ratio; date, card, commit from `git rev-parse` or BENCH_COMMIT, and the command),
+   ready to append to benchmarks/results/records.jsonl.
 """
 
 from __future__ import annotations
@@ -269,7 +293,7 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path, code: Path = ROOT)
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 proc.wait()
-    status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
+    status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s (limit {timeout}s)"
     print(f"  {status}: {log}", flush=True)
     lines = log.read_text(errors="replace").splitlines()
     errors = list(dict.fromkeys(x for x in lines if "Error" in x and "elastic" not in x))[:20]  # the cause, not torchrun's summary
