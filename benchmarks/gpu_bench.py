@@ -514,6 +514,7 @@ def to_records(results: dict, command: str, commit: str) -> list[dict]:
             details={"step_time_s": b.get("step_time"), "micro_batch": b.get("micro_batch"),
                      "micro_batches_per_step": b.get("micro_batches_per_step"), "steps_timed": b.get("steps_timed"),
                      "rc": b.get("rc"), "experts_implementation": experts, "mfu_basis": basis if mfu else None,
+                     "trainable_params": b.get("trainable_params"),
                      "model_tflops_per_gpu": tflops * b["tokens_per_sec_per_gpu"] if tflops else None}))
     return records
 

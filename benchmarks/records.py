@@ -27,6 +27,7 @@ DETAILS = {  # the secondary figures a run may carry, and their types
     # experts_implementation), and what the MFU counts ("active parameters": router, top-k experts, dense MLP,
     # attention and head per token; absent: every parameter, as for dense models)
     "experts_implementation": str, "mfu_basis": str,
+    "trainable_params": int,  # the baseline's trained parameters (the runner's: `runner plan`)
 }
 NUMBER_OR_NONE = ("tokens_per_sec_per_gpu", "mfu", "peak_gib", "plan_gib", "ratio")
 

@@ -140,6 +140,7 @@ def test_tiny_moe_benchmark_runs_the_runner_at_ep2_and_the_zero3_baseline(tmp_pa
     assert "26B-A4B" in runner["model"] and runner["layout"] == {"tp": 2, "pp": 1, "dp": 1, "sp": False}
     assert runner["overrides"] == {"parallel.ep": "2"} and runner["details"]["experts_implementation"] == "loop"
     assert zero3["details"]["experts_implementation"] == "grouped_mm" and zero3["layout"]["dp"] == 2
+    assert zero3["details"]["trainable_params"] > 0
 
 
 def test_tiny_e2b_benchmark_runs_the_runner_and_the_zero3_baseline(tmp_path):
