@@ -15,6 +15,9 @@ DeepSpeed wheels carried in `.whl/` (../shared/device/README.md), the one-call c
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1; BENCH_COMMIT=<short commit> \
         python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 6 --layouts 1x1 --workloads text \
         --steps 6 --warmup 2 --budget 500 --out $OUT
+    # 1x H200: the whole 26B-A4B with LoRA r16 on attention and dense MLP (experts, router frozen; plan 68 GiB)
+    python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 30 --layouts 1x1 --lora 16 --workloads text \
+        --steps 6 --warmup 2 --budget 500 --out $OUT
     # 4x H200: the whole 26B-A4B at TP2 x PP2, experts split EP2 (same install line first)
     python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 30 --layouts 2x2:parallel.ep=2 --workloads text \
         --steps 5 --warmup 2 --budget 500 --out $OUT
