@@ -1,29 +1,56 @@
-"""GPU benchmark: `runner train` on the 31B's width under TP×PP, beside transformers + ZeRO-3.
+"""GPU benchmark: `runner train` on a Gemma4 member's full width under TP×PP, beside transformers + ZeRO-3.
 
 One command builds everything on the GPU host itself (no Hub access needed) and runs it:
 
     python -m benchmarks.gpu_bench --out $OUT --depth 12 --layouts 2x2,4x1,1x4 --steps 6
 
-A layout may carry recipe overrides for a before/after pair in the same command, e.g.
-`--layouts 2x1,2x1:data.pad_to_multiple_of=128` (`;` between overrides; lists as `[7,5]`). The key
+`--model 31b|26b-a4b|e2b|e4b` (default 31b) picks the member; `--depth` and `--layouts` default per
+member and GPU count to what `runner plan` fits in an H200 for full fine-tuning with embeddings and
+vision tower frozen (MEMBERS): 26B-A4B 6 of its 30 layers on one GPU (the experts train; 12 layers
+need 168 GiB), 18 on two, all 30 on four or more; E2B / E4B always whole (35 / 42 layers). With the
+DeepSpeed wheels carried in `.whl/` (../shared/device/README.md), the one-call commands are:
+
+    # 1x H200: 26B-A4B (6 layers, full width) against ZeRO-3; MFU on active parameters
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1; BENCH_COMMIT=<short commit> \
+        python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 6 --layouts 1x1 --workloads text \
+        --steps 6 --warmup 2 --budget 500 --out $OUT
+    # 1x H200: the whole 26B-A4B with LoRA r16 on attention and dense MLP (experts, router frozen; plan 68 GiB)
+    python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 30 --layouts 1x1 --lora 16 --workloads text \
+        --steps 6 --warmup 2 --budget 500 --out $OUT
+    # 4x H200: the whole 26B-A4B at TP2 x PP2, experts split EP2 (same install line first)
+    python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 30 --layouts 2x2:parallel.ep=2 --workloads text \
+        --steps 5 --warmup 2 --budget 500 --out $OUT
+    # 1x H200: E4B (E2B: --model e2b) whole (same install line first)
+    python3 -m benchmarks.gpu_bench --model e4b --layouts 1x1 --workloads text --steps 6 --warmup 2 \
+        --budget 500 --out $OUT
+
+`--budget S` keeps the whole command inside S seconds (a device call's limit): each run is stopped at
+an even share of the time left, keeping the steps it timed. A layout may carry recipe overrides for a
+before/after pair in the same command, e.g. `--layouts 2x1,2x1:data.pad_to_multiple_of=128` or
+`--layouts 2x1:parallel.ep=2,2x1:parallel.ep=1` (`;` between overrides; lists as `[7,5]`). The key
 `code=DIR` runs that layout's `runner` from another source tree (DIR holding another commit's `runner/`,
 `ds_configs/` and `pyproject.toml`, e.g. from `git worktree add DIR OLD`), so a code change gets its
 before/after on the same GPUs, checkpoint and data: `--layouts 2x2:code=/tmp/old,2x2`.
 `$OUT` gets three files only (records.jsonl, logs.txt with each run's tail, profiles.txt with the
 profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under BENCH_WORK.
+`--tiny --model NAME` is the CPU smoke test of all of it on that member's tiny model (fp32 baseline).
 
-1. a random-weight Gemma4 of the real 31B shape (`gemma4_31b_config(depth)`: same width, vision
-   tower and 5:1 sliding/full pattern, `depth` decoder layers), bf16, saved as an HF checkpoint with
-   the tiny tokenizer and a processor at the 31B's 280 soft tokens per image;
+1. a random-weight Gemma4 of the member's real shape (presets.py: same width, vision tower and
+   sliding/full pattern, `depth` decoder layers), bf16, built on the GPUs themselves (E2B's per-layer
+   table alone is 2.3B weights) and saved as an HF checkpoint with the tiny tokenizer and a processor
+   at 280 soft tokens per image;
 2. two chat-JSONL workloads: `text` (one ~4096-token answer per sample) and `medpix` (one image, a
    short question and answer: a few hundred tokens, MedPix-VQA's shape);
 3. `runner train` per layout and workload (torchrun, bf16, ZeRO-1, activation checkpointing,
    embeddings and vision tower frozen), steady state = median of the steps after the warm-up;
 4. the baseline a user would otherwise pick: transformers' model under DeepSpeed ZeRO-3 through
-   Accelerate, data parallel over the same GPUs, same data, same frozen parts (zero3_baseline.py);
-5. `records.jsonl`: one record per run in the shape of `benchmarks/records.py` (tok/s per GPU, MFU,
-   peak GiB, `runner plan`'s estimate, the ZeRO-3 baseline and the ratio; date, card, commit from
-   `git rev-parse` or BENCH_COMMIT, and the command), ready to append to benchmarks/results/records.jsonl.
+   Accelerate, data parallel over the same GPUs, same data, same frozen parts (zero3_baseline.py;
+   MoE experts through transformers' `grouped_mm`, named in the record);
+5. `records.jsonl`: one record per run in the shape of `benchmarks/records.py` (tok/s per GPU, MFU —
+   on active parameters for MoE, `details.mfu_basis` —, peak GiB, `runner plan`'s estimate, the ZeRO-3
+   baseline and the ratio; date, card, commit from `git rev-parse` or BENCH_COMMIT, and the command),
+   ready to append to benchmarks/results/records.jsonl.
 """
 
 from __future__ import annotations
@@ -31,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -41,6 +69,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,12 +85,53 @@ WORDS = ("the patient scan shows a small lesion in the left lung with no sign of
          "and the bone looks normal while the liver has a bright spot that may need a follow up").split()
 
 
-def bench_config(depth: int):
-    """The 31B's shape at `depth` decoder layers, with the tiny tokenizer's special-token ids."""
-    from runner.models.gemma4.presets import gemma4_31b_config
+@dataclass(frozen=True)
+class Member:
+    """A Gemma4 family member the bench builds at full width: its config at a depth, its full depth, and
+    the depth and layouts a plain `--model NAME` runs at per GPU count (what `runner plan` fits in
+    140 GiB per H200 for full fine-tuning with embeddings and vision tower frozen)."""
+
+    label: str
+    preset: str  # the presets.py function, named in the records
+    full_depth: int
+    sliceable: bool  # depth slices keep the 5:1 sliding/full pattern (31B, 26B-A4B); E models: full depth only
+    depths: dict[int, int]  # GPUs -> default depth; key 0: any other count
+    layouts: dict[int, str]  # GPUs -> default --layouts; key 0: any other count
+
+    def config(self, depth: int):
+        from runner.models.gemma4 import presets
+
+        if not self.sliceable and depth != self.full_depth:
+            raise SystemExit(f"gpu_bench: --model {self.label} is built at its full depth only; "
+                             f"use --depth {self.full_depth} or leave --depth out")
+        build = getattr(presets, self.preset)
+        return build(depth) if self.sliceable else build()
+
+    def default_depth(self, gpus: int) -> int:
+        return self.depths.get(gpus, self.depths.get(0, self.full_depth))
+
+    def default_layouts(self, gpus: int) -> str:
+        return self.layouts.get(gpus, self.layouts[0])
+
+
+# runner plan, text workload (1 x 4224 tokens, activation checkpointing), 140 GiB per GPU:
+# 26B-A4B at depth 6 on one GPU 95 GiB (depth 12: 168, does not fit); depth 18 at TP2 EP2 123 GiB, at PP2 130;
+# the full 30 layers on 4 GPUs at TP2 x PP2 EP2 103 GiB, TP4 EP4 100, PP4 107. E2B 53 GiB, E4B 87 on one GPU.
+MEMBERS = {
+    "31b": Member("31B", "gemma4_31b_config", 60, True, {0: 12}, {0: "2x2,4x1,1x4"}),
+    "26b-a4b": Member("26B-A4B", "gemma4_26b_a4b_config", 30, True, {1: 6, 2: 18, 0: 30},
+                      {1: "1x1", 2: "2x1:parallel.ep=2,1x2", 8: "4x2:parallel.ep=4,2x2:parallel.ep=2",
+                       0: "2x2:parallel.ep=2,4x1:parallel.ep=4"}),
+    "e2b": Member("E2B", "gemma4_e2b_config", 35, False, {}, {1: "1x1", 0: "1x1,2x1"}),
+    "e4b": Member("E4B", "gemma4_e4b_config", 42, False, {}, {1: "1x1", 0: "1x1,2x1"}),
+}
+
+
+def bench_config(depth: int, model: str = "31b"):
+    """`model`'s full width at `depth` decoder layers, with the tiny tokenizer's special-token ids."""
     from runner.models.gemma4.tiny import TINY_TOKEN_IDS
 
-    config = gemma4_31b_config(depth)
+    config = MEMBERS[model].config(depth)
     ids = TINY_TOKEN_IDS  # the tiny tokenizer's special tokens stand in for the 31B's
     config.image_token_id, config.boi_token_id, config.eoi_token_id = ids["image"], ids["boi"], ids["eoi"]
     config.audio_token_id, config.boa_token_id, config.eoa_token_index = ids["audio"], ids["boa"], ids["eoa"]
@@ -226,7 +296,7 @@ def run(cmd: list[str], log: Path, timeout: int, tails: Path, code: Path = ROOT)
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 proc.wait()
-    status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s"
+    status = f"{'ok' if rc == 0 else 'FAILED rc=' + str(rc)} in {time.time() - t0:.0f}s (limit {timeout}s)"
     print(f"  {status}: {log}", flush=True)
     lines = log.read_text(errors="replace").splitlines()
     errors = list(dict.fromkeys(x for x in lines if "Error" in x and "elastic" not in x))[:20]  # the cause, not torchrun's summary
@@ -248,11 +318,36 @@ def steady(records: list[dict], warmup: int, profile_step: int) -> dict:
             "mem_gib": max(r["mem_gib"] for r in records), "steps_timed": len(rest)}
 
 
+class Budget:
+    """Per-run time limits inside one command's `budget` seconds (0: none): each run may use at most
+    `timeout`, and at most an even share of the time left among the runs still to go, so a run that
+    starts late is cut at its share (keeping its timed steps) instead of the whole command at the
+    device's limit."""
+
+    def __init__(self, budget: int, timeout: int, start: float, jobs: int) -> None:
+        self.budget, self.timeout, self.start, self.left = budget, timeout, start, max(jobs, 1)
+
+    def next_timeout(self) -> int:
+        share = self.timeout
+        if self.budget:
+            share = min(share, int((self.budget - (time.time() - self.start)) / self.left))
+        self.left = max(self.left - 1, 1)
+        return max(share, 1)
+
+
+def is_moe_dir(ckpt: Path) -> bool:
+    """Whether the checkpoint's config has the mixture-of-experts block (its MFU counts active parameters)."""
+    return bool(json.loads((ckpt / "config.json").read_text())["text_config"].get("enable_moe_block"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--layouts", default="2x2,4x1,1x4", help="tp x pp per run; dp = GPUs / (tp*pp)")
+    ap.add_argument("--model", default="31b", choices=sorted(MEMBERS), help="the Gemma4 member whose full width is built")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="decoder layers (31B: 12; 26B-A4B: 6 on 1 GPU, 18 on 2, else 30; E2B/E4B: their full depth)")
+    ap.add_argument("--layouts", default=None, help="tp x pp per run, ':'-separated recipe overrides after it; "
+                    "dp = GPUs / (tp*pp) (default per model and GPU count: MEMBERS)")
     ap.add_argument("--workloads", default="text,medpix")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
@@ -262,7 +357,11 @@ def main() -> int:
     ap.add_argument("--baseline", default="zero3", choices=["zero3", "none"])
     ap.add_argument("--lora", type=int, default=0, metavar="RANK",
                     help="LoRA of this rank (alpha 2*rank, every decoder linear) in every run and the baseline (PEFT)")
-    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run at most")
+    ap.add_argument("--budget", type=int, default=0, help="seconds for the whole command (0: no limit): each run "
+                    "gets at most an even share of what is left, so a device call's limit is never hit mid-run")
+    ap.add_argument("--experts-implementation", default="grouped_mm",
+                    help="MoE baseline: transformers' experts_implementation (its default and fastest built-in)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/`kill`: unwind, so run() stops its job
@@ -274,24 +373,34 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count() or int(os.environ.get("BENCH_CPU_PROCS", "4"))
     t0 = time.time()
-    if args.tiny:  # CPU smoke test of this script: the tiny model, short texts
+    member = MEMBERS[args.model]
+    depth = args.depth or member.default_depth(gpus)
+    if args.tiny:  # CPU smoke test of this script: the tiny model of the member, short texts
         from runner.models.gemma4.tiny import make_tiny
 
-        ckpt = work / "tiny"
+        ckpt = work / ("tiny" if args.model == "31b" else f"tiny-{args.model}")
         if not (ckpt / "config.json").exists():
-            make_tiny(ckpt)
+            make_tiny(ckpt, like=args.model)
+        depth = json.loads((ckpt / "config.json").read_text())["text_config"]["num_hidden_layers"]
         WORKLOADS.update(text=(1, args.text_tokens + 64), medpix=(2, 512))
+        model_name = f"tiny Gemma4 like {member.label} (CPU smoke test)"
     else:
-        ckpt = build_checkpoint(work, bench_config(args.depth), f"gemma4-31b-d{args.depth}", max(1, gpus))
+        ckpt = build_checkpoint(work, bench_config(depth, args.model), f"gemma4-{args.model}-d{depth}", max(1, gpus))
+        model_name = f"{member.preset}({'depth=' + str(depth) if member.sliceable else ''}) random bf16"
+    moe = is_moe_dir(ckpt)
     data = build_data(work, args.samples, args.text_tokens, args.workloads.split(","))
     print(f"checkpoint + data ready in {time.time() - t0:.0f}s on {gpus} devices", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": gpus, "depth": args.depth,
-                     "model": "tiny Gemma4 (CPU smoke test)" if args.tiny else f"gemma4_31b_config(depth={args.depth}) random bf16", "runs": [], "baseline": {}}
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": gpus, "depth": depth,
+                     "model": model_name, "moe": moe, "runs": [], "baseline": {}}
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port=29555"]
     tails, profiles = out / "logs.txt", out / "profiles.txt"
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", 0))
-    layouts = [x for x in re.split(r",(?![^\[]*\])", args.layouts) if x != "none"]  # ',' inside [...]: a list value
+    layout_arg = args.layouts or member.default_layouts(gpus)
+    layouts = [x for x in re.split(r",(?![^\[]*\])", layout_arg) if x != "none"]  # ',' inside [...]: a list value
+    runnable = [x for x in layouts if gpus % math.prod(map(int, x.split(":")[0].split("x"))) == 0]
+    budget = Budget(args.budget, args.timeout, t0,
+                    len(args.workloads.split(",")) * (len(runnable) + (args.baseline == "zero3")))
     for workload in args.workloads.split(","):
         for index, layout in enumerate(layouts):
             shape, *sets = layout.split(":")
@@ -313,8 +422,8 @@ def main() -> int:
             plan = subprocess.run([sys.executable, "-m", "runner", "plan", str(rec_path), "--world-size", str(gpus),
                                    "--json"], cwd=code, env=code_env(code), capture_output=True, text=True)
             print(f"{workload} tp={tp} pp={pp} dp={dp}", flush=True)
-            rc = run(torchrun + ["-m", "runner", "train", str(rec_path)], work / f"log_{run_dir.name}.txt", args.timeout,
-                     tails, code)
+            rc = run(torchrun + ["-m", "runner", "train", str(rec_path)], work / f"log_{run_dir.name}.txt",
+                     budget.next_timeout(), tails, code)
             for report in sorted(run_dir.glob("profile_rank0*.txt")):
                 with profiles.open("a") as f:
                     f.write(f"===== {run_dir.name}/{report.name}\n{report.read_text()}\n")
@@ -322,10 +431,15 @@ def main() -> int:
                      **({} if code == ROOT else {"code": str(code)}),
                      "micro_batch": train["micro_batch_size"], "micro_batches_per_step": gas,
                      "bubble_share": (pp - 1) / (gas + pp - 1)}
+            if moe:  # the runner's expert kernel (moe.py): one grouped GEMM per projection on CUDA bf16
+                entry["experts_implementation"] = "grouped_mm" if torch.cuda.is_available() else "loop"
             if plan.returncode == 0:  # the plan's allocated bytes (no CUDA context) vs the measured peak
                 planned = json.loads(plan.stdout)
                 entry["plan_gib"] = planned["max_gib_per_gpu"]
                 entry["plan_total_gib"] = planned.get("max_total_gib_per_gpu")  # absent from older trees' plans
+            else:
+                with tails.open("a") as f:
+                    f.write(f"===== runner plan {rec_path.name}: rc {plan.returncode}\n{plan.stderr[-2000:]}\n")
             metrics = run_dir / "metrics.jsonl"
             recs = [json.loads(line) for line in metrics.read_text().splitlines()
                     if '"split"' not in line] if metrics.exists() else []
@@ -346,7 +460,8 @@ def main() -> int:
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
                                  "--lora-rank", str(args.lora), "--dtype", "float32" if args.tiny else "bfloat16",
-                                 "--out", str(base_out)], work / f"log_zero3_{workload}.txt", args.timeout, tails)
+                                 "--experts-implementation", args.experts_implementation,
+                                 "--out", str(base_out)], work / f"log_zero3_{workload}.txt", budget.next_timeout(), tails)
             if base_out.exists():  # also a run stopped at --timeout after its timed steps
                 results["baseline"][workload] = {**json.loads(base_out.read_text()), "rc": rc}
         write_records(out, results)
@@ -363,35 +478,46 @@ def _commit() -> str:
 
 
 def to_records(results: dict, command: str, commit: str) -> list[dict]:
-    """The runs and their ZeRO-3 baselines as records in the one results shape (benchmarks/records.py)."""
+    """The runs and their ZeRO-3 baselines as records in the one results shape (benchmarks/records.py).
+    MoE models count MFU on active parameters (router, top-k experts, dense MLP, attention, head:
+    runner/metrics.py), said in `details.mfu_basis`; a baseline's MFU uses the runner's FLOPs per token
+    of the same workload (same model and data)."""
     common = {"date": results["date"], "card": results["device"], "gpu_count": results["gpus"], "commit": commit,
               "command": command, "model": results["model"], "depth": results["depth"]}
+    basis = "active parameters" if results.get("moe") else None
     keys = {"step_time": "step_time_s", "data_time": "data_time_s", "model_tflops_per_gpu": "model_tflops_per_gpu",
             "micro_batch": "micro_batch", "micro_batches_per_step": "micro_batches_per_step",
             "bubble_share": "bubble_share", "tokens_per_step": "tokens_per_step", "step1": "step1",
-            "plan_total_gib": "plan_total_gib", "steps_timed": "steps_timed", "rc": "rc"}
-    records, flops_ratio = [], {}
+            "plan_total_gib": "plan_total_gib", "steps_timed": "steps_timed", "rc": "rc",
+            "experts_implementation": "experts_implementation"}
+    records, flops_ratio, mfu_ratio = [], {}, {}
     for e in results["runs"]:
         base = results["baseline"].get(e["workload"])
         baseline = None if base is None else {"name": "ZeRO-3, same command", "peak_gib": base.get("mem_gib"),
                                               "tokens_per_sec_per_gpu": base["tokens_per_sec_per_gpu"]}
         if e.get("model_tflops_per_gpu") and e.get("tokens_per_sec_per_gpu"):  # model FLOPs per token (the first run's)
             flops_ratio.setdefault(e["workload"], e["model_tflops_per_gpu"] / e["tokens_per_sec_per_gpu"])
+            mfu_ratio.setdefault(e["workload"], e["mfu"] / e["tokens_per_sec_per_gpu"])
         records.append(make_record(
             **common, system="runner", workload=e["workload"], tp=e["tp"], pp=e["pp"], dp=e["dp"],
             overrides=e["overrides"], tokens_per_sec_per_gpu=e.get("tokens_per_sec_per_gpu"), mfu=e.get("mfu"),
             peak_gib=e.get("mem_gib"), plan_gib=e.get("plan_gib"),
             baseline=None if baseline is None else {k: v for k, v in baseline.items() if v is not None},
             notes=f"runner from {e['code']}" if "code" in e else "",
-            details={new: e.get(old) for old, new in keys.items()}))
+            details={**{new: e.get(old) for old, new in keys.items()},
+                     "mfu_basis": basis if e.get("mfu") is not None else None}))
     for workload, b in results["baseline"].items():
-        tflops = flops_ratio.get(workload)
+        tflops, mfu = flops_ratio.get(workload), mfu_ratio.get(workload)
+        experts = b.get("experts_implementation")
         records.append(make_record(
             **common, system="zero3", workload=workload, tp=1, pp=1, dp=b["dp"], overrides={},
-            tokens_per_sec_per_gpu=b["tokens_per_sec_per_gpu"], mfu=None, peak_gib=b.get("mem_gib"), plan_gib=None,
+            tokens_per_sec_per_gpu=b["tokens_per_sec_per_gpu"], mfu=mfu * b["tokens_per_sec_per_gpu"] if mfu else None,
+            peak_gib=b.get("mem_gib"), plan_gib=None,
+            notes=f"transformers experts_implementation={experts}" if experts else "",
             details={"step_time_s": b.get("step_time"), "micro_batch": b.get("micro_batch"),
                      "micro_batches_per_step": b.get("micro_batches_per_step"), "steps_timed": b.get("steps_timed"),
-                     "rc": b.get("rc"),
+                     "rc": b.get("rc"), "experts_implementation": experts, "mfu_basis": basis if mfu else None,
+                     "trainable_params": b.get("trainable_params"),
                      "model_tflops_per_gpu": tflops * b["tokens_per_sec_per_gpu"] if tflops else None}))
     return records
 
@@ -405,7 +531,9 @@ def write_records(out: Path, results: dict) -> list[dict]:
 
 def print_table(records: list[dict]) -> None:
     first = records[0] if records else {"card": "-", "gpu_count": 0, "model": "-"}
-    print(f"\n{first['card']} x{first['gpu_count']}, {first['model']}")
+    moe = any(r.get("details", {}).get("mfu_basis") == "active parameters" for r in records)
+    print(f"\n{first['card']} x{first['gpu_count']}, {first['model']}"
+          + ("; MFU on active parameters (router + top-k experts + dense MLP + attention + head)" if moe else ""))
     print(f"{'workload':8} {'layout':14} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'vs ZeRO-3':>9}")
     for r in records:
         lay = r["layout"]

@@ -23,6 +23,11 @@ DETAILS = {  # the secondary figures a run may carry, and their types
     "micro_batch": int, "micro_batches_per_step": int, "bubble_share": float, "tokens_per_step": int,
     "timed_steps": str, "per_step_tokens_per_sec_per_gpu": list, "step1": dict, "plan_total_gib": float,
     "rc": int, "steps_timed": int,
+    # MoE: whose expert kernel ran (the runner's: grouped_mm or loop; the baseline's: transformers'
+    # experts_implementation), and what the MFU counts ("active parameters": router, top-k experts, dense MLP,
+    # attention and head per token; absent: every parameter, as for dense models)
+    "experts_implementation": str, "mfu_basis": str,
+    "trainable_params": int,  # the baseline's trained parameters (the runner's: `runner plan`)
 }
 NUMBER_OR_NONE = ("tokens_per_sec_per_gpu", "mfu", "peak_gib", "plan_gib", "ratio")
 

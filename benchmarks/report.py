@@ -4,7 +4,8 @@
     python -m benchmarks.report --check   # exit 1 if a marked table differs from the records
 
 A table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->`; NAME is one of
-`summary` (the fastest run of each card, depth and workload), `runs` (every run, with its command)
+`summary` (the fastest run of each model, card, depth and workload; the depth cell names the member
+when it is not the 31B), `runs` (every run, with its command)
 and `kernels` (one-GPU kernel timings).
 """
 
@@ -43,6 +44,25 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+_MEMBERS = {"gemma4_26b_a4b_config": "26B-A4B", "gemma4_e2b_config": "E2B", "gemma4_e4b_config": "E4B"}
+
+
+def _member(r: dict) -> str:
+    """The family member a record ran ("" for the 31B, whose depth column needs no name)."""
+    return next((label for preset, label in _MEMBERS.items() if r["model"].startswith(preset)), "")
+
+
+def _depth(r: dict) -> str:
+    member = _member(r)
+    return f"{member}, {r['depth']}" if member else str(r["depth"])
+
+
+def _mfu(r: dict) -> str:
+    """MFU; on active parameters for mixture-of-experts runs (details.mfu_basis)."""
+    active = r.get("details", {}).get("mfu_basis") == "active parameters"
+    return _num(r["mfu"], ".1%") + (" (active)" if active and r["mfu"] is not None else "")
+
+
 def _peak(r: dict) -> str:
     if r["peak_gib"] is None:
         return "–"
@@ -58,16 +78,16 @@ def summary_table(records: list[dict]) -> str:
     """The fastest run of this runner per card, GPU count, depth and workload, newest first within a depth."""
     best: dict[tuple, dict] = {}
     for r in records:
-        key = (r["depth"], r["card"], r["gpu_count"], r["workload"])
+        key = (r["depth"], r["card"], r["gpu_count"], r["workload"], _member(r))
         if r["system"] == "runner" and r["tokens_per_sec_per_gpu"] and (
                 key not in best or r["tokens_per_sec_per_gpu"] > best[key]["tokens_per_sec_per_gpu"]):
             best[key] = r
     lines = ["| depth | card | workload | layout | overrides | tok/s/GPU | MFU | peak GiB (plan) "
              "| ZeRO-3 tok/s/GPU | ratio | date, commit |", "|" + "---|" * 11]
-    for key in sorted(best, key=lambda k: (-k[0], k[1], -k[2], k[3])):
+    for key in sorted(best, key=lambda k: (k[4], -k[0], k[1], -k[2], k[3])):
         r = best[key]
-        lines.append(f"| {r['depth']} | {_card(r)} | {r['workload']} | {_layout(r)} | {_overrides(r)} "
-                     f"| {r['tokens_per_sec_per_gpu']:.0f} | {_num(r['mfu'], '.1%')} | {_peak(r)} | {_baseline(r)} "
+        lines.append(f"| {_depth(r)} | {_card(r)} | {r['workload']} | {_layout(r)} | {_overrides(r)} "
+                     f"| {r['tokens_per_sec_per_gpu']:.0f} | {_mfu(r)} | {_peak(r)} | {_baseline(r)} "
                      f"| {_num(r['ratio'], '.2f')} | {r['date']}, {r['commit']} |")
     return "\n".join(lines) + "\n"
 
@@ -79,8 +99,8 @@ def runs_table(records: list[dict]) -> str:
              "| baseline tok/s/GPU | ratio | cmd | notes |", "|" + "---|" * 14]
     for r in records:
         number = commands.setdefault(r["command"], len(commands) + 1)
-        lines.append(f"| {r['date']} | {_card(r)} | {r['commit']} | {r['depth']} | {r['workload']} | {_layout(r)} "
-                     f"| {_overrides(r)} | {_num(r['tokens_per_sec_per_gpu'], '.0f')} | {_num(r['mfu'], '.1%')} "
+        lines.append(f"| {r['date']} | {_card(r)} | {r['commit']} | {_depth(r)} | {r['workload']} | {_layout(r)} "
+                     f"| {_overrides(r)} | {_num(r['tokens_per_sec_per_gpu'], '.0f')} | {_mfu(r)} "
                      f"| {_peak(r)} | {_baseline(r)} | {_num(r['ratio'], '.2f')} | {number} "
                      f"| {r.get('notes', '').replace('|', '/')} |")
     lines += ["", "Commands (`cmd` above):", ""]

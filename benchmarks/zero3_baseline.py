@@ -4,6 +4,14 @@ frozen parts (embeddings, vision tower) and activation checkpointing as the runn
 
 Launched by gpu_bench.py under torchrun; writes one JSON with the steady-state tok/s per GPU. Devices
 go through DeepSpeed's accelerator, so `gpu_bench --tiny` runs this same script on CPU (fp32, gloo).
+
+Every family member: E2B/E4B's per-layer embedding table is frozen with the embeddings and their audio
+tower too (the runner neither builds nor trains it). MoE (26B-A4B): transformers' experts forward is
+chosen explicitly (`--experts-implementation`, recorded). transformers 5.17 through 5.25 default
+`Gemma4TextExperts` to `grouped_mm` (torch's grouped GEMM over the routed tokens; the per-expert
+`eager` loop only where the model cannot switch); `batched_mm` gathers one weight matrix per
+(token, choice), far beyond a GPU's memory at 4096 tokens x top-8; `deepgemm` and `sonicmoe` need
+kernels installed from outside. So `grouped_mm`, what a user gets and the fastest that runs.
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=0, help="PEFT LoRA of this rank (alpha 2*rank) on every decoder "
                     "linear of the frozen model, as the runner's lora section builds it (0: full fine-tuning)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--experts-implementation", default="grouped_mm",
+                    help="MoE models: transformers' experts_implementation (eager, grouped_mm, batched_mm, ...)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from runner.data.collate import Gemma4Collator, hf_model_inputs
     from runner.data.loader import MicroBatchLoader
@@ -49,12 +59,24 @@ def main() -> None:
     bf16 = args.dtype == "bfloat16"
     # Built on the device before the plugin exists: transformers 5 under deepspeed.zero.Init fails in
     # _init_weights; ZeRO-3 partitions it in prepare().
-    model = AutoModelForImageTextToText.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype),
-                                                        device_map={"": acc.device_name(local)},
-                                                        attn_implementation="sdpa")
-    model.model.language_model.embed_tokens.weight.requires_grad_(False)
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(False)
+    config = AutoConfig.from_pretrained(args.ckpt)
+    text_config = config.get_text_config()
+    moe = bool(getattr(text_config, "enable_moe_block", False))
+    # E2B / E4B carry an audio tower, which refuses sdpa at construction: eager there, sdpa for the rest
+    attn = "sdpa" if config.audio_config is None else {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa",
+                                                       "audio_config": "eager"}
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.ckpt, dtype=getattr(torch, args.dtype), device_map={"": acc.device_name(local)},
+        attn_implementation=attn, **({"experts_implementation": args.experts_implementation} if moe else {}))
+    language_model = model.model.language_model
+    frozen = [language_model.embed_tokens, model.model.vision_tower]
+    frozen += [m for m in (getattr(language_model, "embed_tokens_per_layer", None),  # E2B / E4B
+                           getattr(model.model, "audio_tower", None), getattr(model.model, "embed_audio", None))
+               if m is not None]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    experts = model.config.get_text_config()._experts_implementation if moe else None
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
 
@@ -63,16 +85,18 @@ def main() -> None:
 
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                  target_modules=peft_target_modules(list(LORA_TARGETS))))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
+    hidden = text_config.hidden_size
     ds_config = {
         "bf16": {"enabled": bf16},
         # Accelerate's "auto" values are sized from config.hidden_size, which Gemma4's top-level
-        # config lacks; these are what it would pick for the 5376-wide text model.
+        # config lacks; these are what it would pick from the text model's width.
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": 5376 * 5376, "stage3_prefetch_bucket_size": int(0.9 * 5376 * 5376),
-                              "stage3_param_persistence_threshold": 10 * 5376},
+                              "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                              "stage3_param_persistence_threshold": 10 * hidden},
         "gradient_clipping": 1.0,
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": args.gas,
@@ -120,6 +144,7 @@ def main() -> None:
                 "step_time": statistics.median(s for s, _ in rest),
                 "mem_gib": float(peak), "steps_timed": len(rest),
                 "dp": world, "micro_batch": args.micro, "micro_batches_per_step": args.gas,
+                "trainable_params": trainable, **({"experts_implementation": experts} if moe else {}),
             }
             tmp = f"{args.out}.tmp"
             with open(tmp, "w") as f:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from benchmarks.gpu_bench import run
 
 # a stand-in for torchrun: a parent that starts its worker in a session of its own, as torchrun does
@@ -80,6 +82,9 @@ def test_bench_results_become_records():
     assert run["baseline"] == {"name": "ZeRO-3, same command", "tokens_per_sec_per_gpu": 807.4, "peak_gib": 129.83}
     assert run["notes"] == "runner from /tmp/old" and run["details"]["step_time_s"] == 11.66
     assert zero3["system"] == "zero3" and zero3["layout"]["dp"] == 4 and zero3["baseline"] is None
+    assert zero3["mfu"] == pytest.approx(0.27 * 807.4 / 1378.5) and "mfu_basis" not in run["details"]  # the runner's FLOPs per token
+    moe_run, moe_zero3 = to_records({**results, "moe": True}, "python -m benchmarks.gpu_bench --model 26b-a4b", "4306942")
+    assert moe_run["details"]["mfu_basis"] == moe_zero3["details"]["mfu_basis"] == "active parameters"
 
 
 def test_tiny_lora_benchmark_runs_the_runner_and_the_peft_zero3_baseline(tmp_path):
@@ -100,3 +105,57 @@ def test_tiny_lora_benchmark_runs_the_runner_and_the_peft_zero3_baseline(tmp_pat
     runner, zero3 = by_system["runner"], by_system["zero3"]
     assert runner["tokens_per_sec_per_gpu"] > 0 and zero3["tokens_per_sec_per_gpu"] > 0
     assert runner["overrides"]["lora.rank"] == "4" and runner["baseline"]["tokens_per_sec_per_gpu"] > 0
+
+
+def _tiny_bench(tmp_path: Path, procs: int, *args: str) -> dict[str, dict]:
+    """Run `gpu_bench --tiny` on CPU with `procs` processes; its records by system, checked against the shape."""
+    import json
+    import subprocess
+
+    from benchmarks.records import problems
+
+    env = {**os.environ, "BENCH_WORK": str(tmp_path / "work"), "DS_ACCELERATOR": "cpu", "BENCH_CPU_PROCS": str(procs)}
+    cmd = [sys.executable, "-m", "benchmarks.gpu_bench", "--tiny", "--out", str(tmp_path / "out"), "--workloads",
+           "medpix", "--steps", "2", "--warmup", "1", "--gas", "2", "--samples", "8", *args]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert [problems(r) for r in records] == [[]] * len(records)
+    by_system = {r["system"]: r for r in records}
+    assert set(by_system) == {"runner", "zero3"}, (records, (tmp_path / "out" / "logs.txt").read_text()[-3000:])
+    runner, zero3 = by_system["runner"], by_system["zero3"]
+    assert runner["tokens_per_sec_per_gpu"] > 0 and zero3["tokens_per_sec_per_gpu"] > 0
+    assert runner["peak_gib"] > 0 and runner["plan_gib"] > 0 and zero3["peak_gib"] > 0
+    assert runner["baseline"]["tokens_per_sec_per_gpu"] == zero3["tokens_per_sec_per_gpu"] and runner["ratio"] > 0
+    return by_system
+
+
+def test_tiny_moe_benchmark_runs_the_runner_at_ep2_and_the_zero3_baseline(tmp_path):
+    """`gpu_bench --model 26b-a4b` end to end on CPU: the tiny 26B-A4B under the runner at TP2 with the experts
+    split ep 2 ways (a layout override), and transformers' model under ZeRO-3 with its experts forward
+    named in the record."""
+    by_system = _tiny_bench(tmp_path, 2, "--model", "26b-a4b", "--layouts", "2x1:parallel.ep=2")
+    runner, zero3 = by_system["runner"], by_system["zero3"]
+    assert "26B-A4B" in runner["model"] and runner["layout"] == {"tp": 2, "pp": 1, "dp": 1, "sp": False}
+    assert runner["overrides"] == {"parallel.ep": "2"} and runner["details"]["experts_implementation"] == "loop"
+    assert zero3["details"]["experts_implementation"] == "grouped_mm" and zero3["layout"]["dp"] == 2
+    assert zero3["details"]["trainable_params"] > 0
+
+
+def test_tiny_e2b_benchmark_runs_the_runner_and_the_zero3_baseline(tmp_path):
+    """`gpu_bench --model e2b` on CPU: per-layer inputs and KV-shared layers under the runner; the baseline
+    loads transformers' E2B (its audio tower refuses sdpa, so it gets eager) and trains what the runner trains."""
+    by_system = _tiny_bench(tmp_path, 1, "--model", "e2b")
+    assert "E2B" in by_system["runner"]["model"] and by_system["runner"]["layout"]["tp"] == 1
+    assert "experts_implementation" not in by_system["zero3"].get("details", {})
+
+
+def test_moe_mfu_counts_active_parameters():
+    """MFU's FLOPs per token for 26B-A4B are those of its ~3.8B active parameters (router, top-8 of 128 experts,
+    dense MLP, attention, head), not of its 25.8B: 2 FLOPs per active weight, attention aside (one key)."""
+    from runner.metrics import forward_flops_per_token
+    from runner.models.gemma4.presets import gemma4_26b_a4b_config
+
+    layers, head = forward_flops_per_token(gemma4_26b_a4b_config().text_config, seq_len=1)
+    assert 3.7e9 < (sum(layers) + head) / 2 < 3.9e9

@@ -15,19 +15,20 @@ _PATTERN = 6  # 5 sliding + 1 full attention layer per 6
 GEMMA4_31B_IMAGE_SOFT_TOKENS = 280
 
 
-def gemma4_31b_config(depth: int = GEMMA4_31B_LAYERS, text_overrides: dict | None = None) -> Gemma4Config:
+def gemma4_31b_config(depth: int = GEMMA4_31B_LAYERS, text_overrides: dict | None = None,
+                      name: str = "gemma4_31b_config", max_depth: int = GEMMA4_31B_LAYERS) -> Gemma4Config:
     """google/gemma-4-31B-it's config.json as a Gemma4Config, with `depth` decoder layers.
 
     `depth` < 60 keeps the width, the vision tower and the 5:1 sliding/full pattern (so it must be
     a multiple of 6): a slice whose per-layer cost, memory and kernels are the 31B's own.
     The full layers' shape is given the way the published config.json gives it
     (`global_head_dim`, `num_global_key_value_heads`, `attention_k_eq_v`). `text_overrides` replace
-    text-config keys (a sibling model's shape).
+    text-config keys (a sibling model's shape); `name` and `max_depth` are that model's, for the message.
     """
-    if depth < _PATTERN or depth > GEMMA4_31B_LAYERS or depth % _PATTERN:
+    if depth < _PATTERN or depth > max_depth or depth % _PATTERN:
         raise UserError(
-            f"gemma4_31b_config: depth={depth} must be a multiple of {_PATTERN} in [{_PATTERN}, "
-            f"{GEMMA4_31B_LAYERS}] to keep the 5 sliding + 1 full layer pattern"
+            f"{name}: depth={depth} must be a multiple of {_PATTERN} in [{_PATTERN}, "
+            f"{max_depth}] to keep the 5 sliding + 1 full layer pattern"
         )
     layer_types = (["sliding_attention"] * (_PATTERN - 1) + ["full_attention"]) * (depth // _PATTERN)
     text = dict(
@@ -94,15 +95,15 @@ GEMMA4_26B_A4B_ID = "google/gemma-4-26B-A4B-it"
 GEMMA4_26B_A4B_LAYERS = 30
 
 
-def gemma4_26b_a4b_config() -> Gemma4Config:
+def gemma4_26b_a4b_config(depth: int = GEMMA4_26B_A4B_LAYERS) -> Gemma4Config:
     """google/gemma-4-26B-A4B-it's published shape: the 31B's vision tower and attention pattern at width
-    2816 over 30 layers, each with a dense MLP (2112) beside 128 experts of width 704, top-8."""
-    return gemma4_31b_config(GEMMA4_26B_A4B_LAYERS, dict(
+    2816 over 30 layers, each with a dense MLP (2112) beside 128 experts of width 704, top-8. `depth` < 30
+    (a multiple of 6) keeps all of that but the layer count: a slice that fits one GPU for full fine-tuning."""
+    return gemma4_31b_config(depth, dict(
         hidden_size=2816, intermediate_size=2112, num_attention_heads=16, num_key_value_heads=8,
         num_global_key_value_heads=2, enable_moe_block=True, num_experts=128, top_k_experts=8,
         moe_intermediate_size=704,
-    ))
-
+    ), name="gemma4_26b_a4b_config", max_depth=GEMMA4_26B_A4B_LAYERS)
 
 
 GEMMA4_E2B_ID = "google/gemma-4-E2B-it"
