@@ -7,21 +7,19 @@ One command builds everything on the GPU host itself (no Hub access needed) and 
 `--model 31b|26b-a4b|e2b|e4b` (default 31b) picks the member; `--depth` and `--layouts` default per
 member and GPU count to what `runner plan` fits in an H200 for full fine-tuning with embeddings and
 vision tower frozen (MEMBERS): 26B-A4B 6 of its 30 layers on one GPU (the experts train; 12 layers
-need 168 GiB), 18 on two, all 30 on four or more; E2B / E4B always whole (35 / 42 layers). With the
-DeepSpeed wheels carried in `.whl/` (../shared/device/README.md), the one-call commands are:
+need 168 GiB), 18 on two, all 30 on four or more; E2B / E4B always whole (35 / 42 layers). On a host
+with DeepSpeed installed (a tree without git names its commit in BENCH_COMMIT), one command each:
 
     # 1x H200: 26B-A4B (6 layers, full width) against ZeRO-3; MFU on active parameters
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1; BENCH_COMMIT=<short commit> \
-        python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 6 --layouts 1x1 --workloads text \
+    python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 6 --layouts 1x1 --workloads text \
         --steps 6 --warmup 2 --budget 500 --out $OUT
     # 1x H200: the whole 26B-A4B with LoRA r16 on attention and dense MLP (experts, router frozen; plan 68 GiB)
     python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 30 --layouts 1x1 --lora 16 --workloads text \
         --steps 6 --warmup 2 --budget 500 --out $OUT
-    # 4x H200: the whole 26B-A4B at TP2 x PP2, experts split EP2 (same install line first)
+    # 4x H200: the whole 26B-A4B at TP2 x PP2, experts split EP2
     python3 -m benchmarks.gpu_bench --model 26b-a4b --depth 30 --layouts 2x2:parallel.ep=2 --workloads text \
         --steps 5 --warmup 2 --budget 500 --out $OUT
-    # 1x H200: E4B (E2B: --model e2b) whole (same install line first)
+    # 1x H200: E4B (E2B: --model e2b) whole
     python3 -m benchmarks.gpu_bench --model e4b --layouts 1x1 --workloads text --steps 6 --warmup 2 \
         --budget 500 --out $OUT
 
