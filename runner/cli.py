@@ -109,6 +109,12 @@ def _plan(args: argparse.Namespace) -> int:
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     for line in plan.warnings:
         print(line, file=sys.stderr)
+    if not plan.fits:
+        from runner.plan import layout_proposal, smallest_fitting_layout
+
+        proposal = smallest_fitting_layout(cfg, ds_config=ds_config, gpu_mem_gib=plan.gpu_mem_gib,
+                                           fused_attn_max_head_dim=args.fused_attn_max_head_dim)
+        print(layout_proposal(proposal, plan.gpu_mem_gib), file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,7 @@ import functools
 import itertools
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +366,11 @@ class Plan:
         return f"on for the first {self.recompute_num_layers} decoder layers per stage"
 
     @property
+    def fits(self) -> bool:
+        """Whether every stage fits the card."""
+        return all(s.memory_gib["total"] <= self.gpu_mem_gib for s in self.stages)
+
+    @property
     def warnings(self) -> list[str]:
         if not self.activation_checkpointing:
             fixes = "turn on train.activation_checkpointing, "
@@ -392,7 +397,7 @@ class Plan:
         out["params_all_gpus"] = sum(s.params for s in self.stages) * self.dims.tp * self.dims.dp
         out["max_gib_per_gpu"] = max(s.memory_gib["allocated"] for s in self.stages)
         out["max_total_gib_per_gpu"] = max(s.memory_gib["total"] for s in self.stages)
-        out["fits"] = not self.warnings
+        out["fits"] = self.fits and not self.warnings
         out["warnings"] = self.warnings
         return out
 
@@ -914,3 +919,37 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
             "grad_bytes_per_trainable_param": grad_bytes,
         },
     )
+
+
+PROPOSED_SIZES = (1, 2, 4, 8)  # tp and pp sizes tried by `smallest_fitting_layout`
+
+
+def smallest_fitting_layout(cfg: RunConfig, *, ds_config: str | None = None, gpu_mem_gib: float | None = None,
+                            fused_attn_max_head_dim: int = FUSED_ATTN_MAX_HEAD_DIM) -> Plan | None:
+    """The plan of the layout with the fewest GPUs (dp 1, tp and pp up to 8; at equal count tp before pp, TP
+    with sequence parallelism) whose every stage fits the card, the recipe otherwise unchanged; None if
+    none does. What `runner plan` proposes when the recipe's own layout does not fit."""
+    for tp, pp in sorted(itertools.product(PROPOSED_SIZES, PROPOSED_SIZES), key=lambda tp_pp: (tp_pp[0] * tp_pp[1],
+                                                                                             tp_pp[1])):
+        parallel = replace(cfg.parallel, tp=tp, pp=pp, dp=1, sequence_parallel=tp > 1, stage_layers=[], ep=None)
+        try:
+            plan = make_plan(replace(cfg, parallel=parallel), ds_config=ds_config, gpu_mem_gib=gpu_mem_gib,
+                             fused_attn_max_head_dim=fused_attn_max_head_dim)
+        except UserError:  # a size the model cannot be cut into (heads, vocabulary, layers)
+            continue
+        if plan.fits:
+            return plan
+    return None
+
+
+def layout_proposal(plan: Plan | None, gpu_mem_gib: float) -> str:
+    """One line naming the proposed layout (`smallest_fitting_layout`), or that none fits."""
+    if plan is None:
+        return (f"no layout of up to {max(PROPOSED_SIZES)} x {max(PROPOSED_SIZES)} GPUs (tp x pp) fits {gpu_mem_gib:g} "
+                f"GiB cards as the recipe stands; lower data.max_length or train.micro_batch_size, freeze more or use LoRA")
+    d = plan.dims
+    worst = max(s.memory_gib["total"] for s in plan.stages)
+    return (f"smallest layout that fits {gpu_mem_gib:g} GiB cards: parallel: {{tp: {d.tp}, pp: {d.pp}, dp: 1"
+            + (", sequence_parallel: true" if d.sequence_parallel else "")
+            + f"}} on {d.world_size} GPU{'s' if d.world_size > 1 else ''}, {worst:.1f} GiB per GPU (plan figures; "
+            f"more DP replicas split the optimizer state further)")

@@ -457,3 +457,22 @@ def test_plan_of_a_lora_recipe_trains_exactly_peft_adapters():
     tp2 = make_plan(load_config(ROOT / "recipes" / "gemma4_31b_lora_tp2.yaml"), world_size=2).stages[0]
     assert 0.5 < tp2.trainable_params / plan.stages[0].trainable_params < 0.75
     assert plan.stages[0].memory_gib["optimizer"] < 2 and plan.stages[0].memory_gib["grads"] < 0.5
+
+
+def test_plan_proposes_the_smallest_layout_that_fits_the_card(capsys):
+    """The 31B with LoRA fits one 141 GB H200 as its recipe says (no proposal); on 80 GiB cards the plan
+    names the fewest GPUs that hold it — TP2 with sequence parallelism — and that layout's own plan fits
+    while every 1-GPU layout does not."""
+    from runner.plan import smallest_fitting_layout
+
+    recipe = str(ROOT / "recipes" / "gemma4_31b_lora_1x1.yaml")
+    assert main(["plan", recipe]) == 0
+    out, err = capsys.readouterr()
+    assert "= 1 GPUs of 140 GiB" in out and "WARNING" not in err and "smallest layout" not in err, err
+    assert main(["plan", recipe, "--gpu-mem-gib", "80"]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("smallest layout"))
+    assert "{tp: 2, pp: 1, dp: 1, sequence_parallel: true} on 2 GPUs" in line, err
+    proposed = smallest_fitting_layout(load_config(recipe), gpu_mem_gib=80)
+    assert proposed.fits and proposed.dims.world_size == 2
+    assert not make_plan(load_config(recipe), world_size=1, gpu_mem_gib=80).fits
