@@ -323,10 +323,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return cfg
 
 
+def divisors(n: int) -> str:
+    """The divisors of n >= 1 in words ("1, 2 or 4"), for messages that ask for one."""
+    found = [str(d) for d in range(1, max(n, 1) + 1) if n % d == 0]
+    return found[0] if len(found) == 1 else f"{', '.join(found[:-1])} or {found[-1]}"
+
+
 def validate(cfg: RunConfig, source: str) -> None:
     """Value checks that need no model and no processes."""
     slices = max(cfg.parallel.seq_slices, 1)  # (tp < 1 is refused below)
     split = f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices"
+    unknown_targets = [name for name in cfg.lora.target_modules if name not in LORA_TARGETS]
     checks = [
         (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
         (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),
@@ -342,8 +349,8 @@ def validate(cfg: RunConfig, source: str) -> None:
          "train.recompute_num_layers needs train.activation_checkpointing: true"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
         (cfg.parallel.ep is None or (cfg.parallel.ep >= 1 and cfg.parallel.tp % cfg.parallel.ep == 0),
-         f"parallel.ep={cfg.parallel.ep} must divide parallel.tp={cfg.parallel.tp} (experts are split inside the "
-         f"TP group); choose ep from the divisors of tp, or leave it unset (= tp)"),
+         f"parallel.ep={cfg.parallel.ep} must be >= 1 and divide parallel.tp={cfg.parallel.tp} (experts are split "
+         f"inside the TP group); choose ep from {divisors(cfg.parallel.tp)}, or leave it unset (= tp)"),
         (cfg.moe.aux_loss_coef == 0, f"moe.aux_loss_coef={cfg.moe.aux_loss_coef} is not implemented (no "
          f"load-balancing loss; transformers adds none either); set moe.aux_loss_coef: 0"),
         (cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes must be > 0 (fractions allowed, e.g. 0.5)"),
@@ -389,8 +396,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         (bool(cfg.output.dir.strip()), "output.dir is empty; set it to the directory for metrics and checkpoints"),
         (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-        (bool(cfg.lora.target_modules) and set(cfg.lora.target_modules) <= set(LORA_TARGETS),
-         f"lora.target_modules = {cfg.lora.target_modules} must be a non-empty list of {', '.join(LORA_TARGETS)}"),
+        (bool(cfg.lora.target_modules), f"lora.target_modules is empty; list some of {', '.join(LORA_TARGETS)}"),
+        (not unknown_targets, f"lora.target_modules: LoRA does not adapt {', '.join(unknown_targets)} (only "
+         f"{', '.join(LORA_TARGETS)}; the E models' per-layer gate and projection and the 26B-A4B's experts and "
+         f"router stay frozen: docs/models.md); remove {'it' if len(unknown_targets) == 1 else 'them'}"),
         (not cfg.lora.init_from or Path(cfg.lora.init_from).expanduser().is_dir(),
          f"lora.init_from = {cfg.lora.init_from!r} is not a directory; give a PEFT adapter directory "
          f"(adapter_config.json, adapter_model.safetensors) or leave it empty"),

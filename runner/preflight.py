@@ -25,6 +25,7 @@ from runner.checkpoint.hf_load import INDEX_NAME, resolve_model_dir
 from runner.config import RunConfig
 from runner.data.sources import SampleSource, hold_out, load_source, same_rows
 from runner.errors import UserError, from_the_recipe
+from runner.parallel.topology import ParallelDims
 
 MODEL_TYPE = "gemma4"
 HEADER_LIMIT = 100 * 2**20  # safetensors refuses JSON headers larger than 100 MB
@@ -101,7 +102,6 @@ def model_checks(cfg: RunConfig, model_dir: Path) -> Any:
 
     from runner.compat import set_attn_implementation
     from runner.models.gemma4.pipeline import check_supported, gemma4_layer_specs, stage_boundaries, validate_layout
-    from runner.parallel.topology import ParallelDims
 
     config = AutoConfig.from_pretrained(model_dir)
     set_attn_implementation(config.text_config, cfg.model.attn_implementation)
@@ -207,7 +207,9 @@ def resume_checkpoint(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dic
             raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
                             f"point it at a checkpoints directory with `latest`, or use auto / none")
         return None, {}
-    return resume_from, native.check_files(resume_from, native.read_meta(resume_from))
+    meta = native.read_meta(resume_from)
+    native.check_layout(resume_from, meta, ParallelDims(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep))
+    return resume_from, native.check_files(resume_from, meta)
 
 
 def checkpoint_bytes(cfg: RunConfig, config: Any) -> int:

@@ -192,6 +192,20 @@ def test_resume_at_another_layout_is_refused_with_the_fix(run_a):
         resume(_engine(ParallelDims(tp=1, pp=2, dp=1)), run_a / "root")
 
 
+@pytest.mark.parametrize("saved_ep,run_ep,refused", [(2, 1, True), (None, 1, True), (2, None, False), (1, 1, False)])
+def test_resume_with_another_expert_split_is_refused_with_the_fix(tmp_path, saved_ep, run_ep, refused):
+    from runner.checkpoint.native import FORMAT, check_layout
+
+    meta = {"format": FORMAT, "layout": {"tp": 2, "pp": 1, "dp": 1, "sequence_parallel": False, "ep": saved_ep}}
+    dims = ParallelDims(tp=2, pp=1, dp=1, ep=run_ep)
+    if not refused:  # unset ep is tp
+        check_layout(tmp_path, meta, dims)
+        return
+    with pytest.raises(UserError, match=r"saved at parallel.ep=2 but this run uses parallel.ep=1 \(experts split "
+                                        r"another way\); set parallel.ep: 2 to resume, or export it"):
+        check_layout(tmp_path, meta, dims)
+
+
 def test_resume_with_another_stage_split_is_refused_with_the_fix(run_a):
     with pytest.raises(UserError, match=r"saved with \[3, 3\] decoder layers per stage but this run splits \[5, 1\]; "
                                         r"set parallel.stage_layers: \[3, 3\]"):

@@ -55,6 +55,11 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
         (["data.train=.inf"], ["data.train = inf is not a finite number"]),
         (["output.dir="], ["output.dir is empty"]),
         (["checkpoint.resume=sometimes"], ["checkpoint.resume = 'sometimes' is neither auto, none nor an existing path"]),
+        (["parallel.tp=4", "parallel.ep=3"], ["parallel.ep=3 must be >= 1 and divide parallel.tp=4", "1, 2 or 4"]),
+        (["parallel.tp=2", "parallel.ep=-2"], ["parallel.ep=-2 must be >= 1", "choose ep from 1 or 2"]),
+        (["lora.target_modules=[q_proj, per_layer_input_gate]"],
+         ["LoRA does not adapt per_layer_input_gate (only q_proj", "per-layer gate", "remove it"]),
+        (["lora.target_modules=[]"], ["lora.target_modules is empty"]),
     ],
 )
 def test_bad_values_give_one_line(tmp_path, overrides, words):

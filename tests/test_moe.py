@@ -170,6 +170,18 @@ def test_export_loads_in_transformers_with_the_runners_eval_loss(tmp_path, unbro
     assert abs(loss - runner_loss) <= 1e-5 * abs(loss), (loss, runner_loss)
 
 
+@pytest.mark.parametrize("other", ["e2b", "31b"])
+def test_export_with_another_model_as_source_is_one_line(capsys, tmp_path, unbroken, tiny_like, other):
+    """An E2B's or the dense model's files as --source would pair their config with the experts: refused first."""
+    out = tmp_path / "export"
+    assert cli(["export", str(unbroken / "root"), str(out), "--source", str(tiny_like(other))]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    assert_one_line(errors[0], ["was not trained from", "experts.down_proj", "pass the HF model the run started from "
+                          "with --source"])
+    assert not out.exists()
+
+
 # google/gemma-4-26B-A4B-it, counted by transformers on the meta device (tied head once); 128 experts of
 # 3 x 704 x 2816 in each of the 30 layers
 PARAMS_26B_A4B = 25_805_933_872

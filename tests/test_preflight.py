@@ -138,6 +138,13 @@ def test_a_damaged_resume_checkpoint_is_one_line(capsys, tmp_path, saved, tiny_c
     assert_one_error_line(_check(capsys, *sets), words)
 
 
+def test_a_resume_at_another_layout_is_refused_by_the_check(capsys, saved, tiny_ckpt, medpix):
+    """`--check` compares the recipe's tp and pp with the checkpoint's before any process starts."""
+    sets = _sets(tiny_ckpt, medpix, saved, "parallel.tp=2", "parallel.pp=1", "train.max_steps=2")
+    assert_one_error_line(_check(capsys, *sets, "--world-size", "2"),
+                          ["was saved at tp=1, pp=1 but this run uses tp=2, pp=1", "runner export"])
+
+
 def test_a_resume_stats_each_checkpoint_file_once(monkeypatch, saved, tiny_ckpt, medpix):
     """The preflight's size check, its free-disk need and `check_resumable` before the model is built read
     each file's size once between them; a truncated file is still found (test above)."""

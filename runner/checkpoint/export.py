@@ -150,6 +150,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
     if lora and base_identity(src.path, base)["fingerprint"] != lora["base"]["fingerprint"]:
         raise UserError(f"{ckpt} holds adapters for the base model {lora['base']['path']}, but {base} has another "
                         f"config or weight index; pass that base with --source")
+    if not lora:
+        check_same_tensors(ckpt, meta, src, base)
     out_dir = _empty_out_dir(out_dir)
     if lora and not merge:
         return export_adapter(dict(checkpoint_tensors(ckpt, meta)), lora, base, out_dir)
@@ -169,6 +171,18 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy(f, out_dir / f.name)
     return out_dir
+
+
+def check_same_tensors(ckpt: Path, meta: dict, src: HFCheckpoint, base: str) -> None:
+    """A full fine-tune's tensors are the source model's (its never-built audio tower aside): another
+    model as `--source` (another family member or size) is refused before anything is written."""
+    held = set(meta["tensors"])
+    expected = {name for name in src.weight_map if not name.startswith(AUDIO_PREFIXES)}
+    for names, where in ((held - expected, f"{ckpt}, not in {base}"), (expected - held, f"{base}, not in {ckpt}")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise UserError(f"{ckpt} was not trained from {base}: {sorted(names)[0]}{more} is in {where}; pass the HF "
+                            f"model the run started from with --source (recorded at save: {meta['source']})")
 
 
 def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path | None:

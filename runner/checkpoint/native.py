@@ -128,12 +128,9 @@ def has_checkpoints(root: Path) -> bool:
     return (root / LATEST_NAME).is_file() or (root.is_dir() and any(TAG_RE.match(p.name) for p in root.iterdir()))
 
 
-def check_resumable(path: Path, dims: ParallelDims, zero: bool, sizes: dict[str, int] | None = None) -> dict:
-    """The checks a resume needs from the checkpoint's files alone — format, layout, every file there —
-    run before the model is built (minutes on the 31B); returns the checkpoint's metadata. Every
-    process reads the same files, so each error is one line per job. `sizes`: what `check_files` found
-    on this checkpoint in this process already (the preflight): its files are not stat'ed again."""
-    meta = read_meta(path)
+def check_layout(path: Path, meta: dict, dims: ParallelDims) -> str:
+    """The checkpoint's format, tp, pp and experts' split against this run's (what the recipe alone
+    decides, so `runner train --check` runs it too); returns the fix for another layout."""
     fresh = f"export it (`runner export {path} OUT_DIR`), then train with model.path=OUT_DIR and a new output.dir"
     if meta.get("format", 1) != FORMAT:
         raise UserError(f"{path} has checkpoint format {meta.get('format', 1)}, this runner resumes format {FORMAT} "
@@ -143,6 +140,22 @@ def check_resumable(path: Path, dims: ParallelDims, zero: bool, sizes: dict[str,
         raise UserError(f"{path} was saved at tp={saved['tp']}, pp={saved['pp']} but this run uses tp={dims.tp}, "
                         f"pp={dims.pp}; resume at that layout, or {fresh} (optimizer state is not carried over)",
                         on_every_rank=True)
+    saved_ep = saved.get("ep") or saved["tp"]  # unset: ep = tp (dense models: always)
+    if saved_ep != dims.ep_size:
+        raise UserError(f"{path} was saved at parallel.ep={saved_ep} but this run uses parallel.ep={dims.ep_size} "
+                        f"(experts split another way); set parallel.ep: {saved_ep} to resume, or {fresh}",
+                        on_every_rank=True)
+    return fresh
+
+
+def check_resumable(path: Path, dims: ParallelDims, zero: bool, sizes: dict[str, int] | None = None) -> dict:
+    """The checks a resume needs from the checkpoint's files alone — format, layout, every file there —
+    run before the model is built (minutes on the 31B); returns the checkpoint's metadata. Every
+    process reads the same files, so each error is one line per job. `sizes`: what `check_files` found
+    on this checkpoint in this process already (the preflight): its files are not stat'ed again."""
+    meta = read_meta(path)
+    fresh = check_layout(path, meta, dims)
+    saved = meta["layout"]
     if saved["dp"] != dims.dp and zero:
         raise UserError(f"{path} was saved at dp={saved['dp']} but this run uses dp={dims.dp}; ZeRO's partitioned "
                         f"optimizer state cannot be re-split: resume at dp={saved['dp']}, or {fresh}", on_every_rank=True)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
 from runner.compat import deepspeed_prints_dropped
+from runner.config import divisors
 from runner.errors import UserError
 
 
@@ -49,8 +50,8 @@ class ParallelDims:
             if getattr(self, name) < 1:
                 raise UserError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.ep is not None and (self.ep < 1 or self.tp % self.ep):
-            raise UserError(f"parallel.ep={self.ep} must divide parallel.tp={self.tp} (experts are split inside the "
-                            f"TP group); choose ep from the divisors of tp, or leave it unset (= tp)")
+            raise UserError(f"parallel.ep={self.ep} must be >= 1 and divide parallel.tp={self.tp} (experts are split "
+                            f"inside the TP group); choose ep from {divisors(self.tp)}, or leave it unset (= tp)")
         if self.world_size != world_size:
             raise UserError(
                 f"parallel.tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world_size} but the job has "
