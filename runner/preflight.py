@@ -62,8 +62,9 @@ def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
         if (out_dir / "checkpoints").exists():
             check_writable_dir(out_dir / "checkpoints", "output.dir's checkpoints")
         resume_from, resume_sizes = resume_checkpoint(cfg, out_dir / "checkpoints")
-        need = sum(resume_sizes.values()) if resume_from is not None else checkpoint_bytes(cfg, config)
-        check_free_disk(out_dir, need)
+        if cfg.checkpoint.every_steps or cfg.checkpoint.at_end:  # else only a SIGTERM saves (ENOSPC: one line)
+            need = sum(resume_sizes.values()) if resume_from is not None else checkpoint_bytes(cfg, config)
+            check_free_disk(out_dir, need)
     return Checked(model_dir, config, processor, train_source, eval_source, resume_from, resume_sizes)
 
 
