@@ -173,6 +173,15 @@ def process_groups() -> list:
     return list(torch.distributed.distributed_c10d._world.pg_map)
 
 
+def set_group_timeout(timeout, group) -> None:
+    """Set a process group's collective timeout: `torch.distributed.set_timeout` from torch 2.12 on, the
+    private `distributed_c10d._set_pg_timeout` (deprecated since) on torch 2.11."""
+    set_timeout = getattr(torch.distributed, "set_timeout", None)
+    if set_timeout is None:
+        set_timeout = torch.distributed.distributed_c10d._set_pg_timeout
+    set_timeout(timeout, group)
+
+
 def skip_deepspeed_shm_comm() -> bool:
     """On CPU (DS_ACCELERATOR=cpu): mark DeepSpeed's shared-memory comm op (`deepspeed_shm_comm`)
     incompatible, so that its comm backend, when `deepspeed.init_distributed` (or `deepspeed.initialize`)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from runner.compat import process_groups
+from runner.compat import process_groups, set_group_timeout
 from runner.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -147,7 +147,7 @@ def set_collective_timeout(minutes: float) -> None:
     """`minutes` for every process group of this rank: torch gives groups made after the first one (TP,
     DP, pipeline, tied-weight groups) its own default (30 min, NCCL 10) instead of the job's timeout."""
     for group in process_groups():
-        dist.set_timeout(timedelta(minutes=minutes), group)
+        set_group_timeout(timedelta(minutes=minutes), group)
 
 
 class Where:

@@ -121,3 +121,19 @@ def test_deepspeed_shm_comm_op_is_not_built_on_cpu():
     assert skip_deepspeed_shm_comm()
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
     assert build_shm_op() is None
+
+
+def test_collective_timeout_on_torch_without_set_timeout(monkeypatch):
+    """torch 2.11 (the oldest supported) has no `torch.distributed.set_timeout`: the seam falls back to
+    `distributed_c10d._set_pg_timeout`, which torch 2.11 has, with the same arguments."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d
+
+    from runner.compat import set_group_timeout
+
+    calls = []
+    monkeypatch.delattr(torch.distributed, "set_timeout", raising=False)
+    monkeypatch.setattr(distributed_c10d, "_set_pg_timeout", lambda timeout, group: calls.append((timeout, group)))
+    set_group_timeout(timedelta(minutes=3), "group")
+    assert calls == [(timedelta(minutes=3), "group")]
