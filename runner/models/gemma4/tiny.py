@@ -248,10 +248,8 @@ def tiny_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE, t
 def tiny_moe_config(num_hidden_layers: int = 6, vocab_size: int = TINY_VOCAB_SIZE) -> Gemma4Config:
     """The tiny config with 26B-A4B's mixture-of-experts block in every layer (dense MLP beside 8 experts,
     top-2): expert count and width split over every test layout's ep and tp / ep."""
-    config = tiny_config(num_hidden_layers, vocab_size)
-    tc = config.text_config
-    tc.enable_moe_block, tc.num_experts, tc.top_k_experts, tc.moe_intermediate_size = True, 8, 2, 32
-    return config
+    return tiny_config(num_hidden_layers, vocab_size, text_overrides=dict(
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32))
 
 
 def tiny_tokenizer() -> GemmaTokenizer:
