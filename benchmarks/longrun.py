@@ -179,7 +179,7 @@ def reference(recipe_path: str) -> int:
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
-        n_labels, n_tokens, n_skipped, _ = step_counts(micro, ps, sum(train_data.skipped.values()))
+        n_labels, n_tokens, n_skipped = step_counts(micro, ps, sum(train_data.skipped.values()))[:3]
         if n_labels == 0:  # as the runner: no update, the next global batch takes the step
             continue
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -115,8 +115,8 @@ class LoraConfig:
 
 @dataclass
 class MoeConfig:
-    # Switch-style load-balancing loss weight; 0 trains transformers' objective exactly (the only value
-    # implemented)
+    # weight of the Switch-style load-balancing loss (transformers' `load_balancing_loss_func`, per layer and
+    # micro-batch, averaged); 0 trains transformers' Gemma4 objective exactly
     aux_loss_coef: float = 0.0
 
 
@@ -351,8 +351,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.parallel.ep is None or (cfg.parallel.ep >= 1 and cfg.parallel.tp % cfg.parallel.ep == 0),
          f"parallel.ep={cfg.parallel.ep} must be >= 1 and divide parallel.tp={cfg.parallel.tp} (experts are split "
          f"inside the TP group); choose ep from {divisors(cfg.parallel.tp)}, or leave it unset (= tp)"),
-        (cfg.moe.aux_loss_coef == 0, f"moe.aux_loss_coef={cfg.moe.aux_loss_coef} is not implemented (no "
-         f"load-balancing loss; transformers adds none either); set moe.aux_loss_coef: 0"),
+        (cfg.moe.aux_loss_coef >= 0, f"moe.aux_loss_coef={cfg.moe.aux_loss_coef} must be >= 0 (0: no load-balancing "
+         f"loss, transformers' objective; Mixtral's default is 0.001)"),
         (cfg.parallel.timeout_minutes > 0, "parallel.timeout_minutes must be > 0 (fractions allowed, e.g. 0.5)"),
         (cfg.model.wide_head_backward != "gemm" or cfg.model.attn_implementation == "flex_attention",
          "model.wide_head_backward: gemm needs model.attn_implementation: flex_attention"),

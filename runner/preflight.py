@@ -112,6 +112,9 @@ def model_checks(cfg: RunConfig, model_dir: Path) -> Any:
     check_supported(config)
     validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep))  # the model's limits first
     stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # a bad split
+    if cfg.moe.aux_loss_coef and not getattr(config.get_text_config(), "enable_moe_block", False):
+        raise UserError(f"moe.aux_loss_coef={cfg.moe.aux_loss_coef} needs a mixture-of-experts model "
+                        f"(text_config.enable_moe_block); this model is dense: remove moe.aux_loss_coef")
     if cfg.data.eval and same_rows((cfg.data.train, cfg.data.train_split), (cfg.data.eval, cfg.data.eval_split)):
         raise UserError(f"data.eval reads data.train's rows ({cfg.data.train} has one split, its name is ignored); "
                         f"give disjoint slices, e.g. data.train_split: 'train[:90%]' and data.eval_split: "

@@ -14,7 +14,7 @@ import signal
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import deepspeed
 import torch
@@ -44,13 +44,14 @@ from runner.guard import (
 )
 from runner.lora import apply_lora, base_identity, check_lora_resume, seed_dropout
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
+from runner.models.gemma4.moe import is_moe, router_stats, set_balance_scale
 from runner.models.gemma4.pipeline import (
     Gemma4Pipeline,
     count_label_tokens,
     to_pipe_batch,
 )
 from runner.optim import build_optimizer, lr_lambda, matrix_group_count
-from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
+from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state, comm_device
 from runner.preflight import Checked, preflight
 from runner.profiling import profile_step
 from runner.quiet import verbose
@@ -82,11 +83,6 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         skip_deepspeed_shm_comm()  # CPU: gloo's collectives, not a C++ op compiled on first start
         deepspeed.init_distributed(dist_backend="gloo" if cpu else get_accelerator().communication_backend_name(),
                                    timeout=timedelta(minutes=timeout_minutes))
-
-
-def comm_device() -> str:
-    """Where small tensors for collectives live: NCCL reduces only accelerator tensors."""
-    return get_accelerator().current_device_name()
 
 
 def parallel_dims(cfg: RunConfig, world_size: int) -> ParallelDims:
@@ -162,20 +158,29 @@ def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: Parallel
                             packer=packer, report=report)
 
 
-def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState,
-                skipped: int = 0) -> tuple[int, int, int, int]:
-    """(label tokens, non-pad tokens, `skipped` samples, token slots: non-pad and pad) of the whole
-    global batch: all micro-batches, all DP ranks, in one all-reduce. (`attention_mask` is 0 on padding,
-    a 0/1 mask or packed document ids.)"""
+class StepCounts(NamedTuple):
+    """A global batch's sizes, over all its micro-batches and DP ranks."""
+
+    labels: int  # label tokens
+    tokens: int  # non-pad tokens
+    skipped: int  # samples skipped as bad this epoch
+    slots: int  # token slots, non-pad and pad
+    micro_batches: int
+
+
+def step_counts(micro_batches: list[dict[str, torch.Tensor]], ps: ParallelState, skipped: int = 0) -> StepCounts:
+    """The global batch's `StepCounts` in one all-reduce (`skipped`: this rank's; `attention_mask` is 0 on
+    padding, a 0/1 mask or packed document ids)."""
     local = torch.tensor([
         sum(count_label_tokens(m["labels"]) for m in micro_batches),
         sum(int((m["attention_mask"] > 0).sum()) for m in micro_batches),
         skipped,
         sum(m["input_ids"].numel() for m in micro_batches),
+        len(micro_batches),
     ], dtype=torch.float64, device=comm_device())
     if ps.dims.dp > 1:
         dist.all_reduce(local, group=ps.dp_group)
-    return int(local[0]), int(local[1]), int(local[2]), int(local[3])
+    return StepCounts(*(int(x) for x in local))
 
 
 def set_micro_batches(engine, count: int) -> None:
@@ -340,7 +345,8 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
         t0 = time.time()
         micro = train_data.next_step()
         data_time = time.time() - t0
-        n_labels, n_tokens, n_skipped, n_slots = step_counts(micro, ps, sum(train_data.skipped.values()))
+        counts = step_counts(micro, ps, sum(train_data.skipped.values()))
+        n_labels, n_tokens, n_skipped, n_slots = counts.labels, counts.tokens, counts.skipped, counts.slots
         if n_labels == 0:  # no update from it (data.on_bad_sample: skip); every rank agrees, the count is global
             empty_in_a_row += 1
             if spans_an_epoch(train_data, empty_in_a_row):
@@ -354,12 +360,14 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
         empty_in_a_row = 0
         set_micro_batches(engine, len(micro))  # packed: as many as this replica's samples fill
         model.token_loss.set_label_count(n_labels, len(micro))
+        set_balance_scale(model, cfg.moe.aux_loss_coef, ps.dims.dp, counts.micro_batches)
         profiling = step + 1 == cfg.logging.profile_step
         seed_dropout(model, cfg.train.seed, step, ps.dp_rank, ps.pp_rank)
         with profile_step(out_dir, rank == 0) if profiling else contextlib.nullcontext():
             loss = engine.train_batch(iter([to_pipe_batch(m) for m in micro]))
         dt = time.time() - t0
         grad_norm = engine.get_global_grad_norm()
+        routing = router_stats(model, ps, config, counts.micro_batches) if is_moe(config) else {}
         # one all-reduce (MAX) per step: the peak memory of any rank, whether any rank got SIGTERM, and
         # whether any rank saw an inf/NaN loss or grad norm (the optimizer then skipped the update)
         status = torch.tensor([mem_gib(), float(stop.requested), float(not is_finite(loss, grad_norm))],
@@ -398,6 +406,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
                 "data_time": data_time,
                 "skipped_samples": n_skipped,  # this epoch's so far, all DP ranks
                 "nonfinite_steps": nonfinite_steps,
+                **routing,
             })
         # no eval when stopping: a launcher kills the workers ~30 s after SIGTERM
         if eval_data is not None and step % cfg.eval.every_steps == 0 and not stopping:

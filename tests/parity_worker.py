@@ -18,6 +18,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm  # noqa: E4
 
 from runner.config import LORA_TARGETS  # noqa: E402
 from runner.lora import adapted_linears  # noqa: E402
+from runner.models.gemma4.moe import is_moe, router_stats  # noqa: E402
 from runner.models.gemma4.stages import FusedRMSNorm, Gemma4DecoderLayerPipe, Gemma4FinalNorm  # noqa: E402
 from runner.parallel.tensor_parallel import copy_sharding, gather_full  # noqa: E402
 
@@ -78,6 +79,8 @@ def main() -> None:
                     "(empty: an even split), as packing gives replicas different counts")
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="lora.dropout; the masks drawn are saved "
                     "(masks_stage{pp}_dp{dp}.pt) for the reference to replay")
+    ap.add_argument("--aux-loss-coef", type=float, default=0.0, help="moe.aux_loss_coef; the router statistics "
+                    "of every step (`router_stats`) are saved with the losses")
     ap.add_argument("--ds-config", default="", help="a GPU config of ds_configs/ instead of the fp32 one (bf16 model); "
                     "only the once-per-step sums of partial gradients are captured (DeepSpeed steps flat copies), "
                     "replicated weights are compared across TP ranks after the steps")
@@ -152,7 +155,9 @@ def main() -> None:
         dp_counts = [int(n) for n in args.dp_counts.split(",") if n] or None
         micro_batches += dp_counts[ps.dp_rank] if dp_counts else len(batch) // args.dp
         result["losses"].append(train_step(engine, model, ps, batch, len(batch) // args.dp, step=len(result["losses"]),
-                                           dp_counts=dp_counts))
+                                           dp_counts=dp_counts, balance_coef=args.aux_loss_coef))
+        if is_moe(config):
+            result.setdefault("routing", []).append(router_stats(model, ps, config, len(batch)))
         if args.lora_dropout:
             masks.append(check_dropout_masks(drawn, ps, len(batch) // args.dp, checkpointing))
             drawn.clear()

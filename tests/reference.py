@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForImageTextToText
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from synthetic import global_batch
 
@@ -16,10 +17,17 @@ def load_reference(ckpt: str):
     return model
 
 
-def global_loss(model, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def global_loss(model, micro_batches: list[dict[str, torch.Tensor]],
+                balances: list[torch.Tensor] | None = None) -> torch.Tensor:
     """transformers' loss over the whole global batch: its per-micro-batch mean losses weighted back
-    to a sum over label tokens, over the total label count."""
-    total, count = 0.0, 0
+    to a sum over label tokens, over the total label count. An MoE model's load-balancing loss, the mean
+    over micro-batches and layers of transformers' `load_balancing_loss_func` on each layer's router
+    logits with the attention mask (what `moe.aux_loss_coef` weights), is appended to `balances`."""
+    text = model.config.get_text_config()
+    logits: list[torch.Tensor] = []
+    hooks = [m.proj.register_forward_hook(lambda mod, inp, out: logits.append(out))
+             for m in model.modules() if type(m).__name__ == "Gemma4TextRouter"]
+    total, count, balance = 0.0, 0, 0.0
     for mb in micro_batches:
         n = int((mb["labels"][:, 1:] != -100).sum())
         has_images = mb["pixel_values"].shape[0] > 0
@@ -33,6 +41,14 @@ def global_loss(model, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Te
         )
         total = total + out.loss * n
         count += n
+        for layer_logits in logits:
+            balance = balance + load_balancing_loss_func((layer_logits,), text.num_experts, text.top_k_experts,
+                                                         mb["attention_mask"])
+        logits.clear()
+    for hook in hooks:
+        hook.remove()
+    if hooks and balances is not None:
+        balances.append(balance / (len(hooks) * len(micro_batches)))
     return total / count
 
 
@@ -66,11 +82,12 @@ def replay_dropout(model: PeftModel, masks: dict[str, list[torch.Tensor]], p: fl
 
 
 def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0, adapter: str = "", dropout: float = 0.0,
-                  masks: dict[str, list[torch.Tensor]] | None = None) -> dict:
+                  masks: dict[str, list[torch.Tensor]] | None = None, balance_coef: float = 0.0) -> dict:
     """Losses and gradients (HF names; a PEFT adapter's as the runner names them: `….q_proj.lora_A.weight`)
     per step, and the embedding after the last step. `adapter`: PEFT's LoRA model with that adapter,
     trainable, on the frozen base, its lora_dropout `dropout` drawing `masks` (module → one per micro-batch
-    of every step, in order)."""
+    of every step, in order). `balance_coef`: an MoE model trains with that times its load-balancing loss
+    (`balances`: the loss of each step; `losses` stay the language-model loss, as the runner logs it)."""
     model = load_reference(ckpt)
     if adapter:
         config = LoraConfig.from_pretrained(adapter)
@@ -78,15 +95,16 @@ def reference_run(ckpt: str, kinds: list[str], lr: float = 0.0, adapter: str = "
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True, config=config)
     replays = replay_dropout(model, dict(masks), dropout) if masks else []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    out: dict = {"losses": [], "grads": []}
+    out: dict = {"losses": [], "grads": [], "balances": []}
     for kind in kinds:
         opt.zero_grad()
-        loss = global_loss(model, global_batch(model.config, kind))
-        loss.backward()
+        loss = global_loss(model, global_batch(model.config, kind), out["balances"])
+        (loss + balance_coef * out["balances"][-1] if balance_coef else loss).backward()
         out["losses"].append(float(loss.detach()))
         out["grads"].append({n.removeprefix("base_model.model.").replace(".default.", "."): p.grad.detach().clone()
                              for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
     assert not any(r.masks for r in replays), "PEFT ran fewer adapter forwards than the runner"
     out["embed_weight"] = model.get_input_embeddings().weight.detach().clone()
+    out["balances"] = [float(b.detach()) for b in out["balances"]]
     return out

@@ -20,6 +20,7 @@ from runner.config import LoraConfig
 from runner.data.collate import Encoded
 from runner.data.packing import Packer
 from runner.lora import adopt_adapter_config, apply_lora, base_identity, seed_dropout
+from runner.models.gemma4.moe import set_balance_scale
 from runner.models.gemma4.pipeline import Gemma4Pipeline, to_pipe_batch
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state
 from runner.train import set_micro_batches, step_counts
@@ -191,10 +192,11 @@ def load_pipeline(args: argparse.Namespace, backend: str = "gloo",
 
 
 def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dict[str, torch.Tensor]],
-               gas: int, step: int = 0, dp_counts: list[int] | None = None) -> float:
+               gas: int, step: int = 0, dp_counts: list[int] | None = None, balance_coef: float = 0.0) -> float:
     """Optimizer step `step` on this DP rank's `gas` micro-batches of the global batch `micro` (or, with
     `dp_counts`, on its share of them: micro-batches per DP rank, in rank order), the loss weighted by the
-    label tokens of the whole global batch (LoRA dropout seeded as `runner train` seeds it); returns the loss."""
+    label tokens of the whole global batch (LoRA dropout seeded as `runner train` seeds it), an MoE model's
+    load-balancing loss weighted by `balance_coef`; returns the loss."""
     counts = dp_counts or [gas] * ps.dims.dp
     assert sum(counts) == len(micro) and len(counts) == ps.dims.dp, (counts, len(micro))
     start, gas = sum(counts[:ps.dp_rank]), counts[ps.dp_rank]
@@ -202,6 +204,7 @@ def train_step(engine, model: Gemma4Pipeline, ps: ParallelState, micro: list[dic
     seed_dropout(model, 0, step, ps.dp_rank, ps.pp_rank)
     set_micro_batches(engine, gas)
     model.token_loss.set_label_count(step_counts(mine, ps)[0], gas)  # the count `runner train` uses
+    set_balance_scale(model, balance_coef, ps.dims.dp, len(micro))
     return float(engine.train_batch(iter([to_pipe_batch(m) for m in mine])))
 
 

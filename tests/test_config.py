@@ -57,6 +57,7 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
         (["checkpoint.resume=sometimes"], ["checkpoint.resume = 'sometimes' is neither auto, none nor an existing path"]),
         (["parallel.tp=4", "parallel.ep=3"], ["parallel.ep=3 must be >= 1 and divide parallel.tp=4", "1, 2 or 4"]),
         (["parallel.tp=2", "parallel.ep=-2"], ["parallel.ep=-2 must be >= 1", "choose ep from 1 or 2"]),
+        (["moe.aux_loss_coef=-0.01"], ["moe.aux_loss_coef=-0.01 must be >= 0"]),
         (["lora.target_modules=[q_proj, per_layer_input_gate]"],
          ["LoRA does not adapt per_layer_input_gate (only q_proj", "per-layer gate", "remove it"]),
         (["lora.target_modules=[]"], ["lora.target_modules is empty"]),

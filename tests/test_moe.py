@@ -29,7 +29,16 @@ from runner.parallel.tensor_parallel import join_shards, mark_cuts, take_shard
 from runner.parallel.topology import ParallelDims
 from runner.plan import make_plan
 
-from conftest import ROOT, TESTS, assert_one_line, subprocess_env, torchrun_cmd, torchrun_worker
+from conftest import (
+    ROOT,
+    TESTS,
+    assert_one_error_line,
+    assert_one_line,
+    run,
+    subprocess_env,
+    torchrun_cmd,
+    torchrun_worker,
+)
 from reference import global_loss
 from synthetic import global_batch
 from test_parity import _assert_matches_transformers
@@ -243,3 +252,28 @@ def test_lora_on_an_moe_model_adapts_attention_and_dense_mlp(tmp_path, tiny_moe_
     router stay frozen (the worker checks the base is bit-unchanged and gradient-free)."""
     adapter = make_peft_adapter(tiny_moe_ckpt, tmp_path / "peft")
     _assert_matches_transformers(tmp_path, tiny_moe_ckpt, (2, 1, 1), (), adapter=str(adapter))
+
+
+def test_runner_train_logs_the_expert_load_and_refuses_a_balance_loss_on_a_dense_model(tmp_path, tiny_moe_ckpt,
+                                                                                       tiny_ckpt):
+    """`runner train` of the MoE model with moe.aux_loss_coef logs, every step, the balance loss and the expert
+    load (an expert's share of its layer's routed slots × experts: 1 = even) over the whole model; on a dense
+    model the coefficient is one line before anything is built."""
+    from runner.data.synthetic import make_data
+
+    from test_train import ONE_BATCH_OF_4, _sets, _single_process
+
+    data = make_data(tmp_path / "medpix", n=16, seed=0)
+    out = tmp_path / "out"
+    coef = "moe.aux_loss_coef=0.01"
+    run(_single_process() + _sets(tiny_moe_ckpt, data, out, *ONE_BATCH_OF_4, "train.max_steps=2", coef))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    text = json.loads((tiny_moe_ckpt / "config.json").read_text())["text_config"]
+    experts, layers = text["num_experts"], text["num_hidden_layers"]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 <= r["moe_load_min"] <= 1 <= r["moe_load_max"] <= experts, r
+        assert 0 <= r["moe_idle_experts"] < layers * experts and r["moe_balance_loss"] > 0, r
+    proc = run(_single_process() + _sets(tiny_ckpt, data, tmp_path / "dense", *ONE_BATCH_OF_4, coef) + ["--check"],
+               ok=False)
+    assert_one_error_line(proc, ["moe.aux_loss_coef=0.01", "mixture-of-experts", "dense"])

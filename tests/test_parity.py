@@ -26,8 +26,8 @@ LAYOUTS = [  # (tp, pp, dp)
 
 
 @functools.cache
-def _reference(ckpt: str, kinds: str, lr: float, adapter: str = "") -> dict:
-    return reference_run(ckpt, kinds.split(","), lr, adapter)
+def _reference(ckpt: str, kinds: str, lr: float, adapter: str = "", balance_coef: float = 0.0) -> dict:
+    return reference_run(ckpt, kinds.split(","), lr, adapter, balance_coef=balance_coef)
 
 
 def _run(tmp_path, ckpt, tp: int, pp: int, dp: int, kinds: str, lr: float = 0.0, freeze: str = "",
@@ -100,20 +100,24 @@ def _dropout_masks(out, steps: int, pp: int, dp: int) -> dict[str, list[torch.Te
 
 def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, int], extra: tuple[str, ...],
                                  kinds: str = "text,image", ref_kinds: str = "", adapter: str = "",
-                                 dropout: float = 0.0, vision: bool = False) -> None:
+                                 dropout: float = 0.0, vision: bool = False, balance_coef: float = 0.0) -> None:
     """Loss and every trainable parameter's gradient of each step (by default a text and an image step) against
     transformers' on `ref_kinds` (default: the same global batches); with `adapter`, PEFT's LoRA model with
     that adapter against the runner's LoRA started from it, with `dropout` PEFT's dropout replaying the masks
-    the runner drew."""
+    the runner drew; with `balance_coef` (an MoE model), that times the load-balancing loss joins both objectives
+    and the runner's logged balance loss must equal transformers'."""
     tp, pp, dp = layout
     lora = ("--lora", adapter, "--lora-dropout", str(dropout)) if adapter else ()
-    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra + lora)
+    stages = _run(tmp_path, tiny_ckpt, tp, pp, dp, kinds, extra=extra + lora + ("--aux-loss-coef", str(balance_coef)))
     masks = _dropout_masks(tmp_path, len(kinds.split(",")), pp, dp) if dropout else None
     ref = (reference_run(str(tiny_ckpt), (ref_kinds or kinds).split(","), 0.0, adapter, dropout, masks) if dropout
-           else _reference(str(tiny_ckpt), ref_kinds or kinds, 0.0, adapter))
+           else _reference(str(tiny_ckpt), ref_kinds or kinds, 0.0, adapter, balance_coef))
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]
         assert abs(loss - ref["losses"][step]) <= LOSS_RTOL * abs(ref["losses"][step]), (kind, loss, ref["losses"][step])
+        if ref["balances"]:  # an MoE model: the logged balance loss is transformers' (also when not trained)
+            balance = stages[-1]["routing"][step]["moe_balance_loss"]
+            assert abs(balance - ref["balances"][step]) <= LOSS_RTOL * ref["balances"][step], (balance, ref["balances"])
         got: dict[str, torch.Tensor] = {}
         for st in stages:
             for name, grad in st["grads"][step].items():
@@ -212,3 +216,20 @@ MOE_CASES = [
 @pytest.mark.parametrize("layout,extra", MOE_CASES)
 def test_moe_loss_and_every_gradient_match_transformers(tmp_path, tiny_moe_ckpt, layout, extra):
     _assert_matches_transformers(tmp_path, tiny_moe_ckpt, layout, extra)
+
+
+# moe.aux_loss_coef: transformers' load-balancing loss of every layer, a gradient injected on whichever stage
+# holds it (pp 2), summed over TP slices under sequence parallelism, averaged over uneven DP shares, recorded
+# once per micro-batch under activation checkpointing (the forward runs twice)
+BALANCE_LAYOUTS = [
+    pytest.param((1, 1, 1), (), id="balance-1x1x1"),
+    pytest.param((2, 2, 1), ("--activation-checkpointing",), id="balance-tp2-pp2-ep2-ac"),
+    pytest.param((1, 2, 2), ("--dp-counts", "3,1"), id="balance-pp2-dp2-uneven"),
+    pytest.param((2, 1, 1), ("--sequence-parallel",), id="balance-tp2-sp"),
+]
+
+
+@pytest.mark.parametrize("layout,extra", BALANCE_LAYOUTS)
+def test_moe_load_balancing_loss_matches_transformers(tmp_path, tiny_moe_ckpt, layout, extra):
+    """Every gradient of CE + 0.5 × the balance loss (large, so that a wrong scale shows) equals transformers'."""
+    _assert_matches_transformers(tmp_path, tiny_moe_ckpt, layout, extra, balance_coef=0.5)

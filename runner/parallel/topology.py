@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
 from runner.compat import deepspeed_prints_dropped
@@ -130,3 +131,8 @@ def build_parallel_state(dims: ParallelDims) -> ParallelState:
         dp_group=grid.get_data_parallel_group(),
         replica_groups=replica_groups,
     )
+
+
+def comm_device() -> str:
+    """Where small tensors for collectives live: NCCL reduces only accelerator tensors."""
+    return get_accelerator().current_device_name()

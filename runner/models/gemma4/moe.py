@@ -38,6 +38,7 @@ Gradients, parameter by parameter (partial = each rank sees only its local exper
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import Gemma4Config
 from transformers.activations import ACT2FN
@@ -53,7 +54,7 @@ from runner.parallel.tensor_parallel import (
     reduce_scatter_seq,
     sum_grad_over,
 )
-from runner.parallel.topology import ParallelDims, ParallelState
+from runner.parallel.topology import ParallelDims, ParallelState, comm_device
 
 
 def is_moe(config: Gemma4Config) -> bool:
@@ -91,23 +92,116 @@ def _scatter_tokens(x: torch.Tensor, group) -> torch.Tensor:
 
 class Gemma4MoERouter(Gemma4TextRouter):
     """transformers' router, replicated on every TP rank, whose outputs enter the TP group (see the
-    module docstring): every rank routes every token of the block identically."""
+    module docstring): every rank routes every token of the block identically.
 
-    def __init__(self, config: Gemma4Config, ps: ParallelState) -> None:
+    It also keeps the layer's expert load and Switch-style load-balancing loss (`RouterBalance`): the
+    decoder layer hands it the real-token mask of the micro-batch (`real_tokens`) before each forward."""
+
+    def __init__(self, config: Gemma4Config, ps: ParallelState, layer_idx: int) -> None:
         super().__init__(config.get_text_config())
         self.tp_group = ps.tp_group
+        self.tp, self.tp_rank = ps.dims.tp, ps.tp_rank
         self.sequence_parallel = ps.dims.sequence_parallel
+        self.layer_idx = layer_idx
         for p in self.parameters():
             mark_sharded(p, None, ps.dims.tp, ps.tp_rank)
             if self.sequence_parallel:
                 sum_grad_over(p, ps.tp_group)
+        self.real_tokens: torch.Tensor | None = None  # [batch, whole sequence] bool, set by the decoder layer
+        self.balance_scale = 0.0  # the loss's gradient per micro-batch (`set_balance_scale`)
+        # since the last `router_stats`, on the device (no host sync per layer): routed slots per expert, and
+        # this rank's share of the balance losses
+        self.load: torch.Tensor | float = 0.0
+        self.balance_sum: torch.Tensor | float = 0.0
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         probabilities, top_k_weights, top_k_index = super().forward(hidden_states)
         if self.sequence_parallel:
-            return (probabilities, _gather_tokens(top_k_weights, self.tp_group),
-                    _gather_tokens(top_k_index, self.tp_group))
-        return probabilities, copy_to_group(top_k_weights, self.tp_group), top_k_index
+            top_k_weights, top_k_index = (_gather_tokens(top_k_weights, self.tp_group),
+                                          _gather_tokens(top_k_index, self.tp_group))
+        else:
+            top_k_weights = copy_to_group(top_k_weights, self.tp_group)
+        if torch.is_grad_enabled() and top_k_weights.requires_grad and self.real_tokens is not None:
+            load, balance = self.balance(probabilities, top_k_index)
+            top_k_weights = RouterBalance.apply(top_k_weights, balance, load, self)
+        return probabilities, top_k_weights, top_k_index
+
+    def balance(self, probabilities: torch.Tensor, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed slots per expert, this rank's part of the balance loss) over the micro-batch's real tokens:
+        transformers' `load_balancing_loss_func` (Mixtral) of this layer with the attention mask,
+        E · Σ_i (slots_i / T) · (Σ_t p_ti / T), T real tokens. Under sequence parallelism `probabilities`
+        cover this rank's slice and `top_k_index` every token (gathered in rank order), so the part is
+        linear in the slice and the TP ranks' parts sum to the loss."""
+        real = self.real_tokens
+        if self.sequence_parallel:  # this rank's slice, and every slice in the gathered order
+            mine = real.chunk(self.tp, dim=1)[self.tp_rank].reshape(-1)
+            real = real.reshape(real.shape[0], self.tp, -1).transpose(0, 1).reshape(-1)
+        else:
+            real = mine = real.reshape(-1)
+        num_experts, dtype = probabilities.shape[-1], probabilities.dtype  # no host sync: masks as weights
+        load = torch.zeros(num_experts, dtype=dtype, device=probabilities.device).index_add_(
+            0, top_k_index.flatten(), real.to(dtype).repeat_interleave(top_k_index.shape[-1]))
+        tokens = real.sum().clamp_min(1).to(dtype)
+        return load, num_experts * (load * (probabilities * mine[:, None]).sum(0)).sum() / tokens**2
+
+
+class RouterBalance(torch.autograd.Function):
+    """Identity on the router's choice weights whose backward adds the load-balancing loss's gradient,
+    `balance_scale` per micro-batch (Megatron's MoEAuxLossAutoScaler: the loss of a layer on any pipeline
+    stage joins the objective without travelling to the last stage), and records the layer's load. Both
+    happen in backward, which runs once per micro-batch also when activation checkpointing runs the
+    forward twice."""
+
+    @staticmethod
+    def forward(ctx, top_k_weights: torch.Tensor, balance: torch.Tensor, load: torch.Tensor,
+                router: Gemma4MoERouter) -> torch.Tensor:
+        ctx.router, ctx.load, ctx.value = router, load, balance.detach()
+        return top_k_weights.view_as(top_k_weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        router = ctx.router
+        router.load = router.load + ctx.load.double()
+        router.balance_sum = router.balance_sum + ctx.value.double()
+        scale = router.balance_scale
+        return grad, (torch.full_like(ctx.value, scale) if scale else None), None, None
+
+
+def moe_routers(model: nn.Module) -> list[Gemma4MoERouter]:
+    return [m for m in model.modules() if isinstance(m, Gemma4MoERouter)]
+
+
+def set_balance_scale(model: nn.Module, coef: float, dp: int, global_micro_batches: int) -> None:
+    """Before a step: `coef` × the mean over the MoE layers and the global batch's micro-batches of each
+    layer's balance loss joins the objective. DeepSpeed averages gradients over DP, so each micro-batch's
+    gradient is scaled by coef · dp / (layers · micro-batches)."""
+    routers = moe_routers(model)
+    if routers:
+        layers = routers[0].config.num_hidden_layers
+        for router in routers:
+            router.balance_scale = coef * dp / (layers * global_micro_batches)
+
+
+def router_stats(model: nn.Module, ps: ParallelState, config: Gemma4Config, global_micro_batches: int
+                 ) -> dict[str, float]:
+    """The step's expert load over every MoE layer of every stage and DP replica, in one all-reduce, and
+    resets it (every rank calls it after every step): `moe_balance_loss`, the mean over layers and
+    micro-batches of transformers' balance loss (top_k when perfectly balanced); `moe_load_max` /
+    `moe_load_min`, an expert's share of its layer's routed slots × the number of experts (1 = even);
+    `moe_idle_experts`, (layer, expert) pairs no real token was routed to."""
+    num_layers, num_experts = config.get_text_config().num_hidden_layers, config.get_text_config().num_experts
+    table = torch.zeros(num_layers * num_experts + 1, dtype=torch.float64, device=comm_device())
+    replicas = 1 if ps.dims.sequence_parallel else ps.dims.tp  # TP ranks hold equal loads and losses
+    for router in moe_routers(model):
+        table[router.layer_idx * num_experts:(router.layer_idx + 1) * num_experts] += router.load / ps.dims.tp
+        table[-1] += router.balance_sum / replicas
+        router.load = router.balance_sum = 0.0
+    dist.all_reduce(table)
+    load = table[:-1].view(num_layers, num_experts).cpu()
+    share = load * num_experts / load.sum(1, keepdim=True).clamp_min(1)
+    return {"moe_balance_loss": float(table[-1]) / (num_layers * global_micro_batches),
+            "moe_load_max": float(share.max()), "moe_load_min": float(share.min()),
+            "moe_idle_experts": int((load == 0).sum())}
 
 
 class Gemma4MoEExperts(nn.Module):
@@ -178,6 +272,6 @@ class Gemma4MoEExperts(nn.Module):
 
 def shard_moe_block(layer: nn.Module, config: Gemma4Config, ps: ParallelState) -> None:
     """Swap a (meta) transformers decoder layer's router and experts for the TP/EP ones above."""
-    layer.router = Gemma4MoERouter(config, ps)
+    layer.router = Gemma4MoERouter(config, ps, layer.layer_idx)
     layer.experts = Gemma4MoEExperts(config, ps)
 

@@ -258,6 +258,8 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         # under sequence parallelism `hidden` is this rank's slice; the masks span the whole sequence
         whole = hidden[:, :1].expand(-1, position_ids.shape[1], -1) if self.sequence_parallel else hidden
         masks = self.masks.get(whole, attention_mask, position_ids, mm_token_type_ids)
+        if self.enable_moe_block:  # the router's load and balance loss count real tokens only
+            self.router.real_tokens = attention_mask > 0
         return decoder_layer_forward(self, hidden, self.rotary_emb(hidden, position_ids, self.layer_type),
                                      masks[self.layer_type], position_ids, **layer_inputs, **self.attn_kwargs)
 
