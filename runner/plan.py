@@ -579,17 +579,17 @@ class MemoryModel:
     hidden: int
     vocab_local: int
     softcap: bool
-    materialized: dict[str, bool]  # layer type -> attention scores materialized
-    backward_scratch: dict[str, int]  # layer type -> bytes the attention's backward adds for itself
-    shapes: dict[str, LayerShape]  # layer type -> local shape
+    materialized: dict[str, bool]  # `layer_kind` -> attention scores materialized
+    backward_scratch: dict[str, int]  # `layer_kind` -> bytes the attention's backward adds for itself
+    shapes: dict[str, LayerShape]  # `layer_kind` -> local shape
     vision_shape: LayerShape
     vision_layers: int
     patches: int
     images: int
     seq_slices: int = 1  # tp under sequence parallelism
 
-    def layer_saved(self, layer_type: str) -> int:
-        return layer_saved_bytes(self.shapes[layer_type], self.batch, self.seq, self.materialized[layer_type],
+    def layer_saved(self, kind: str) -> int:
+        return layer_saved_bytes(self.shapes[kind], self.batch, self.seq, self.materialized[kind],
                                  self.seq_slices)
 
     def vision_saved(self) -> int:
@@ -598,7 +598,7 @@ class MemoryModel:
     def head_peak(self) -> int:
         return self.tokens * (10 * self.hidden // self.seq_slices + (16 if self.softcap else 14) * self.vocab_local)
 
-    def activations(self, layer_types: list[str], first: bool, last: bool, in_flight: int,
+    def activations(self, kinds: list[str], first: bool, last: bool, in_flight: int,
                     recomputed: int, vision: str | None, pp: int, carried: tuple[int, int, int] = (0, 0, 0)
                     ) -> dict[str, int]:
         """The parts of a stage's peak, in bytes. `recomputed`: how many of the stage's first decoder
@@ -607,11 +607,11 @@ class MemoryModel:
         and the first stage's per-layer-input activations (per micro-batch)."""
         carried_in, carried_out, per_layer_saved = carried
         a = self.tokens * self.hidden * 2 // self.seq_slices
-        grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in set(layer_types)), default=0)
-        checkpointed, kept = layer_types[:recomputed], layer_types[recomputed:]
+        grads = max((layer_grad_bytes(self.shapes[t], self.tokens) for t in set(kinds)), default=0)
+        checkpointed, kept = kinds[:recomputed], kinds[recomputed:]
         stored = len(checkpointed) * a + sum(self.layer_saved(t) for t in kept) + (0 if first or checkpointed else a)
         transient = max(((self.layer_saved(t) if t in checkpointed else 0) + self.backward_scratch[t]
-                         for t in set(layer_types)), default=0) + grads
+                         for t in set(kinds)), default=0) + grads
         stored += (0 if last else a + carried_out) + (self.vision_saved() if vision == "trainable" else 0)
         stored += per_layer_saved
         candidates = [transient]
@@ -658,10 +658,13 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
     """The recipe's micro-batch on this model at this tp (`dims`: its ep, for MoE models)."""
     tc, vc = config.text_config, config.vision_config
     moe = moe_saved_per_token(config, dims or ParallelDims(tp=tp), cfg.parallel.seq_slices)
-    shapes = {
-        layer_type: LayerShape(tc.hidden_size, q // tp, max(kv // tp, 1), d, tc.intermediate_size // tp, moe)
-        for layer_type, (q, kv, d) in attention_shapes(tc).items()
-    }
+    attention = attention_shapes(tc)
+    double_wide = getattr(tc, "use_double_wide_mlp", False)  # E2B: the KV-shared layers' MLP is twice as wide
+    shapes = {}  # by `layer_kind`
+    for kind in {layer_kind(tc, i) for i in range(tc.num_hidden_layers)}:
+        q, kv, d = attention[kind.split()[0]]
+        inter = tc.intermediate_size * (2 if double_wide and kind.endswith(" shared") else 1)
+        shapes[kind] = LayerShape(tc.hidden_size, q // tp, max(kv // tp, 1), d, inter // tp, moe)
     eager = cfg.model.attn_implementation == "eager"
     gemm = cfg.model.wide_head_gemm
     return MemoryModel(
@@ -826,7 +829,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         carried = (carry(layers[0]) if stage else 0, carry(layers[-1] + 1) if stage < dims.pp - 1 else 0,
                    per_layer_input_saved(tc, memory.tokens, memory.seq_slices) if stage == 0 else 0)
         stage_activations = functools.partial(
-            memory.activations, [tc.layer_types[i] for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
+            memory.activations, [layer_kind(tc, i) for i in layers], stage == 0, stage == dims.pp - 1, in_flight,
             vision=next((p.vision for p in parts if p.vision), None), pp=dims.pp, carried=carried)
         recomputed = recomputed_layers(cfg.train.activation_checkpointing, cfg.train.recompute_num_layers, len(layers))
         activations = stage_activations(recomputed)

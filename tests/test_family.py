@@ -19,7 +19,7 @@ from runner.data.sources import chat_sample
 from runner.errors import UserError
 from runner.models.gemma4.per_layer import AUDIO_PREFIXES
 from runner.models.gemma4.presets import PRESETS
-from runner.plan import carried_bytes, make_plan
+from runner.plan import FUSED_ATTN_MAX_HEAD_DIM, carried_bytes, layer_kind, make_plan, memory_model, per_layer_input_saved
 
 from conftest import ROOT, assert_one_line
 
@@ -113,3 +113,17 @@ def test_unsupported_layout_is_one_line():
     with pytest.raises(UserError) as err:
         make_plan(cfg, world_size=3)
     assert_one_line(str(err.value), ["parallel.tp=3"])
+
+
+def test_plan_counts_the_double_wide_mlp_of_the_kv_shared_layers():
+    """E2B's 20 KV-shared layers run an MLP twice as wide (`use_double_wide_mlp`): without activation
+    checkpointing the stage keeps each layer's own activations, the shared ones at that width."""
+    cfg = load_config(ROOT / "recipes" / "gemma4_e2b_1x1.yaml", ["train.activation_checkpointing=false"])
+    tc = PRESETS["google/gemma-4-E2B-it"]().text_config
+    memory = memory_model(cfg, PRESETS["google/gemma-4-E2B-it"](), 1, FUSED_ATTN_MAX_HEAD_DIM)
+    assert memory.shapes["sliding_attention shared"].mlp == 2 * memory.shapes["sliding_attention"].mlp == 2 * 6144
+    kinds = [layer_kind(tc, i) for i in range(tc.num_hidden_layers)]
+    assert kinds.count("sliding_attention shared") + kinds.count("full_attention shared") == 20
+    stored = sum(memory.layer_saved(k) for k in kinds) + per_layer_input_saved(tc, memory.tokens, 1)
+    [stage] = make_plan(cfg).stages
+    assert stage.activations_gib["stored_per_micro_batch"] == round(stored / 2**30, 3), stage.activations_gib
