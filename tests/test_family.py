@@ -19,7 +19,14 @@ from runner.data.sources import chat_sample
 from runner.errors import UserError
 from runner.models.gemma4.per_layer import AUDIO_PREFIXES
 from runner.models.gemma4.presets import PRESETS
-from runner.plan import FUSED_ATTN_MAX_HEAD_DIM, carried_bytes, layer_kind, make_plan, memory_model, per_layer_input_saved
+from runner.plan import (
+    FUSED_ATTN_MAX_HEAD_DIM,
+    carried_bytes,
+    layer_kind,
+    make_plan,
+    memory_model,
+    per_layer_input_saved,
+)
 
 from conftest import ROOT, assert_one_line
 
