@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from runner.errors import UserError, from_the_recipe
 
@@ -127,8 +128,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line naming the command's --help (exit 2), like the
+    runner's other errors, instead of the usage block and a second line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runner", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="runner", description=__doc__.splitlines()[0])
     # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK carries it too
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)

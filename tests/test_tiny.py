@@ -198,3 +198,17 @@ def test_cli_writes_bfloat16(tmp_path: Path) -> None:
 def test_rejects_unknown_dtype(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="dtype"):
         make_tiny(tmp_path, dtype="float16")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["make-tiny", "out", "--like", "bogus"], ["runner make-tiny", "--like", "'bogus'", "e2b", "runner make-tiny --help"]),
+    (["train"], ["runner train", "recipe", "runner train --help"]),
+    (["bogus"], ["runner:", "'bogus'", "make-tiny", "runner --help"]),
+])
+def test_command_line_mistakes_are_one_line(capsys, argv, words) -> None:
+    """A wrong argument is one `error:` line naming the command's --help, exit 2, no usage block."""
+    with pytest.raises(SystemExit) as stop:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert all(w in err for w in words), err
