@@ -115,7 +115,8 @@ def _assert_matches_transformers(tmp_path, tiny_ckpt, layout: tuple[int, int, in
     for step, kind in enumerate(kinds.split(",")):
         loss = stages[-1]["losses"][step]
         assert abs(loss - ref["losses"][step]) <= LOSS_RTOL * abs(ref["losses"][step]), (kind, loss, ref["losses"][step])
-        if ref["balances"]:  # an MoE model: the logged balance loss is transformers' (also when not trained)
+        if ref["balances"] and not ref_kinds:  # MoE, same micro-batches: the logged balance loss is transformers'
+            # (also when not trained; a packed row's differs from its samples' one by one, by definition)
             balance = stages[-1]["routing"][step]["moe_balance_loss"]
             assert abs(balance - ref["balances"][step]) <= LOSS_RTOL * ref["balances"][step], (balance, ref["balances"])
         got: dict[str, torch.Tensor] = {}
