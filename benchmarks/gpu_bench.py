@@ -43,7 +43,8 @@ profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under 
 3. `runner train` per layout and workload (torchrun, bf16, ZeRO-1, activation checkpointing,
    embeddings and vision tower frozen), steady state = median of the steps after the warm-up;
 4. the baseline a user would otherwise pick: transformers' model under DeepSpeed ZeRO-3 through
-   Accelerate, data parallel over the same GPUs, same data, same frozen parts (zero3_baseline.py;
+   Accelerate, data parallel over the same GPUs (LoRA on one GPU: PEFT's model in a plain PyTorch
+   loop, system "peft"), same data, same frozen parts (zero3_baseline.py;
    MoE experts through transformers' `grouped_mm`, named in the record);
 5. `records.jsonl`: one record per run in the shape of `benchmarks/records.py` (tok/s per GPU, MFU —
    on active parameters for MoE, `details.mfu_basis` —, peak GiB, `runner plan`'s estimate, the ZeRO-3
@@ -491,7 +492,7 @@ def to_records(results: dict, command: str, commit: str) -> list[dict]:
     records, flops_ratio, mfu_ratio = [], {}, {}
     for e in results["runs"]:
         base = results["baseline"].get(e["workload"])
-        baseline = None if base is None else {"name": "ZeRO-3, same command", "peak_gib": base.get("mem_gib"),
+        baseline = None if base is None else {"name": base.get("name", "ZeRO-3, same command"), "peak_gib": base.get("mem_gib"),
                                               "tokens_per_sec_per_gpu": base["tokens_per_sec_per_gpu"]}
         if e.get("model_tflops_per_gpu") and e.get("tokens_per_sec_per_gpu"):  # model FLOPs per token (the first run's)
             flops_ratio.setdefault(e["workload"], e["model_tflops_per_gpu"] / e["tokens_per_sec_per_gpu"])
@@ -508,7 +509,7 @@ def to_records(results: dict, command: str, commit: str) -> list[dict]:
         tflops, mfu = flops_ratio.get(workload), mfu_ratio.get(workload)
         experts = b.get("experts_implementation")
         records.append(make_record(
-            **common, system="zero3", workload=workload, tp=1, pp=1, dp=b["dp"], overrides={},
+            **common, system=b.get("system", "zero3"), workload=workload, tp=1, pp=1, dp=b["dp"], overrides={},
             tokens_per_sec_per_gpu=b["tokens_per_sec_per_gpu"], mfu=mfu * b["tokens_per_sec_per_gpu"] if mfu else None,
             peak_gib=b.get("mem_gib"), plan_gib=None,
             notes=f"transformers experts_implementation={experts}" if experts else "",
@@ -532,10 +533,10 @@ def print_table(records: list[dict]) -> None:
     moe = any(r.get("details", {}).get("mfu_basis") == "active parameters" for r in records)
     print(f"\n{first['card']} x{first['gpu_count']}, {first['model']}"
           + ("; MFU on active parameters (router + top-k experts + dense MLP + attention + head)" if moe else ""))
-    print(f"{'workload':8} {'layout':14} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'vs ZeRO-3':>9}")
+    print(f"{'workload':8} {'layout':14} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'vs base':>9}")
     for r in records:
         lay = r["layout"]
-        name = "ZeRO-3" if r["system"] == "zero3" else f"tp{lay['tp']}pp{lay['pp']}dp{lay['dp']}"
+        name = {"zero3": "ZeRO-3", "peft": "PEFT"}.get(r["system"], f"tp{lay['tp']}pp{lay['pp']}dp{lay['dp']}")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         print(f"{r['workload']:8} {name:14} {r['tokens_per_sec_per_gpu'] or 0:>10.0f} {mfu:>6} {r['peak_gib'] or 0:>9.1f} "
               f"{r['plan_gib'] or 0:>9.1f} {r['ratio'] or 0:>9.2f} {r['overrides'] or ''}")

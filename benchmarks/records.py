@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 RECORDS = Path(__file__).resolve().parent / "results" / "records.jsonl"
-SYSTEMS = ("runner", "zero3")  # this runner; transformers' model under DeepSpeed ZeRO-3 (zero3_baseline.py)
+# this runner; transformers' model under DeepSpeed ZeRO-3, or (LoRA on one GPU) PEFT's in a plain loop (zero3_baseline.py)
+SYSTEMS = ("runner", "zero3", "peft")
 FIELDS = ("date", "card", "gpu_count", "commit", "command", "system", "model", "depth", "workload", "layout",
           "overrides", "tokens_per_sec_per_gpu", "mfu", "peak_gib", "plan_gib", "baseline", "ratio")
 OPTIONAL = ("notes", "details")

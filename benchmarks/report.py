@@ -31,6 +31,8 @@ def _layout(r: dict) -> str:
     lay = r["layout"]
     if r["system"] == "zero3":
         return f"ZeRO-3, DP{lay['dp']}"
+    if r["system"] == "peft":
+        return "PEFT, plain PyTorch"
     text = f"TP{lay['tp']} × PP{lay['pp']}" + (f" × DP{lay['dp']}" if lay["dp"] > 1 else "")
     return text + (", SP" if lay["sp"] else "")
 

@@ -1,6 +1,7 @@
 """The baseline a user would pick instead: transformers' Gemma4 under DeepSpeed ZeRO-3 through
-Accelerate's DeepSpeed plugin, data parallel over every GPU. Same checkpoint, data, collator,
-frozen parts (embeddings, vision tower) and activation checkpointing as the runner's runs.
+Accelerate's DeepSpeed plugin, data parallel over every GPU — or, for LoRA on one GPU, PEFT's model in
+a plain PyTorch loop (what the Trainer runs there). Same checkpoint, data, collator, frozen parts
+(embeddings, vision tower) and activation checkpointing as the runner's runs.
 
 Launched by gpu_bench.py under torchrun; writes one JSON with the steady-state tok/s per GPU. Devices
 go through DeepSpeed's accelerator, so `gpu_bench --tiny` runs this same script on CPU (fp32, gloo).
@@ -17,6 +18,7 @@ kernels installed from outside. So `grouped_mm`, what a user gets and the fastes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -101,11 +103,30 @@ def main() -> None:
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": args.gas,
     }
-    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
-                              gradient_accumulation_steps=args.gas)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                                  betas=(0.9, 0.95), weight_decay=0.01)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
+    # LoRA on one GPU: what a PEFT user runs there (the Trainer's plain loop), not ZeRO-3 over one rank
+    plain = bool(args.lora_rank) and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if plain:
+        dist.init_process_group("nccl" if acc.device_name() == "cuda" else "gloo")
+        device = acc.device_name(local)
+
+        def backward(loss: torch.Tensor, last: bool) -> None:
+            (loss / args.gas).backward()
+            if last:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+    else:
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+                                  gradient_accumulation_steps=args.gas)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        device = accelerator.device
+
+        def backward(loss: torch.Tensor, last: bool) -> None:
+            accelerator.backward(loss)  # ZeRO-3 scales by gas and steps at the boundary itself
+            optimizer.step()
+            optimizer.zero_grad()
 
     processor = AutoProcessor.from_pretrained(args.ckpt)
     source = load_source(args.data)
@@ -119,20 +140,19 @@ def main() -> None:
         acc.synchronize()
         t0 = time.time()
         n = 0
-        for batch in loader.next_step():
+        micro = loader.next_step()
+        for i, batch in enumerate(micro):
             n += int(batch["attention_mask"].sum())
-            with accelerator.accumulate(model):
-                inputs = {k: v.to(accelerator.device) for k, v in hf_model_inputs(batch).items()}
+            with contextlib.nullcontext() if plain else accelerator.accumulate(model):
+                inputs = {k: v.to(device) for k, v in hf_model_inputs(batch).items()}
                 loss = model(**inputs).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
+                backward(loss, i == len(micro) - 1)
         acc.synchronize()
-        count = torch.tensor([n], device=accelerator.device)
+        count = torch.tensor([n], device=device)
         dist.all_reduce(count)
         times.append(time.time() - t0)
         tokens.append(int(count))
-        peak = torch.tensor([acc.max_memory_allocated() / 2**30], device=accelerator.device)
+        peak = torch.tensor([acc.max_memory_allocated() / 2**30], device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank == 0:
             print(f"zero3 step {len(times)}: {times[-1]:.2f}s {tokens[-1] / times[-1] / world:.0f} tok/s/gpu "
@@ -143,6 +163,8 @@ def main() -> None:
                 "tokens_per_sec_per_gpu": statistics.median(t / s / world for s, t in rest),
                 "step_time": statistics.median(s for s, _ in rest),
                 "mem_gib": float(peak), "steps_timed": len(rest),
+                "system": "peft" if plain else "zero3",
+                "name": ("transformers + PEFT, plain PyTorch loop" if plain else "ZeRO-3") + ", same command",
                 "dp": world, "micro_batch": args.micro, "micro_batches_per_step": args.gas,
                 "trainable_params": trainable, **({"experts_implementation": experts} if moe else {}),
             }

@@ -87,13 +87,15 @@ def test_bench_results_become_records():
     assert moe_run["details"]["mfu_basis"] == moe_zero3["details"]["mfu_basis"] == "active parameters"
 
 
-def test_tiny_lora_benchmark_runs_the_runner_and_the_peft_zero3_baseline(tmp_path):
-    """`gpu_bench --lora` end to end on CPU: the runner's LoRA run and transformers + PEFT LoRA under
-    ZeRO-3 (zero3_baseline.py through DeepSpeed's accelerator) both time their steps and become records."""
+@pytest.mark.parametrize("procs,baseline", [(1, "peft"), (2, "zero3")])
+def test_tiny_lora_benchmark_runs_the_runner_and_the_peft_baseline(tmp_path, procs, baseline):
+    """`gpu_bench --lora` end to end on CPU: the runner's LoRA run and transformers + PEFT LoRA — in a plain
+    PyTorch loop on one device, under ZeRO-3 (zero3_baseline.py through DeepSpeed's accelerator) on more —
+    both time their steps and become records."""
     import json
     import subprocess
 
-    env = {**os.environ, "BENCH_WORK": str(tmp_path / "work"), "DS_ACCELERATOR": "cpu", "BENCH_CPU_PROCS": "1"}
+    env = {**os.environ, "BENCH_WORK": str(tmp_path / "work"), "DS_ACCELERATOR": "cpu", "BENCH_CPU_PROCS": str(procs)}
     cmd = [sys.executable, "-m", "benchmarks.gpu_bench", "--tiny", "--out", str(tmp_path / "out"), "--layouts", "1x1",
            "--workloads", "medpix", "--steps", "2", "--warmup", "1", "--gas", "2", "--samples", "32", "--lora", "4"]
     done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
@@ -101,10 +103,11 @@ def test_tiny_lora_benchmark_runs_the_runner_and_the_peft_zero3_baseline(tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     by_system = {r["system"]: r for r in records}
-    assert set(by_system) == {"runner", "zero3"}, records
-    runner, zero3 = by_system["runner"], by_system["zero3"]
-    assert runner["tokens_per_sec_per_gpu"] > 0 and zero3["tokens_per_sec_per_gpu"] > 0
+    assert set(by_system) == {"runner", baseline}, records
+    runner, base = by_system["runner"], by_system[baseline]
+    assert runner["tokens_per_sec_per_gpu"] > 0 and base["tokens_per_sec_per_gpu"] > 0
     assert runner["overrides"]["lora.rank"] == "4" and runner["baseline"]["tokens_per_sec_per_gpu"] > 0
+    assert runner["baseline"]["name"].startswith("transformers + PEFT" if baseline == "peft" else "ZeRO-3")
 
 
 def _tiny_bench(tmp_path: Path, procs: int, *args: str) -> dict[str, dict]:
