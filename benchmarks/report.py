@@ -72,23 +72,31 @@ def _peak(r: dict) -> str:
 
 
 def _baseline(r: dict) -> str:
+    """The baseline's tok/s/GPU; named unless it is ZeRO-3."""
     base = r["baseline"]
-    return "–" if base is None else f"{base['tokens_per_sec_per_gpu']:.0f}"
+    if base is None:
+        return "–"
+    return f"{base['tokens_per_sec_per_gpu']:.0f}" + (" (PEFT)" if base["name"].startswith("transformers + PEFT") else "")
+
+
+def _workload(r: dict) -> str:
+    rank = r["overrides"].get("lora.rank") if r["overrides"].get("lora.enabled") == "true" else None
+    return r["workload"] + (f", LoRA r{rank}" if rank else "")
 
 
 def summary_table(records: list[dict]) -> str:
     """The fastest run of this runner per card, GPU count, depth and workload, newest first within a depth."""
     best: dict[tuple, dict] = {}
     for r in records:
-        key = (r["depth"], r["card"], r["gpu_count"], r["workload"], _member(r))
+        key = (r["depth"], r["card"], r["gpu_count"], _workload(r), _member(r))
         if r["system"] == "runner" and r["tokens_per_sec_per_gpu"] and (
                 key not in best or r["tokens_per_sec_per_gpu"] > best[key]["tokens_per_sec_per_gpu"]):
             best[key] = r
     lines = ["| depth | card | workload | layout | overrides | tok/s/GPU | MFU | peak GiB (plan) "
-             "| ZeRO-3 tok/s/GPU | ratio | date, commit |", "|" + "---|" * 11]
+             "| baseline tok/s/GPU | ratio | date, commit |", "|" + "---|" * 11]
     for key in sorted(best, key=lambda k: (k[4], -k[0], k[1], -k[2], k[3])):
         r = best[key]
-        lines.append(f"| {_depth(r)} | {_card(r)} | {r['workload']} | {_layout(r)} | {_overrides(r)} "
+        lines.append(f"| {_depth(r)} | {_card(r)} | {_workload(r)} | {_layout(r)} | {_overrides(r)} "
                      f"| {r['tokens_per_sec_per_gpu']:.0f} | {_mfu(r)} | {_peak(r)} | {_baseline(r)} "
                      f"| {_num(r['ratio'], '.2f')} | {r['date']}, {r['commit']} |")
     return "\n".join(lines) + "\n"
@@ -101,7 +109,7 @@ def runs_table(records: list[dict]) -> str:
              "| baseline tok/s/GPU | ratio | cmd | notes |", "|" + "---|" * 14]
     for r in records:
         number = commands.setdefault(r["command"], len(commands) + 1)
-        lines.append(f"| {r['date']} | {_card(r)} | {r['commit']} | {_depth(r)} | {r['workload']} | {_layout(r)} "
+        lines.append(f"| {r['date']} | {_card(r)} | {r['commit']} | {_depth(r)} | {_workload(r)} | {_layout(r)} "
                      f"| {_overrides(r)} | {_num(r['tokens_per_sec_per_gpu'], '.0f')} | {_mfu(r)} "
                      f"| {_peak(r)} | {_baseline(r)} | {_num(r['ratio'], '.2f')} | {number} "
                      f"| {r.get('notes', '').replace('|', '/')} |")

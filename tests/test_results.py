@@ -31,13 +31,30 @@ def test_ratio_is_tokens_over_baseline(record):
 
 
 def test_baselines_are_recorded_runs():
-    """Every baseline figure a run is compared with is itself a ZeRO-3 record of the same card and depth."""
-    zero3 = {(r["card"], r["gpu_count"], r["depth"], r["workload"], r["tokens_per_sec_per_gpu"])
-             for r in RUNS if r["system"] == "zero3"}
+    """Every baseline figure a run is compared with is itself a baseline record (ZeRO-3, or PEFT's plain loop)
+    of the same card and depth."""
+    baselines = {(r["card"], r["gpu_count"], r["depth"], r["workload"], r["tokens_per_sec_per_gpu"])
+                 for r in RUNS if r["system"] in ("zero3", "peft")}
     for r in RUNS:
         if r["baseline"]:
             key = (r["card"], r["gpu_count"], r["depth"], r["workload"], r["baseline"]["tokens_per_sec_per_gpu"])
-            assert key in zero3, f"{r['date']} {r['commit']}: baseline {r['baseline']} has no ZeRO-3 record"
+            assert key in baselines, f"{r['date']} {r['commit']}: baseline {r['baseline']} has no record"
+
+
+def test_summary_keeps_lora_runs_apart_and_names_a_peft_baseline():
+    """A LoRA run is its own summary row, its baseline marked PEFT; the full fine-tuning row beside it stays."""
+    common = dict(date="2026-12-05", card="NVIDIA H200", gpu_count=1, commit="abc1234", command="python -m x",
+                  model="m", depth=12, workload="text", tp=1, pp=1, dp=1, mfu=None, peak_gib=None, plan_gib=None)
+    full = make_record(system="runner", overrides={}, tokens_per_sec_per_gpu=100.0,
+                       baseline={"name": "ZeRO-3, same command", "tokens_per_sec_per_gpu": 50.0}, **common)
+    lora = make_record(system="runner", overrides={"lora.enabled": "true", "lora.rank": "16"},
+                       tokens_per_sec_per_gpu=300.0,
+                       baseline={"name": "transformers + PEFT, plain PyTorch loop, same command",
+                                 "tokens_per_sec_per_gpu": 200.0}, **common)
+    rows = [line for line in tables([full, lora], [])["summary"].splitlines() if "abc1234" in line]
+    assert len(rows) == 2, rows
+    assert "| text | " in rows[0] + rows[1] and "| 50 |" in rows[0] + rows[1]
+    assert any("| text, LoRA r16 |" in row and "| 200 (PEFT) |" in row and "| 1.50 |" in row for row in rows), rows
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
