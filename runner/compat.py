@@ -97,14 +97,14 @@ def build_packed_masks(config: Gemma4Config, hidden: torch.Tensor, document_ids:
     sees row indices; a window within one sample is the same counted either way."""
     tc = config.get_text_config()
     same_document = packed_sequence_mask_function(document_ids)
-    kwargs = {"config": tc, "inputs_embeds": hidden, "attention_mask": None, "cache": None, "position_ids": None}
+    args = (tc, hidden, None, None)  # config, embeddings, attention mask, cache (positional: renamed in 5.25)
     images = None
     if tc.use_bidirectional_attention == "vision":
         images = blockwise_overlay(get_block_sequence_ids_for_mask(mm_token_type_ids, hidden.device))
     return {
-        "full_attention": create_causal_mask(**kwargs, and_mask_function=same_document),
+        "full_attention": create_causal_mask(*args, and_mask_function=same_document),
         "sliding_attention": create_causal_mask(
-            **kwargs, or_mask_function=images, and_mask_function=and_masks(sliding_window_overlay(tc.sliding_window),
+            *args, or_mask_function=images, and_mask_function=and_masks(sliding_window_overlay(tc.sliding_window),
                                                                             same_document)),
     }
 
