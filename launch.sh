@@ -18,7 +18,7 @@ Commands:
   demo [--set KEY=VALUE ...]   tiny Gemma4 + synthetic MedPix data on CPU: TP2 x PP2 under accelerate
                                (4 processes), fine-tuned, exported and scored, in runs/demo/
   test [PYTEST ARGS]           the CPU test suite (pytest -q tests; or the tests/ files or ids given)
-  test-oldest [PYTEST ARGS]    the compatibility subset on the oldest supported transformers (.venv-oldest)
+  test-oldest [PYTEST ARGS]    the compatibility subset on the oldest supported libraries (.venv-oldest)
   train RECIPE [OPTIONS]       check a run once, then start its processes (./launch.sh train --help)
   install                      install the runner, its dependencies and torch (see Python below)
   help                         this text
@@ -263,22 +263,29 @@ test_paths() {  # test_paths PYTEST ARGS: "tests" unless the arguments name test
     echo tests
 }
 
-test_oldest() {  # the `compat`-marked tests in .venv-oldest, on the lowest transformers pyproject allows
-    local oldest venv=.venv-oldest
+test_oldest() {  # the `compat`-marked tests in .venv-oldest, on the lowest release pyproject allows of each library
+    local pins venv=.venv-oldest
     pick_python
-    oldest=$("$PY" -c "
+    # transformers, PEFT, DeepSpeed, Accelerate, datasets: the libraries whose APIs and internals the runner
+    # uses, each at its lower bound (torch stays the installed build: older ones are not on every index)
+    pins=$("$PY" -c "
 import re, tomllib
 deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
-print(re.search(r'>=([0-9.]+)', next(d for d in deps if d.startswith('transformers'))).group(1))")
-    if ! "$venv/bin/python" -c "import sys, transformers, packaging.version as v
-sys.exit(v.Version(transformers.__version__) != v.Version('$oldest'))" 2>/dev/null; then
-        echo "test-oldest: creating $venv with transformers $oldest" >&2
+lows = {m[1]: m[2] for d in deps if (m := re.match(r'([a-z]+)>=([0-9.]+)', d))}
+print(' '.join(f'{n}=={lows[n]}' for n in ('transformers', 'peft', 'deepspeed', 'accelerate', 'datasets')))")
+    if ! "$venv/bin/python" -c "import sys, importlib.metadata as m, packaging.version as v
+sys.exit(any(v.Version(m.version(n)) != v.Version(want) for n, want in (p.split('==') for p in '$pins'.split())))" \
+            2>/dev/null; then
+        echo "test-oldest: creating $venv with $pins" >&2
         "$PY" -m venv "$venv"
         install_torch "$venv/bin/python"
-        echo "install: the runner and its dependencies with transformers $oldest (a few hundred MB)" >&2
-        "$venv/bin/python" -m pip install -e ".[test]" "transformers==$oldest"
+        echo "install: the runner and its dependencies at their lower bounds (a few hundred MB)" >&2
+        # shellcheck disable=SC2086  # $pins: one word per requirement
+        "$venv/bin/python" -m pip install -e ".[test]" $pins
     fi
-    export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$ROOT/$venv/torch_extensions
+    # VIRTUAL_ENV and PATH: the launchers the tests start (launch.sh, deepspeed, accelerate) run this venv too
+    export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$ROOT/$venv/torch_extensions \
+        VIRTUAL_ENV=$ROOT/$venv PATH=$ROOT/$venv/bin:$PATH
     local where
     where=$(test_paths "$@")
     exec "$venv/bin/python" -m pytest -q -m compat ${where:+"$where"} "$@"

@@ -77,7 +77,8 @@ def model_with_adapter(request, tmp_path_factory) -> Callable[[str], tuple[Path,
 
 SP, RECOMPUTE = ("--sequence-parallel",), ("--activation-checkpointing",)
 LAYOUTS = [("31b", (1, 1, 1), ()), ("31b", (2, 1, 1), ()), ("31b", (1, 2, 1), ()), ("31b", (2, 2, 1), ()),
-           ("31b", (1, 2, 2), ()), ("31b", (4, 1, 1), ()), ("31b", (2, 2, 1), SP), ("31b", (2, 2, 1), SP + RECOMPUTE),
+           ("31b", (1, 2, 2), ()), ("31b", (4, 1, 1), ()), pytest.param("31b", (2, 2, 1), SP, marks=pytest.mark.compat),
+           ("31b", (2, 2, 1), SP + RECOMPUTE),
            # E2B: the KV-shared layers 3-5 have no k/v projections, so PEFT has no adapter there and neither has the
            # runner; at pp 2 they sit on stage 1 and the producers' (1, 2) adapted k/v on stage 0 get their gradient
            # back through the carried keys/values. The per-layer gate/projection are not of the seven names: frozen.
@@ -237,7 +238,7 @@ def lora_run(request, like: str) -> tuple[Path, Path]:
     return ckpt, run_worker(ckpt, (1, 2, 1), base, "--steps", "2", "--save-at", "2", "--lora", str(adapter))
 
 
-@pytest.mark.parametrize("like", ["31b", "e2b"])
+@pytest.mark.parametrize("like", [pytest.param("31b", marks=pytest.mark.compat), "e2b"])
 def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(request, like, tmp_path):
     """`runner export` writes what PeftModel loads unchanged (every trained adapter value, TP shards
     joined, PEFT's key names; on E2B none on the KV-shared layers' missing k/v projections); `--merge` equals

@@ -105,6 +105,19 @@ def test_too_little_disk_for_one_checkpoint(capsys, monkeypatch, tmp_path, tiny_
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_deepspeed_older_than_the_tested_range_is_one_line(capsys, monkeypatch, tmp_path, tiny_ckpt, medpix):
+    """DeepSpeed before 0.19.3 trains earlier pipeline stages on gradients divided by the accumulation steps twice:
+    the check refuses it before anything is built; the installed (tested) release passes."""
+    import importlib.metadata
+
+    proc = _check(capsys, *_sets(tiny_ckpt, medpix, tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.19.2" if name == "deepspeed" else real(name))
+    proc = _check(capsys, *_sets(tiny_ckpt, medpix, tmp_path / "out"))
+    assert_one_error_line(proc, ["DeepSpeed 0.19.2 is installed", "needs 0.19.8 or newer", "pip install"])
+
+
 def test_a_save_records_every_file_size_and_the_estimate_is_close(saved, tiny_ckpt):
     from transformers import AutoConfig
 

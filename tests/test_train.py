@@ -73,6 +73,7 @@ def _first_step(out: Path) -> dict:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
 
+@pytest.mark.compat
 def test_same_first_step_for_every_layout_and_launcher(tmp_path, tiny_ckpt, medpix):
     """(1,1,1) under torchrun, (2,2,1) with sequence parallelism under accelerate launch, (1,2,2) under
     the deepspeed launcher: one global batch, so loss and grad norm must agree."""
