@@ -683,9 +683,18 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
         ),
         vision_layers=vc.num_hidden_layers,
         patches=_soft_tokens(config) * vc.pooling_kernel_size**2,
-        images=cfg.train.micro_batch_size * IMAGES_PER_SAMPLE,
+        images=cfg.train.micro_batch_size * images_per_row(cfg, config),
         seq_slices=cfg.parallel.seq_slices,
     )
+
+
+def images_per_row(cfg: RunConfig, config: Gemma4Config) -> int:
+    """Images one micro-batch row brings to the vision tower: a padded sample's `IMAGES_PER_SAMPLE`; a packed
+    row as many as its length holds at one image's soft tokens each (an upper bound: every sample of a row at
+    least its image)."""
+    if not cfg.data.packing:
+        return IMAGES_PER_SAMPLE
+    return max(IMAGES_PER_SAMPLE, cfg.data.pack_length // _soft_tokens(config))
 
 
 def moe_summary(config: Gemma4Config, dims: ParallelDims, tokens: int, dtype_bytes: int) -> dict[str, Any] | None:
@@ -915,6 +924,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
         assumptions={
             "overhead_gib": OVERHEAD_GIB,
             "images_per_sample": IMAGES_PER_SAMPLE,
+            "images_per_row": memory.images // cfg.train.micro_batch_size,
             "patches_per_image": memory.patches,
             "attention_scores_materialized": memory.materialized,
             "fused_attn_max_head_dim": fused_attn_max_head_dim,

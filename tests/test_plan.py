@@ -437,6 +437,23 @@ def test_sequence_parallel_slices_what_lies_between_blocks():
     load_config(RECIPES["tp2_pp2"], ["parallel.sequence_parallel=true", "data.max_length=1001", "data.buckets=[512,1024]"])
 
 
+def test_a_packed_row_brings_the_images_it_can_hold_to_the_vision_tower():
+    """Packed into 4096-token rows, one micro-batch row can bring up to 4096 // 280 = 14 of the 31B's images (280
+    soft tokens each): what a trained vision tower adds to the first stage's stored activations is 14 images'
+    worth per row where a padded sample adds one."""
+    def vision_share(*sets: str) -> tuple[int, float]:
+        stored = {}
+        for frozen in ("true", "false"):
+            plan = make_plan(load_config(RECIPES["tp2_pp2"], [*sets, f"freeze.vision_tower={frozen}"]), gpu_mem_gib=140)
+            stored[frozen] = plan.stages[0].activations_gib["stored"]
+        return plan.assumptions["images_per_row"], stored["false"] - stored["true"]
+
+    padded = vision_share("train.micro_batch_size=1")
+    packed = vision_share("train.micro_batch_size=1", "data.packing=true", "data.pack_length=4096")
+    assert (padded[0], packed[0]) == (1, 14)
+    assert padded[1] > 1 and packed[1] == pytest.approx(14 * padded[1], rel=1e-3), (padded, packed)
+
+
 def test_plan_of_a_lora_recipe_trains_exactly_peft_adapters():
     """The 31B LoRA recipe at tp 1: the plan's trainable parameters are what PEFT's get_peft_model makes
     trainable on transformers' 31B (built on the meta device) with the same LoraConfig; at tp 2 each GPU
