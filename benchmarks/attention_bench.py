@@ -7,7 +7,10 @@ SDPA on the full layers (head_dim 512, 2 KV heads per rank at TP2, causal) and t
 (head_dim 256, 8 KV heads per rank, window 1024), each checked against an fp32 reference; and the
 runner's `model.wide_head_backward: gemm` (FlexAttention forward, a backward of batched GEMMs).
 
-    python -m benchmarks.attention_bench --out results.json [--tp 2] [--seq 4224] [--budget-s 300]
+    python -m benchmarks.attention_bench --out results.json [--tp 2] [--seq 4224] [--budget-s 300] [--pack 390]
+
+`--pack N`: the row holds samples of N tokens packed end to end (`data.packing`), each attending only
+within itself (the rest of the row: one more sample).
 
 Writes one JSON record per variant as it goes (a killed run keeps what it measured).
 """
@@ -61,11 +64,14 @@ def shapes(tp: int) -> dict[str, dict]:
     return out
 
 
-def bool_mask(seq: int, window: int | None, device) -> torch.Tensor:
-    """True where a query may attend: causal, and within `window` keys on sliding layers."""
+def bool_mask(seq: int, window: int | None, device, pack: int = 0) -> torch.Tensor:
+    """True where a query may attend: causal, within `window` keys on sliding layers, within its own sample
+    of `pack` tokens when packed."""
     q = torch.arange(seq, device=device)[:, None]
     k = torch.arange(seq, device=device)[None, :]
     allowed = k <= q
+    if pack:
+        allowed &= q // pack == k // pack
     return allowed & (q - k < window) if window else allowed
 
 
@@ -77,12 +83,14 @@ def eager(q, k, v, mask, groups: int) -> torch.Tensor:
     return torch.matmul(probs, v)
 
 
-def variants(layer: str, shape: dict, seq: int, mask: torch.Tensor, device) -> dict:
+def variants(layer: str, shape: dict, seq: int, mask: torch.Tensor, device, pack: int = 0) -> dict:
     groups = shape["heads"] // shape["kv_heads"]
     window = shape["window"]
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = kv_idx <= q_idx
+        if pack:
+            allowed = allowed & (q_idx // pack == kv_idx // pack)
         return allowed & (q_idx - kv_idx < window) if window else allowed
 
     block = create_block_mask(mask_mod, 1, 1, seq, seq, device=device)
@@ -106,12 +114,13 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=4224)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=300, help="skip the variants left after this long")
+    ap.add_argument("--pack", type=int, default=0, help="samples of this many tokens packed into the row (0: one)")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # one compile per kernel_options variant
     device = torch.device("cuda")
     t0 = time.time()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tp": args.tp, "seq": args.seq,
-               "runs": []}
+               "pack": args.pack, "runs": []}
     for layer, shape in shapes(args.tp).items():
         gen = torch.Generator(device=device).manual_seed(0)
         h, kv, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
@@ -119,7 +128,7 @@ def main() -> int:
         q0, k0, v0 = (torch.randn(1, args.seq, n, d, device=device, generator=gen).transpose(1, 2) / d**0.25
                       for n in (h, kv, kv))
         grad = torch.randn(1, h, args.seq, d, device=device, generator=gen, dtype=torch.bfloat16)
-        mask = bool_mask(args.seq, shape["window"], device)
+        mask = bool_mask(args.seq, shape["window"], device, args.pack)
         leaves = [x.clone().requires_grad_() for x in (q0, k0, v0)]  # fp32 reference
         ref = eager(*leaves, mask, h // kv)
         ref.backward(grad.float())
@@ -127,7 +136,7 @@ def main() -> int:
         del leaves, ref
         pairs = int(mask.sum())
         flops_fwd = 4 * pairs * d * h  # QK^T and PV over the allowed pairs
-        for name, fn in variants(layer, shape, args.seq, mask, device).items():
+        for name, fn in variants(layer, shape, args.seq, mask, device, args.pack).items():
             record = {"layer": layer, **shape, "variant": name}
             if time.time() - t0 > args.budget_s:
                 record["skipped"] = "time budget"

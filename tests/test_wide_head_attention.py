@@ -39,15 +39,27 @@ def _mask(b: int, s: int) -> torch.Tensor:
     return allowed
 
 
+def _packed_mask(b: int, s: int) -> torch.Tensor:
+    """Packed rows (`runner/data/packing.py`): samples causal within themselves, padding (document 0) a causal
+    run of its own; the two sequences' samples end at different rows."""
+    lengths = ([7, 12, 9, 5], [15, 3, 11])
+    doc = torch.zeros(b, s, dtype=torch.long)
+    for i, row in enumerate(lengths[:b]):
+        doc[i, :sum(row)] = torch.repeat_interleave(torch.arange(1, len(row) + 1), torch.tensor(row))
+    idx = torch.arange(s)
+    return ((doc[:, :, None] == doc[:, None, :]) & (idx[:, None] >= idx[None, :]))[:, None]
+
+
+@pytest.mark.parametrize("masks", [_mask, _packed_mask])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_gemm_backward_equals_autograd(kv_heads):
+def test_gemm_backward_equals_autograd(kv_heads, masks):
     """dq, dk, dv from the output and LSE equal autograd's, GQA groups of 4, 2 and 1; row blocks of 5
-    and of all 40 rows."""
+    and of all 40 rows; causal and packed masks."""
     torch.manual_seed(0)
     b, hq, s, d, scale = 2, 4, 40, 16, 0.7
     q = torch.randn(b, hq, s, d, requires_grad=True)
     k, v = (torch.randn(b, kv_heads, s, d, requires_grad=True) for _ in range(2))
-    allowed = _mask(b, s)
+    allowed = masks(b, s)
     out = _eager(q, k, v, allowed, scale)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -60,13 +72,28 @@ def test_gemm_backward_equals_autograd(kv_heads):
             torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_function_with_a_per_sequence_block_mask():
+def test_a_packed_rows_blocks_meet_only_their_samples_keys():
+    """On one packed row the backward's blocks follow the samples: each block's keys are its own sample's
+    (1× its square), where blocks of S/8 rows from key 0 would meet the whole causal triangle; a plain causal
+    row keeps its 8 blocks from key 0."""
+    allowed = _packed_mask(1, 40)
+    blocks = row_blocks(allowed, chunks=2)
+    assert [(r, n, k0, kend) for r, n, k0, kend in blocks] == [
+        (0, 7, 0, 7), (7, 12, 7, 19), (19, 9, 19, 28), (28, 5, 28, 33), (33, 7, 33, 40)]
+    products = sum(n * (kend - k0) for _, n, k0, kend in blocks)
+    assert products == 7 * 7 + 12 * 12 + 9 * 9 + 5 * 5 + 7 * 7 < allowed.sum() * 2
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, None]
+    assert row_blocks(causal) == [(r, 5, 0, r + 5) for r in range(0, 40, 5)]
+
+
+@pytest.mark.parametrize("masks", [_mask, _packed_mask])
+def test_function_with_a_per_sequence_block_mask(masks):
     """The autograd Function end to end on a BlockMask whose mask depends on the sequence (as
-    transformers' padding masks do): FlexAttention's forward and LSE, the dense mask rebuilt per
+    transformers' padding and packed masks do): FlexAttention's forward and LSE, the dense mask rebuilt per
     sequence, against autograd through the eager reference."""
     torch.manual_seed(0)
     b, hq, hkv, s, d = 2, 4, 1, 256, 16
-    allowed = _mask(b, s)
+    allowed = masks(b, s)
     block = create_block_mask(lambda bi, h, qi, ki: allowed[bi, 0, qi, ki], b, 1, s, s, device="cpu")
     q = torch.randn(b, hq, s, d, requires_grad=True)
     k, v = (torch.randn(b, hkv, s, d, requires_grad=True) for _ in range(2))

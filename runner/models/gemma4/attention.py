@@ -53,16 +53,26 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, 
     return torch.baddbmm(add.float(), a.float(), b.float(), alpha=alpha)
 
 
-def row_blocks(allowed: torch.Tensor, chunks: int = ROW_BLOCKS) -> list[tuple[int, int, int]]:
-    """(first row, rows, keys) per block of query rows: keys up to the last one any row of the block
-    may see under `allowed` [B, 1, S, S] (causal: the block's last row; 0 where no row sees a key).
-    One host read for all blocks."""
-    s = allowed.shape[-2]
-    rows = -(-s // chunks)
-    starts = range(0, s, rows)
-    cols = torch.arange(allowed.shape[-1], device=allowed.device)
-    ends = torch.stack([torch.where(allowed[:, :, r:r + rows].any(dim=(0, 1, 2)), cols, -1).max() for r in starts])
-    return [(r, min(rows, s - r), int(end) + 1) for r, end in zip(starts, ends.tolist())]
+def row_blocks(allowed: torch.Tensor, chunks: int = ROW_BLOCKS) -> list[tuple[int, int, int, int]]:
+    """(first row, rows, first key, end key) per block of query rows. A block is a run of rows whose first
+    visible key is the same (a packed row's samples, each causal from its own start; the whole sequence
+    under one causal mask), cut into pieces of at most S / `chunks` rows; it meets the keys from that first
+    key to the last one any of its rows sees under `allowed` [B, 1, S, S] (end 0: no row sees a key). So a
+    row of ten ~400-token samples costs each sample's square, not the causal triangle of the whole row (6×
+    fewer products at 4096). One host read."""
+    s, keys = allowed.shape[-2], allowed.shape[-1]
+    seen = allowed.any(dim=(0, 1))  # [S, keys]: what any sequence of the batch sees
+    cols = torch.arange(keys, device=allowed.device)
+    first, last = torch.stack([torch.where(seen, cols, keys).min(-1).values,
+                               torch.where(seen, cols, -1).max(-1).values]).tolist()
+    cap, blocks, r = -(-s // chunks), [], 0
+    while r < s:
+        end = r + 1
+        while end < s and end - r < cap and first[end] == first[r]:
+            end += 1
+        blocks.append((r, end - r, min(first[r], keys), max(last[r:end]) + 1))
+        r = end
+    return blocks
 
 
 def attention_backward(query, key, value, out, lse, grad_out, allowed: torch.Tensor, scale: float,
@@ -71,8 +81,8 @@ def attention_backward(query, key, value, out, lse, grad_out, allowed: torch.Ten
     natural-log LSE. q, out, grad_out: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; lse: [B, Hq, S] fp32;
     allowed: bool [B, 1, S, S]; `blocks` from `row_blocks(allowed)`.
 
-    Each block of query rows meets only the keys it may see (causal: about half the products of the
-    full square). A KV head's G query heads are stacked along rows, so each product is one bmm over the
+    Each block of query rows meets only the span of keys it may see (causal: about half the products of
+    the full square; packed: each sample's own). A KV head's G query heads are stacked along rows, so each product is one bmm over the
     batch and the sums over the group come out of the GEMM; dk and dv add up over the blocks in fp32.
     P = exp(scale · q kᵀ − lse) and dP − rowsum(dO ∘ O) come out of the GEMMs with their row offsets;
     the softmax scale goes on dq and dk afterwards, on D-wide rows instead of S-wide ones."""
@@ -81,24 +91,24 @@ def attention_backward(query, key, value, out, lse, grad_out, allowed: torch.Ten
     g = hq // hkv
     dq = torch.zeros_like(query)
     dk, dv = (torch.zeros(b, hkv, key.shape[2], d, dtype=torch.float32, device=query.device) for _ in range(2))
-    for r0, n, kend in blocks:
-        if kend == 0:  # rows that may see no key: their gradients stay zero
+    for r0, n, k0, kend in blocks:
+        if kend <= k0:  # rows that may see no key: their gradients stay zero
             continue
-        rows = slice(r0, r0 + n)
-        hidden = ~allowed[:, :, rows, :kend]  # [B, 1, n, keys], broadcast over the group's heads
+        rows, span = slice(r0, r0 + n), slice(k0, kend)
+        hidden = ~allowed[:, :, rows, span]  # [B, 1, n, keys], broadcast over the group's heads
         for h in range(hkv):
             heads = slice(h * g, (h + 1) * g)
             q_h = query[:, heads, rows].reshape(b, g * n, d)
             o_h, do_h = out[:, heads, rows], grad_out[:, heads, rows]
             delta = (do_h.float() * o_h.float()).sum(-1).reshape(b, g * n, 1)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
             do_h = do_h.reshape(b, g * n, d)
-            k_h, v_h = key[:, h, :kend], value[:, h, :kend]
+            k_h, v_h = key[:, h, span], value[:, h, span]
             p = _bmm_f32(q_h, k_h.transpose(1, 2), add=-lse[:, heads, rows].reshape(b, g * n, 1), alpha=scale)
-            p.exp_().view(b, g, n, kend).masked_fill_(hidden, 0)
-            dv[:, h, :kend] += _bmm_f32(p.to(value.dtype).transpose(1, 2), do_h)
+            p.exp_().view(b, g, n, kend - k0).masked_fill_(hidden, 0)
+            dv[:, h, span] += _bmm_f32(p.to(value.dtype).transpose(1, 2), do_h)
             ds = p.mul_(_bmm_f32(do_h, v_h.transpose(1, 2), add=-delta)).to(query.dtype)  # dS / scale
             dq[:, heads, rows] = _bmm_f32(ds, k_h, alpha=scale).view(b, g, n, d)
-            dk[:, h, :kend] += _bmm_f32(ds.transpose(1, 2), q_h, alpha=scale)
+            dk[:, h, span] += _bmm_f32(ds.transpose(1, 2), q_h, alpha=scale)
     return dq, dk.to(key.dtype), dv.to(value.dtype)
 
 
