@@ -62,28 +62,30 @@ def row_blocks(allowed: torch.Tensor, chunks: int = ROW_BLOCKS) -> list[tuple[in
     fewer products at 4096). One host read."""
     s, keys = allowed.shape[-2], allowed.shape[-1]
     seen = allowed.any(dim=(0, 1))  # [S, keys]: what any sequence of the batch sees
-    cols = torch.arange(keys, device=allowed.device)
-    first, last = torch.stack([torch.where(seen, cols, keys).min(-1).values,
-                               torch.where(seen, cols, -1).max(-1).values]).tolist()
+    some, seen = seen.any(-1), seen.to(torch.uint8)  # argmax takes no bool
+    first = torch.where(some, seen.argmax(-1), keys)  # argmax: the first of equal maxima
+    last = torch.where(some, keys - 1 - seen.flip(-1).argmax(-1), -1)
+    first, last = torch.stack([first, last]).tolist()
     cap, blocks, r = -(-s // chunks), [], 0
     while r < s:
         end = r + 1
         while end < s and end - r < cap and first[end] == first[r]:
             end += 1
-        blocks.append((r, end - r, min(first[r], keys), max(last[r:end]) + 1))
+        blocks.append((r, end - r, first[r], max(last[r:end]) + 1))
         r = end
     return blocks
 
 
 def attention_backward(query, key, value, out, lse, grad_out, allowed: torch.Tensor, scale: float,
-                       blocks: list[tuple[int, int, int]]):
+                       blocks: list[tuple[int, int, int, int]]):
     """dq, dk, dv of softmax(scale · q kᵀ, masked to `allowed`) v, from the forward's output and
     natural-log LSE. q, out, grad_out: [B, Hq, S, D]; k, v: [B, Hkv, S, D]; lse: [B, Hq, S] fp32;
     allowed: bool [B, 1, S, S]; `blocks` from `row_blocks(allowed)`.
 
     Each block of query rows meets only the span of keys it may see (causal: about half the products of
-    the full square; packed: each sample's own). A KV head's G query heads are stacked along rows, so each product is one bmm over the
-    batch and the sums over the group come out of the GEMM; dk and dv add up over the blocks in fp32.
+    the full square; packed: each sample's own). A KV head's G query heads are stacked along rows, so
+    each product is one bmm over the batch and the sums over the group come out of the GEMM; dk and dv
+    add up over the blocks in fp32.
     P = exp(scale · q kᵀ − lse) and dP − rowsum(dO ∘ O) come out of the GEMMs with their row offsets;
     the softmax scale goes on dq and dk afterwards, on D-wide rows instead of S-wide ones."""
     b, hq, _, d = query.shape
