@@ -215,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runner.requirements import check_requirements
+
     args = build_parser().parse_args(argv)
     try:
+        check_requirements()  # before any command imports the libraries
         return args.func(args)
     except UserError as err:
         return report(err)

@@ -3,7 +3,7 @@
 transformers renames module attributes and private helpers between minor releases (5.25 renamed
 `Gemma4RMSNorm.eps` to `variance_epsilon`); the runner reaches them only through this module, so
 the next rename is a one-place fix. The range tested against is declared in pyproject.toml
-(`transformers>=5.17,<5.26`, `peft>=0.18,<0.22`, `deepspeed>=0.19.8,<0.20`); `tests/test_compat.py` checks each seam on the installed
+(`transformers>=5.17,<5.26`, `peft>=0.18,<0.22`; `runner/requirements.py` checks it at start); `tests/test_compat.py` checks each seam on the installed
 release.
 """
 
@@ -44,7 +44,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "peft_key", "peft_lora_config", "read_peft_lora_config",
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
     "Gemma4TextRotaryEmbedding", "Gemma4TextRouter", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
-    "OLDEST_DEEPSPEED", "decoder_layer_forward", "deepspeed_prints_dropped", "deepspeed_too_old", "flex_attention_forward", "is_kv_shared_layer",
+    "decoder_layer_forward", "deepspeed_prints_dropped", "flex_attention_forward", "is_kv_shared_layer",
     "kv_sharing_modes",
     "process_groups", "register_attention", "rms_norm_eps", "set_attn_implementation", "skip_deepspeed_shm_comm",
 ]
@@ -180,24 +180,6 @@ def set_group_timeout(timeout, group) -> None:
     if set_timeout is None:
         set_timeout = torch.distributed.distributed_c10d._set_pg_timeout
     set_timeout(timeout, group)
-
-
-# The oldest DeepSpeed the runner trains with (pyproject.toml's lower bound): before 0.19.3 the pipeline engine
-# divides the gradients of every stage but the last by the accumulation steps a second time (its backward hook
-# on each stage's outputs; the parity tests see 1/4 of the gradient at 4 micro-batches), and before 0.19.8
-# activation checkpointing fails on the CPU accelerator.
-OLDEST_DEEPSPEED = "0.19.8"
-
-
-def deepspeed_too_old() -> str | None:
-    """The installed DeepSpeed's version if it is older than `OLDEST_DEEPSPEED`, else None (read from the
-    package metadata: importing DeepSpeed takes seconds)."""
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
-    installed = version("deepspeed")
-    return installed if Version(installed) < Version(OLDEST_DEEPSPEED) else None
 
 
 def skip_deepspeed_shm_comm() -> bool:

@@ -5,7 +5,7 @@
 the same recipe and files, so each failure is one `UserError` marked `on_every_rank`: one line per
 job naming the path or key and the fix.
 
-Order: the installed DeepSpeed, the model directory's config, the recipe against the model (layout, split), the weights'
+Order: the model directory's config, the recipe against the model (layout, split), the weights'
 headers, tokenizer and processor, the data, the process count, the output directory, the checkpoint
 to resume, the free disk.
 """
@@ -22,7 +22,6 @@ from typing import Any
 
 from runner.checkpoint import native
 from runner.checkpoint.hf_load import INDEX_NAME, resolve_model_dir
-from runner.compat import OLDEST_DEEPSPEED, deepspeed_too_old
 from runner.config import RunConfig
 from runner.data.sources import SampleSource, hold_out, load_source, same_rows
 from runner.errors import UserError, from_the_recipe
@@ -48,7 +47,6 @@ class Checked:
 def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
     """All checks; `world_size`: the launcher's process count where known (tp·pp must divide it)."""
     with from_the_recipe():
-        check_deepspeed()
         model_dir = resolve_model_dir(cfg.model.path)
         check_model_config(model_dir)
         config = model_checks(cfg, model_dir)
@@ -81,16 +79,6 @@ def data_sources(cfg: RunConfig) -> tuple[SampleSource, SampleSource | None]:
     if not cfg.eval.every_steps:
         return train, None
     return train, load_source(cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else held_out
-
-
-def check_deepspeed() -> None:
-    """Refuse a DeepSpeed older than the oldest the runner is tested with: before 0.19.3 its pipeline trains
-    every stage but the last on wrongly scaled gradients, silently."""
-    installed = deepspeed_too_old()
-    if installed is not None:
-        raise UserError(f"DeepSpeed {installed} is installed; the runner needs {OLDEST_DEEPSPEED} or newer (DeepSpeed "
-                        f"before 0.19.3 scales the gradients of every pipeline stage but the last by 1/accumulation "
-                        f"steps twice): pip install 'deepspeed>={OLDEST_DEEPSPEED},<0.20'")
 
 
 def check_model_config(model_dir: Path) -> None:

@@ -105,17 +105,40 @@ def test_too_little_disk_for_one_checkpoint(capsys, monkeypatch, tmp_path, tiny_
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_deepspeed_older_than_the_tested_range_is_one_line(capsys, monkeypatch, tmp_path, tiny_ckpt, medpix):
-    """DeepSpeed before 0.19.3 trains earlier pipeline stages on gradients divided by the accumulation steps twice:
-    the check refuses it before anything is built; the installed (tested) release passes."""
+@pytest.mark.parametrize("installed, words", [
+    ({"deepspeed": "0.19.2"}, ["deepspeed 0.19.2 is installed, older than the tested range", "divides the gradients",
+                               "pip install 'deepspeed<0.20,>=0.19.8'"]),
+    ({"transformers": "5.10.0"}, ["transformers 5.10.0 is installed, older than the tested range",
+                                  "pip install 'transformers<5.26,>=5.17'"]),
+    ({"peft": "0.17.0"}, ["peft 0.17.0 is installed, older than the tested range", "pip install 'peft<0.22,>=0.18'"]),
+])
+def test_a_library_below_its_tested_range_is_one_line(capsys, monkeypatch, tmp_path, tiny_ckpt, medpix, installed,
+                                                      words):
+    """Every command first reads the installed releases (metadata, no import): one below pyproject's range
+    (DeepSpeed before 0.19.3 trains earlier pipeline stages on gradients divided by the accumulation steps
+    twice; transformers 5.10 and PEFT 0.17 lack what the runner imports) is one line before anything loads."""
     import importlib.metadata
 
     proc = _check(capsys, *_sets(tiny_ckpt, medpix, tmp_path / "out"))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.19.2" if name == "deepspeed" else real(name))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed.get(name) or real(name))
+    assert_one_error_line(_check(capsys, *_sets(tiny_ckpt, medpix, tmp_path / "out")), words)
+
+
+def test_a_library_above_its_tested_range_is_one_warning(capsys, monkeypatch, tmp_path, tiny_ckpt, medpix):
+    """A release newer than the range (e.g. after `pip install -U transformers`) may work: one warning line naming
+    the range, and the command goes on; a torch build's local version (+cu130) is in range."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    newer = {"transformers": "5.26.0", "torch": "2.14.1+cu130"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: newer.get(name) or real(name))
     proc = _check(capsys, *_sets(tiny_ckpt, medpix, tmp_path / "out"))
-    assert_one_error_line(proc, ["DeepSpeed 0.19.2 is installed", "needs 0.19.8 or newer", "pip install"])
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: transformers 5.26.0 is newer than the tested range <5.26,>=5.17; if something "
+                        "fails, pip install 'transformers<5.26,>=5.17'"], proc.stderr
 
 
 def test_a_save_records_every_file_size_and_the_estimate_is_close(saved, tiny_ckpt):
