@@ -77,7 +77,7 @@ import yaml
 from benchmarks.records import dumps, make_record
 from runner.config import apply_overrides
 from runner.metrics import peak_flops_per_device
-from runner.train import use_expandable_segments
+from runner.train import free_port, use_expandable_segments
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the patient scan shows a small lesion in the left lung with no sign of fluid near the heart "
@@ -392,7 +392,7 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: dict = {"date": time.strftime("%Y-%m-%d"), "device": device, "gpus": gpus, "depth": depth,
                      "model": model_name, "moe": moe, "runs": [], "baseline": {}}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "--master_port=29555"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", f"--master_port={free_port()}"]
     tails, profiles = out / "logs.txt", out / "profiles.txt"
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", 0))
     layout_arg = args.layouts or member.default_layouts(gpus)

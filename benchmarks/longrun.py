@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.gpu_bench import ROOT, bench_config, build_checkpoint, build_data, descendants, recipe, run
+from benchmarks.gpu_bench import ROOT, bench_config, build_checkpoint, build_data, descendants, free_port, recipe, run
 
 REFERENCE = "reference"
 ACCEPT_SMOOTHED, ACCEPT_EVAL, ACCEPT_MIN_STEPS = 0.01, 0.005, 300  # the long-run fidelity target
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         own = {"model.attn_implementation": r.attn} if r.attn else {}
         rec, _ = recipe(run_dir, ckpt, data, "text", r.tp, r.pp, 1, args.steps, 1,
                         {k: str(v) for k, v in {**overrides, **own}.items()}, 0)
-        port = 29600 + runs.index(r)
+        port = free_port()
         env = ["env", f"MASTER_PORT={port}"] + ([f"CUDA_VISIBLE_DEVICES={','.join(map(str, devices))}"] if gpus else [])
         if r.ds_config is None:
             cmd = env + [sys.executable, "-m", "benchmarks.longrun", "--reference-recipe", str(rec)]

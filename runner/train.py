@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -68,13 +69,20 @@ def use_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
+def free_port() -> int:
+    """A TCP port free now: a fixed one collides with another job, benchmark or test run on the same host."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the job the launcher (accelerate, deepspeed or torchrun) started; gloo on CPU. A collective
     that waits longer than `timeout_minutes` for a rank fails instead of hanging the job."""
     if not dist.is_initialized():
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # started without a launcher: one process
             for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": "29500"}.items():
+                               "MASTER_PORT": str(free_port())}.items():
                 os.environ.setdefault(key, value)
         cpu = get_accelerator().device_name() == "cpu"
         use_expandable_segments()
