@@ -255,6 +255,19 @@ def compare(curve: dict, ref: dict, window: int) -> dict:
     return out
 
 
+def is_reference(name: str) -> bool:
+    """The reference or one of its attention-kernel variants (the noise floor): transformers' own model."""
+    return name == REFERENCE or name.startswith(REFERENCE + " ")
+
+
+def against_references(curves: dict, name: str, window: int) -> dict[str, dict]:
+    """A run's deviation from each of transformers' own runs (the reference and its kernel variants): a
+    runner curve read beside the spread between two equally valid transformers curves."""
+    keys = ("max_smoothed_rel_deviation", "max_smoothed_rel_deviation_step", "final_eval_rel_deviation")
+    return {ref: {k: v for k, v in compare(curves[name], curves[ref], window).items() if k in keys}
+            for ref in curves if is_reference(ref) and ref != name}
+
+
 def acceptance(entry: dict, steps: int) -> list[str]:
     """Why a runner run misses the long-run target (empty: it meets it)."""
     failures = []
@@ -268,6 +281,17 @@ def acceptance(entry: dict, steps: int) -> list[str]:
         failures.append(f"final eval {entry.get('final_eval_rel_deviation', math.inf):+.2%} from the reference "
                         f"(target {ACCEPT_EVAL:.1%})")
     return failures
+
+
+def print_against_references(curve_file: dict) -> None:
+    """Every run against every transformers run of a curves file (what --plot-only reads back)."""
+    runs, window = curve_file["runs"], curve_file["smoothing_window"]
+    print(f"{'run':36} {'against':24} {'max smoothed dev':>16} {'at step':>7} {'final eval dev':>14}")
+    for name in runs:
+        for ref, dev in against_references(runs, name, window).items():
+            if dev and not (is_reference(name) and ref != REFERENCE):  # each pair of references once
+                print(f"{name:36} {ref:24} {dev['max_smoothed_rel_deviation']:>16.3%} "
+                      f"{dev['max_smoothed_rel_deviation_step']:>7} {dev.get('final_eval_rel_deviation', math.nan):>+14.3%}")
 
 
 def plot(curves: dict, path: Path) -> None:
@@ -430,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         return reference(args.reference_recipe)
     if args.plot_only:
         curves = Path(args.plot_only)
-        plot(json.loads(curves.read_text()), curves.with_name(curves.name.replace("-curves.json", ".png")))
+        curve_file = json.loads(curves.read_text())
+        plot(curve_file, curves.with_name(curves.name.replace("-curves.json", ".png")))
+        print_against_references(curve_file)
         return 0
     if not args.out:
         ap.error("--out is required")
@@ -550,6 +576,8 @@ def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Nam
         if r.kind == "runner":
             failures = acceptance(entry, args.steps)
             entry.update(passed=not failures, failures=failures)
+            if len(runs) > 1 and any(v.attn for v in runs):  # beside the noise floor: every transformers run
+                entry["against_references"] = against_references(curves, r.name, args.smooth)
         elif c["eval_loss"]:
             entry.update(final_eval_step=c["eval_step"][-1], final_eval_loss=c["eval_loss"][-1])
         entries.append(entry)

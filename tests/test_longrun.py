@@ -13,7 +13,7 @@ from conftest import run
 STEPS, EVAL_EVERY = 5, 2
 
 
-def test_runner_follows_the_reference_and_writes_record_curves_and_plot(tmp_path, tiny_ckpt):
+def test_runner_follows_the_reference_and_writes_record_curves_and_plot(tmp_path, tiny_ckpt, capsys):
     out = tmp_path / "out"
     run(["env", f"BENCH_WORK={tmp_path / 'work'}", sys.executable, "-m", "benchmarks.longrun", "--out", str(out),
          "--device", "cpu", "--ckpt", str(tiny_ckpt), "--layouts", "1x1,1x2", "--reference-variants", "eager",
@@ -35,6 +35,10 @@ def test_runner_follows_the_reference_and_writes_record_curves_and_plot(tmp_path
         assert r["max_smoothed_rel_deviation"] < 1e-3, r  # fp32 on both sides: the same function
         assert abs(r["final_eval_rel_deviation"]) < 1e-3 and r["final_eval_step"] == 4, r
         assert r["failures"] == [f"compared {STEPS} steps, the target needs all of max(--steps, 300)"], r
+        against = r["against_references"]  # beside the noise floor: against each of transformers' runs
+        assert set(against) == {"reference", "reference eager"}, against
+        assert all(d["max_smoothed_rel_deviation"] < 1e-3 and abs(d["final_eval_rel_deviation"]) < 1e-3
+                   for d in against.values()), against
     assert not record["passed"]  # 5 steps are not a long run
 
     curves = json.loads((out / record["curves"]).read_text())["runs"]
@@ -49,6 +53,9 @@ def test_runner_follows_the_reference_and_writes_record_curves_and_plot(tmp_path
     png.unlink()  # --plot-only redraws it from the curves file alone
     assert main(["--plot-only", str(out / record["curves"])]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[1:]]  # and reads every pair back
+    assert ["tp1pp2", "cpu_fp32", "reference"] in table and ["reference", "eager", "reference"] in table, table
+    assert len(table) == 5, table  # two runner runs x two references, the two references once
 
 
 def test_bf16_runs_follow_the_reference_with_fp32_master_weights(tmp_path, tiny_ckpt):
