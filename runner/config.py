@@ -147,9 +147,9 @@ class DataConfig:
     group_by_length: bool = True
     pad_to_multiple_of: int = 8  # dynamic padding granularity: fewer distinct shapes, more padding
     buckets: list[int] = field(default_factory=list)  # fixed lengths to pad up to (empty: dynamic)
-    # whole samples packed first-fit into rows of pack_length tokens, each blind to the others
+    # whole samples packed first-fit into rows of at most pack_length tokens, each blind to the others
     # (runner/data/packing.py): a step keeps train.global_batch_size samples, in as few micro-batches of
-    # train.micro_batch_size rows as they fill
+    # train.micro_batch_size rows as they fill, each padded to its longest row (pad_to_multiple_of)
     packing: bool = False
     pack_length: int = 4096
 
@@ -378,7 +378,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         (not cfg.data.packing or cfg.data.pack_length % slices == 0,
          f"{split}: set data.pack_length to a multiple of {slices} (now {cfg.data.pack_length})"),
         (not (cfg.data.packing and cfg.data.buckets),
-         "data.buckets pads unpacked micro-batches; packed rows are data.pack_length long: remove data.buckets"),
+         "data.buckets pads unpacked micro-batches; packed ones are padded to their longest row: remove data.buckets"),
         (bool(cfg.data.train), "data.train is empty; set it to a dataset (hub id, local dir or JSONL file)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

@@ -157,7 +157,7 @@ def build_loader(cfg: RunConfig, source: SampleSource, processor, dims: Parallel
     packer = None
     if cfg.data.packing:
         packer = Packer(cfg.data.pack_length, cfg.train.micro_batch_size, collator.pad_id, collator.max_patches,
-                        collator.patch_dim)
+                        collator.patch_dim, cfg.data.pad_to_multiple_of)
     # one process per DP replica (its first) names the bad samples it read; every replica's counts per epoch
     first_of_replica = ps.tp_rank == 0 and ps.pp_rank == 0
     report = BadSampleReport(split, speaks=first_of_replica or verbose(), every_time=verbose(),

@@ -124,6 +124,7 @@ GLOBAL_BATCHES = {
 # rows [0, 1, 6] (30 + 19 + 13 tokens), [2, 3] (19 + 32: sample 2 has no bos, its image opens the row),
 # [4, 5] (26 + 36), [7] (55). 0, 1 and 2 images per sample, text-only samples.
 PACK_LENGTH = 64
+PACK_MULTIPLE = 8  # micro-batches padded to their longest row: 64, 56, 64, 56 tokens (packed), 64, 64 (packed2)
 PACKED_SAMPLES = [
     dict(n_text=10, n_answer=8, images=[(9, 6)]),
     dict(n_text=12, n_answer=6),
@@ -147,7 +148,7 @@ def global_batch(config: Gemma4Config, kind: str, seed: int = 0, multiple: int =
         return [collate(config, [e]) for e in encoded]
     vc = config.vision_config
     packer = Packer(PACK_LENGTH, PACKED_KINDS[kind], config.text_config.pad_token_id,
-                    70 * vc.pooling_kernel_size**2, 3 * vc.patch_size**2)
+                    70 * vc.pooling_kernel_size**2, 3 * vc.patch_size**2, PACK_MULTIPLE)
     return packer.pack(encoded)
 
 

@@ -17,7 +17,7 @@ from runner.errors import UserError
 from runner.models.gemma4.tiny import tiny_config
 
 from conftest import ROOT, assert_one_line, run, torchrun_cmd
-from synthetic import PACK_LENGTH, PACKED_SAMPLES, global_batch
+from synthetic import PACK_LENGTH, PACK_MULTIPLE, PACKED_SAMPLES, global_batch
 from test_parity import _assert_matches_transformers
 from test_train import TRAIN, _sets, medpix  # noqa: F401 (medpix: the fixture)
 
@@ -87,14 +87,19 @@ def test_flex_block_mask_matches_dense_mask():
     _, dense, _ = _packed_masks("sdpa")
     for f, d in zip(flex, dense):
         for kind in d:
-            assert torch.equal(create_mask(f[kind].mask_mod, 1, 1, PACK_LENGTH, PACK_LENGTH, device="cpu"), d[kind])
+            q, kv = d[kind].shape[-2:]  # the micro-batch's own length (its longest row, rounded up)
+            assert torch.equal(create_mask(f[kind].mask_mod, 1, 1, q, kv, device="cpu"), d[kind])
 
 
 def test_packed_batches_hold_every_sample_once():
     config = tiny_config()
-    for kind, rows in (("packed", 1), ("packed2", 2)):
+    # a micro-batch is its longest row rounded up to PACK_MULTIPLE (rows of 62, 51, 62 and 55 tokens)
+    for kind, shapes in (("packed", [(1, 64), (1, 56), (1, 64), (1, 56)]), ("packed2", [(2, 64), (2, 64)])):
         batch = global_batch(config, kind)
-        assert all(mb["input_ids"].shape == (rows, PACK_LENGTH) for mb in batch[:-1])
+        assert [tuple(mb["input_ids"].shape) for mb in batch] == shapes
+        for mb in batch:  # padding only after the row's last sample, and no more than the rounding adds
+            real = (mb["attention_mask"] > 0).sum(1)
+            assert int(real.max()) > mb["input_ids"].shape[1] - PACK_MULTIPLE
         assert sum(int(mb["attention_mask"].amax(1).sum()) for mb in batch) == len(PACKED_SAMPLES)
         images = sum(len(s.get("images", [])) for s in PACKED_SAMPLES)
         assert sum(mb["pixel_values"].shape[0] for mb in batch) == images

@@ -4,7 +4,9 @@ MedPix samples are a few hundred tokens; a padded micro-batch re-reads every wei
 `data.packing`, one optimizer step's samples (this DP replica's share of `train.global_batch_size`,
 in the sampler's order) go first-fit into rows of at most `data.pack_length` tokens, and the rows into
 micro-batches of `train.micro_batch_size` rows: as few micro-batches as the step needs, so their
-number varies per step and DP replica (the trainer tells DeepSpeed each step's count).
+number varies per step and DP replica (the trainer tells DeepSpeed each step's count). A micro-batch is
+as long as its longest row, rounded up to `data.pad_to_multiple_of` (as unpacked ones are): the step's
+last row, often a few samples, does not pay for a whole `pack_length` of padding.
 
 A packed micro-batch has the padded one's keys; its `attention_mask` holds document ids instead of
 0/1: 1, 2, … for the samples of a row, 0 on padding. Every stage rebuilds masks and positions from
@@ -50,13 +52,14 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Packer:
-    """Encoded samples of one step → packed micro-batches of `rows_per_micro_batch` rows of
-    `pack_length` tokens (one length: no new FlexAttention compile per step)."""
+    """Encoded samples of one step → packed micro-batches of `rows_per_micro_batch` rows of at most
+    `pack_length` tokens, each micro-batch padded to its longest row rounded up to `multiple`."""
 
     def __init__(self, pack_length: int, rows_per_micro_batch: int, pad_id: int, max_patches: int,
-                 patch_dim: int) -> None:
+                 patch_dim: int, multiple: int) -> None:
         self.pack_length = pack_length
         self.rows_per_micro_batch = rows_per_micro_batch
+        self.multiple = multiple
         self.pad_id = pad_id
         self.max_patches, self.patch_dim = max_patches, patch_dim
 
@@ -70,7 +73,8 @@ class Packer:
         return [self._collate(rows[i:i + per]) for i in range(0, len(rows), per)]
 
     def _collate(self, rows: list[list[Encoded]], empty: bool = False) -> dict[str, torch.Tensor]:
-        shape = (len(rows), self.pack_length)
+        longest = max(sum(len(enc) for enc in row) for row in rows) or 1
+        shape = (len(rows), min(self.pack_length, -(-longest // self.multiple) * self.multiple))
         batch = {
             "input_ids": torch.full(shape, self.pad_id, dtype=torch.long),
             "attention_mask": torch.full(shape, int(empty), dtype=torch.long),
