@@ -95,12 +95,15 @@ install_torch() {  # install_torch PYTHON: the pinned torch + torchvision on x86
     local py=$1
     [ "$(uname -m)" = "x86_64" ] || return 0  # elsewhere torch comes with the runner's dependencies
     "$py" -c "import torchvision" 2>/dev/null && return 0
-    if ! command -v nvidia-smi >/dev/null \
-        && "$py" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=15)" \
+    if ! command -v nvidia-smi >/dev/null; then
+        if "$py" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=15)" \
             "$CPU_INDEX" 2>/dev/null; then
-        echo "install: ${TORCH[*]}, CPU build (no nvidia-smi here), about 250 MB from $CPU_INDEX" >&2
-        "$py" -m pip install "${TORCH[@]}" --index-url "$CPU_INDEX" && return 0
-        echo "install: the CPU index failed; trying the default index" >&2
+            echo "install: ${TORCH[*]}, CPU build (no nvidia-smi here), about 250 MB from $CPU_INDEX" >&2
+            "$py" -m pip install "${TORCH[@]}" --index-url "$CPU_INDEX" && return 0
+            echo "install: the CPU index failed; trying the default index" >&2
+        else
+            echo "install: no nvidia-smi here, but the CPU wheels' index $CPU_INDEX is unreachable" >&2
+        fi
     fi
     echo "install: ${TORCH[*]} from the default index (on Linux the CUDA build: about 3 GB with its CUDA libraries)" >&2
     "$py" -m pip install "${TORCH[@]}"

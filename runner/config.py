@@ -400,6 +400,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         (not unknown_targets, f"lora.target_modules: LoRA does not adapt {', '.join(unknown_targets)} (only "
          f"{', '.join(LORA_TARGETS)}; the E models' per-layer gate and projection and the 26B-A4B's experts and "
          f"router stay frozen: docs/models.md); remove {'it' if len(unknown_targets) == 1 else 'them'}"),
+        (cfg.lora.enabled or not cfg.lora.init_from, f"lora.init_from = {cfg.lora.init_from!r} continues a PEFT "
+         f"adapter, but lora.enabled is false (a full fine-tune); set lora.enabled: true, or remove lora.init_from"),
         (not cfg.lora.init_from or Path(cfg.lora.init_from).expanduser().is_dir(),
          f"lora.init_from = {cfg.lora.init_from!r} is not a directory; give a PEFT adapter directory "
          f"(adapter_config.json, adapter_model.safetensors) or leave it empty"),

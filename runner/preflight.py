@@ -213,7 +213,16 @@ def resume_checkpoint(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dic
         return None, {}
     meta = native.read_meta(resume_from)
     native.check_layout(resume_from, meta, ParallelDims(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep))
+    if cfg.train.max_steps:  # train.epochs' step count needs the data's DP split: checked again in train
+        check_not_past_end(resume_from, meta["step"], cfg.train.max_steps)
     return resume_from, native.check_files(resume_from, meta)
+
+
+def check_not_past_end(ckpt: Path, step: int, total_steps: int) -> None:
+    """A checkpoint beyond the run's last step would train nothing, its LR schedule past its end."""
+    if step > total_steps:
+        raise UserError(f"{ckpt} is at step {step}, past this run's {total_steps} steps; raise train.max_steps "
+                        f"(or train.epochs) above {step}, or train afresh in a new output.dir", on_every_rank=True)
 
 
 def checkpoint_bytes(cfg: RunConfig, config: Any) -> int:
@@ -245,7 +254,8 @@ def summary(cfg: RunConfig, checked: Checked, world_size: int | None) -> str:
     """What the checks found, for `runner train --check` to print on success."""
     data = f"data {cfg.data.train} [{cfg.data.train_split}]: {len(checked.train_source)} samples"
     if checked.eval_source is not None:
-        data += f", eval {cfg.data.eval} [{cfg.data.eval_split}]: {len(checked.eval_source)} samples"
+        held = f"{cfg.data.eval} [{cfg.data.eval_split}]" if cfg.data.eval else f"held out ({cfg.data.eval_fraction:g})"
+        data += f", eval {held}: {len(checked.eval_source)} samples"
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     layout = f"tp*pp={tp}*{pp}={tp * pp}" + (f" of {world_size} processes" if world_size is not None else "")
     out_dir = existing = Path(cfg.output.dir)

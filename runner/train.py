@@ -53,7 +53,7 @@ from runner.models.gemma4.pipeline import (
 )
 from runner.optim import build_optimizer, lr_lambda, matrix_group_count
 from runner.parallel.topology import ParallelDims, ParallelState, build_parallel_state, comm_device
-from runner.preflight import Checked, preflight
+from runner.preflight import Checked, check_not_past_end, preflight
 from runner.profiling import profile_step
 from runner.quiet import verbose
 
@@ -298,6 +298,7 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
                       f"{found}, or raise train.max_steps to train on", flush=True)
             dist.destroy_process_group()
             return 0
+        check_not_past_end(resume_from, meta["step"], total_steps)
 
     device = get_accelerator().current_device_name()
     with torch.device(device):
@@ -323,20 +324,21 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     if resuming:
         client = native.resume(engine, resume_from)
         step, nonfinite_steps = client["step"], client.get("nonfinite_steps", 0)
-        if step > total_steps:
-            raise UserError(f"the checkpoint is at step {step}, past train.max_steps={total_steps}; raise max_steps")
         train_data.load_state_dict(client["data"])
     logger = MetricsLogger(out_dir, total_steps, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar,
                            start_step=step)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         sp = " with sequence parallelism" if dims.sequence_parallel and dims.tp > 1 else ""
-        print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}{sp}, {gas} micro-batches of "
-              f"{cfg.train.micro_batch_size} per step, steps {step + 1}..{total_steps}"
+        shape = (f"up to {gas} micro-batches of {cfg.train.micro_batch_size} packed rows of at most "
+                 f"{cfg.data.pack_length} tokens" if cfg.data.packing else f"{gas} micro-batches of {cfg.train.micro_batch_size}")
+        print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}{sp}, {shape} per step, "
+              f"steps {step + 1}..{total_steps}"
               + (f" (resumed from {resume_from})" if resuming else ""), flush=True)
         if cfg.model.attn_implementation == "flex_attention":
             print("flex_attention: the first step compiles its kernels (200 s on 4x H100 at one length); a new "
-                  "sequence length may compile again: pad to one length (data.pad_to_multiple_of)", flush=True)
+                  "sequence length may compile again: pad to one length (data.pad_to_multiple_of; with packing, "
+                  "data.pack_length)", flush=True)
     stop = StopFlag()
     flops_per_token = None
     peak = peak_flops_per_device()
@@ -435,7 +437,9 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     if cfg.checkpoint.export and finished(cfg, step, total_steps, train_data) and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
-            print(f"exported HF model to {exported}", flush=True)
+            adapter = exported.with_name("adapter")
+            what = f"PEFT adapter to {adapter} and merged HF model" if adapter.is_dir() else "HF model"
+            print(f"exported {what} to {exported}", flush=True)
     dist.destroy_process_group()  # local teardown, not a collective: rank 0 may still be exporting
     if cfg.eval.generate and exported is not None:  # rank 0, which wrote the export
         del engine, model, optimizer, scheduler  # the accelerator's memory goes to generation

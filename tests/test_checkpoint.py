@@ -161,7 +161,7 @@ def test_keeps_the_last_k_complete_checkpoints(run_a):
     assert sorted(p.name for p in (run_a / "root").iterdir()) == ["latest", "step_00000002", "step_00000003"]
 
 
-def test_cli_export_of_a_trained_checkpoint(run_b, tmp_path):
+def test_cli_export_of_a_trained_checkpoint(run_b, tmp_path, capsys):
     """`runner export ROOT OUT` with small shards: the export is exactly what a resume loaded."""
     out = tmp_path / "export"
     assert cli(["export", str(run_b / "root"), str(out), "--max-shard-size", "200KB"]) == 0
@@ -177,6 +177,11 @@ def test_cli_export_of_a_trained_checkpoint(run_b, tmp_path):
             assert (out / shard).stat().st_size <= 200_000 + 4096 or len(list(f.keys())) == 1, shard
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    capsys.readouterr()
+    assert cli(["export", str(run_b / "root"), str(out)]) == 2  # nothing exported is overwritten
+    assert "already holds safetensors weights" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
 def _engine(dims: ParallelDims, split: list[int] | None = None) -> SimpleNamespace:

@@ -157,6 +157,7 @@ def test_install_takes_cpu_torch_without_a_gpu_and_falls_back_to_the_default_ind
     assert log() == {"up": [cpu, runner], "down": [plain, runner], "fails": [cpu, plain, runner]}[index]
     assert "install: the runner and its dependencies" in proc.stderr  # each step says what it installs
     assert ("CPU build" in proc.stderr) == (index != "down")
+    assert ("index https://download.pytorch.org/whl/cpu is unreachable" in proc.stderr) == (index == "down")
 
 
 def test_check_from_another_directory_finds_relative_recipe_model_and_data(tmp_path, tiny_ckpt):

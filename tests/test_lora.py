@@ -349,6 +349,15 @@ def test_lora_init_from_takes_the_adapters_settings(tmp_path, tiny_ckpt, peft_ad
     assert (cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, cfg.target_modules) == (4, 8, False, 0.0, TARGETS)
 
 
+def test_lora_init_from_needs_lora_enabled(tmp_path, peft_adapter):
+    """An adapter to continue in a recipe that trains every weight is a mistake, not a silent full fine-tune."""
+    recipe = tmp_path / "full.yaml"
+    recipe.write_text(json.dumps({"data": {"train": "x"}, "lora": {"init_from": str(peft_adapter)}}))
+    with pytest.raises(UserError) as err:
+        load_config(recipe)
+    assert_one_line(str(err.value), ["lora.init_from", "lora.enabled is false", "set lora.enabled: true"])
+
+
 @pytest.mark.parametrize("override,words", [
     ("lora.rank=8", ["lora.init_from", "r = 4", "lora.rank: 8", "remove lora.rank"]),
     ("lora.alpha=16", ["lora_alpha = 8", "lora.alpha: 16"]),

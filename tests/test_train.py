@@ -272,8 +272,8 @@ def test_sigterm_leaves_a_complete_resumable_checkpoint(tmp_path, tiny_ckpt, med
 
 def test_a_finished_run_continues_and_an_earlier_one_is_never_overwritten(tmp_path, tiny_ckpt, medpix):
     """A finished run with checkpoint.export continues to more steps (resume: auto) and its export is
-    replaced; checkpoint.resume=none in an output.dir that holds checkpoints is refused with one line
-    and leaves them as they were."""
+    replaced; checkpoint.resume=none in an output.dir that holds checkpoints, or a train.max_steps below
+    the checkpoint's step, is refused with one line and leaves them as they were."""
     out = tmp_path / "out"
     one = _sets(tiny_ckpt, medpix, out, "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "checkpoint.export=true")
     run(_single_process() + one)
@@ -285,6 +285,9 @@ def test_a_finished_run_continues_and_an_earlier_one_is_never_overwritten(tmp_pa
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*"))
     proc = run(_single_process() + one + ["--set", "checkpoint.resume=none"], ok=False)
     assert_one_error_line(proc, ["holds an earlier run's checkpoints", "checkpoint.resume=auto", "new output.dir"])
+    for check in (["--check"], []):  # a checkpoint past the run's last step: --check sees it, and the run, unbuilt
+        proc = run(_single_process() + one + ["--set", "train.max_steps=1", *check], ok=False)
+        assert_one_error_line(proc, ["step_00000002 is at step 2", "past this run's 1 steps", "train.max_steps"])
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*")) == before
 
 

@@ -125,7 +125,8 @@ def _empty_out_dir(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.glob("*.safetensors")) or (out_dir / INDEX_NAME).exists():
-        raise UserError(f"{out_dir} already holds a checkpoint; export into an empty directory")
+        raise UserError(f"{out_dir} already holds safetensors weights (a model or an adapter); export into an empty "
+                        f"directory")
     return out_dir
 
 
