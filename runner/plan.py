@@ -690,8 +690,8 @@ def memory_model(cfg: RunConfig, config: Gemma4Config, tp: int, fused_attn_max_h
 
 def images_per_row(cfg: RunConfig, config: Gemma4Config) -> int:
     """Images one micro-batch row brings to the vision tower: a padded sample's `IMAGES_PER_SAMPLE`; a packed
-    row as many as its length holds at one image's soft tokens each (an upper bound: every sample of a row at
-    least its image)."""
+    row as many as its length holds at the processor's full soft-token count each (every sample of a row with
+    its image; smaller images take fewer soft tokens, so a row of them brings more)."""
     if not cfg.data.packing:
         return IMAGES_PER_SAMPLE
     return max(IMAGES_PER_SAMPLE, cfg.data.pack_length // _soft_tokens(config))

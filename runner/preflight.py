@@ -221,8 +221,8 @@ def resume_checkpoint(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dic
 def check_not_past_end(ckpt: Path, step: int, total_steps: int) -> None:
     """A checkpoint beyond the run's last step would train nothing, its LR schedule past its end."""
     if step > total_steps:
-        raise UserError(f"{ckpt} is at step {step}, past this run's {total_steps} steps; raise train.max_steps "
-                        f"(or train.epochs) above {step}, or train afresh in a new output.dir", on_every_rank=True)
+        raise UserError(f"{ckpt} is at step {step}, past this run's {total_steps} steps; set train.max_steps above "
+                        f"{step} (or more train.epochs), or train afresh in a new output.dir", on_every_rank=True)
 
 
 def checkpoint_bytes(cfg: RunConfig, config: Any) -> int:

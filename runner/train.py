@@ -437,8 +437,8 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     if cfg.checkpoint.export and finished(cfg, step, total_steps, train_data) and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
-            adapter = exported.with_name("adapter")
-            what = f"PEFT adapter to {adapter} and merged HF model" if adapter.is_dir() else "HF model"
+            lora = exported.name == "merged"  # export_after_training: a LoRA run's export/{adapter,merged}
+            what = f"PEFT adapter to {exported.with_name('adapter')} and merged HF model" if lora else "HF model"
             print(f"exported {what} to {exported}", flush=True)
     dist.destroy_process_group()  # local teardown, not a collective: rank 0 may still be exporting
     if cfg.eval.generate and exported is not None:  # rank 0, which wrote the export

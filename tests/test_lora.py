@@ -297,11 +297,12 @@ def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
             "parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "eval.every_steps=0",
             "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0", "lora.vision_tower=true"]
     for steps in (2, 3):
-        torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
-                 *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
+        proc = torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
+                        *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3], lines
     export = tmp_path / "out" / "export"
+    assert f"exported PEFT adapter to {export / 'adapter'} and merged HF model to {export / 'merged'}" in proc.stdout
     with_adapter = _peft_model(tiny_ckpt, export / "adapter")
     mb = global_batch(with_adapter.config, "image")[0]
     with torch.no_grad():

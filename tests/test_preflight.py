@@ -128,11 +128,12 @@ def test_a_library_below_its_tested_range_is_one_line(capsys, monkeypatch, tmp_p
 
 def test_a_library_above_its_tested_range_is_one_warning(capsys, monkeypatch, tmp_path, tiny_ckpt, medpix):
     """A release newer than the range (e.g. after `pip install -U transformers`) may work: one warning line naming
-    the range, and the command goes on; a torch build's local version (+cu130) is in range."""
+    the range, and the command goes on; a torch build's local version (+cu130) is in range, a vendor's version
+    string that is no release number is left alone."""
     import importlib.metadata
 
     real = importlib.metadata.version
-    newer = {"transformers": "5.26.0", "torch": "2.14.1+cu130"}
+    newer = {"transformers": "5.26.0", "torch": "2.14.1+cu130", "peft": "vendor-build"}  # not PEP 440: not compared
     monkeypatch.setattr(importlib.metadata, "version", lambda name: newer.get(name) or real(name))
     proc = _check(capsys, *_sets(tiny_ckpt, medpix, tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
