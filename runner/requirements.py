@@ -61,13 +61,13 @@ def check_requirements() -> None:
         except metadata.PackageNotFoundError:  # left to the import that needs it (datasets: Hub and Arrow data only)
             continue
         try:
-            if req.specifier.contains(installed, prereleases=True):
-                continue
-            Version(installed)
+            version = Version(installed)
         except InvalidVersion:  # a local build's own version string: nothing to compare
             continue
+        if req.specifier.contains(version, prereleases=True):
+            continue
         lows = [Version(s.version) for s in req.specifier if s.operator == ">="]
-        if lows and Version(installed) < min(lows):
+        if lows and version < min(lows):
             effect = f" ({BELOW_BOUND_EFFECT[req.name]})" if req.name in BELOW_BOUND_EFFECT else ""
             raise UserError(f"{req.name} {installed} is installed, older than the tested range {req.specifier}"
                             f"{effect}: pip install '{req}'", on_every_rank=True)

@@ -330,8 +330,9 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         sp = " with sequence parallelism" if dims.sequence_parallel and dims.tp > 1 else ""
-        shape = (f"up to {gas} micro-batches of {cfg.train.micro_batch_size} packed rows of at most "
-                 f"{cfg.data.pack_length} tokens" if cfg.data.packing else f"{gas} micro-batches of {cfg.train.micro_batch_size}")
+        shape = f"{gas} micro-batches of {cfg.train.micro_batch_size}"
+        if cfg.data.packing:
+            shape = f"up to {shape} packed rows of at most {cfg.data.pack_length} tokens"
         print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}{sp}, {shape} per step, "
               f"steps {step + 1}..{total_steps}"
               + (f" (resumed from {resume_from})" if resuming else ""), flush=True)
@@ -437,8 +438,9 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     if cfg.checkpoint.export and finished(cfg, step, total_steps, train_data) and last_ckpt is not None:
         exported = export_after_training(last_ckpt, out_dir / "export")
         if exported is not None:
-            lora = exported.name == "merged"  # export_after_training: a LoRA run's export/{adapter,merged}
-            what = f"PEFT adapter to {exported.with_name('adapter')} and merged HF model" if lora else "HF model"
+            what = "HF model"
+            if cfg.lora.enabled:  # export_after_training wrote export/adapter and export/merged
+                what = f"PEFT adapter to {exported.with_name('adapter')} and merged HF model"
             print(f"exported {what} to {exported}", flush=True)
     dist.destroy_process_group()  # local teardown, not a collective: rank 0 may still be exporting
     if cfg.eval.generate and exported is not None:  # rank 0, which wrote the export
