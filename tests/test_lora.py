@@ -105,6 +105,14 @@ def test_vision_tower_lora_matches_peft(tmp_path, tiny_ckpt, vision_adapter, lay
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(vision_adapter), vision=True)
 
 
+def test_lora_on_packed_rows_matches_peft_on_the_samples_one_by_one(tmp_path, tiny_ckpt, vision_adapter):
+    """LoRA with data.packing (the MedPix LoRA use): two packed steps at (2, 2, 1) with sequence parallelism against
+    PEFT on transformers running the same samples one by one, token-weighted: loss and every adapter gradient, the
+    vision tower's included (it sees every image of a row at once)."""
+    _assert_matches_transformers(tmp_path, tiny_ckpt, (2, 2, 1), SP, kinds="packed,packed2",
+                                 ref_kinds="unpacked,unpacked", adapter=str(vision_adapter), vision=True)
+
+
 DROPOUT_LAYOUTS = [((2, 2, 1), SP + RECOMPUTE, "peft_adapter"), ((2, 1, 2), (), "vision_adapter")]
 
 
