@@ -332,7 +332,8 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
         sp = " with sequence parallelism" if dims.sequence_parallel and dims.tp > 1 else ""
         shape = f"{gas} micro-batches of {cfg.train.micro_batch_size}"
         if cfg.data.packing:
-            shape = f"up to {shape} packed rows of at most {cfg.data.pack_length} tokens"
+            rows = "row" if cfg.train.micro_batch_size == 1 else "rows"
+            shape = f"up to {shape} packed {rows} of at most {cfg.data.pack_length} tokens"
         print(f"training {model_dir} at tp={dims.tp} pp={dims.pp} dp={dims.dp}{sp}, {shape} per step, "
               f"steps {step + 1}..{total_steps}"
               + (f" (resumed from {resume_from})" if resuming else ""), flush=True)
