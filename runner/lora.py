@@ -33,7 +33,7 @@ from runner.compat import ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, peft_key, peft_
 from runner.config import LORA_TARGETS, LoraConfig
 from runner.errors import UserError
 from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe, Gemma4VisionStage
-from runner.parallel.tensor_parallel import LoraDropout, mark_sharded, shard_index
+from runner.parallel.tensor_parallel import LoraDropout, add_lora_update, mark_sharded, shard_index
 
 PARTS = ("lora_A", "lora_B")
 # an adapter weight of a decoder / vision encoder linear in adapter_model.safetensors: (layer, linear)
@@ -100,7 +100,7 @@ def add_replicated_lora(linear: nn.Linear, rank: int, scaling: float, dropout: f
 
 
 def _add_lora_update(linear: nn.Linear, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-    return out + linear.lora_B(linear.lora_A(linear.lora_dropout(args[0]))) * linear.lora_scaling
+    return add_lora_update(linear, out, args[0])
 
 
 def init_adapter(name: str, linear: nn.Module, cfg: LoraConfig, seed: int) -> None:

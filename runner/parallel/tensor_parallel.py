@@ -242,6 +242,17 @@ class LoraDropout(nn.Module):
         return f"p={self.p}, full_features={self.full_features}, columns={self.columns}"
 
 
+def add_lora_update(linear: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`out + lora_B(lora_A(dropout(x))) * scaling`, PEFT's update, with the second product, the scaling
+    and the sum in one GEMM (addmm, alpha = scaling): no tokens × out_features intermediate is written,
+    scaled and added in forward, and backward scales only the rank-wide products, not the output's
+    gradient."""
+    h = linear.lora_A(linear.lora_dropout(x))
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), linear.lora_B.weight.t(),
+                       alpha=linear.lora_scaling)
+    return flat.view(out.shape)
+
+
 class _ParallelLinear(nn.Module):
     """What the column- and row-parallel linears share: nn.Linear's initialization of the shard
     (checkpoint loading overwrites it; a model built without weights still trains sanely), and an
@@ -287,9 +298,7 @@ class _ParallelLinear(nn.Module):
 
     def _with_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`out` plus the LoRA update of this rank's input `x` (as PEFT adds it: after the base)."""
-        if self.lora_A is None:
-            return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
+        return out if self.lora_A is None else add_lora_update(self, out, x)
 
 
 class ColumnParallelLinear(_ParallelLinear):
