@@ -395,6 +395,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
         (bool(cfg.output.dir.strip()), "output.dir is empty; set it to the directory for metrics and checkpoints"),
         (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
+        (cfg.lora.alpha > 0, f"lora.alpha = {cfg.lora.alpha} must be > 0 (the update is scaled by alpha / rank)"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (bool(cfg.lora.target_modules), f"lora.target_modules is empty; list some of {', '.join(LORA_TARGETS)}"),
         (not unknown_targets, f"lora.target_modules: LoRA does not adapt {', '.join(unknown_targets)} (only "

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from runner.checkpoint.hf_load import resolve_model_dir
+from runner.compat import ADAPTER_CONFIG_NAME
 from runner.config import RunConfig
 from runner.data.sample import BadSample
 from runner.data.sources import SampleSource, load_source
@@ -120,6 +121,10 @@ def load_model(model: str) -> tuple[Any, Any]:
 
     model_dir = resolve_model_dir(model)
     fix = "pass a Gemma4 HF directory (a base model or a training run's OUTPUT_DIR/export)"
+    if (model_dir / "merged").is_dir() or (model_dir / ADAPTER_CONFIG_NAME).is_file():
+        merged = model_dir / "merged" if (model_dir / "merged").is_dir() else model_dir.parent / "merged"
+        raise UserError(f"{model_dir} is a LoRA run's export (or its PEFT adapter); evaluate the model with the "
+                        f"adapters merged in: {merged} (or write one: runner export CKPT OUT --merge)")
     try:
         model_type = AutoConfig.from_pretrained(model_dir).model_type
     except (OSError, ValueError) as err:

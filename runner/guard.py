@@ -50,7 +50,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _holder_error(path: Path) -> UserError:
+def holder_error(path: Path) -> UserError:
     """Why `path` (an existing lock) keeps this job out: held, stale, or unreadable."""
     try:
         holder = json.loads(path.read_text())
@@ -71,7 +71,7 @@ def take_lock(out_dir: Path) -> Path:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        raise _holder_error(path) from None
+        raise holder_error(path) from None
     with os.fdopen(fd, "w") as f:
         json.dump({"host": socket.gethostname(), "pid": os.getpid(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runner.checkpoint.hf_load import INDEX_NAME, SINGLE_NAME, full_shape_of
@@ -155,6 +155,21 @@ _UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("rank_pattern", {}, "pe
                                                                    "trainable_token_indices"))
 
 
+def _check_adapter_values(saved, where: str) -> None:
+    """r, lora_alpha and lora_dropout of a saved adapter are values the recipe's keys could hold."""
+    def number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key, value, ok, want in (
+            ("r", saved.r, number(saved.r) and float(saved.r).is_integer() and saved.r >= 1, "an integer >= 1"),
+            ("lora_alpha", saved.lora_alpha, number(saved.lora_alpha) and saved.lora_alpha > 0, "a number > 0"),
+            ("lora_dropout", saved.lora_dropout, number(saved.lora_dropout) and 0 <= saved.lora_dropout < 1,
+             "a number in [0, 1)")):
+        if not ok:
+            raise UserError(f"{where}: adapter_config.json has {key} = {value!r}, which must be {want}; fix the file "
+                            f"or save the adapter again")
+
+
 def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str) -> LoraConfig:
     """The `lora` section continuing the PEFT adapter `cfg.init_from`, as PeftModel.from_pretrained would: its
     r, lora_alpha, use_rslora and lora_dropout, and as targets the decoder linears its weights adapt. A value the
@@ -165,13 +180,23 @@ def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str
     try:
         saved = read_peft_lora_config(path)
         with safe_open(path / ADAPTER_WEIGHTS_NAME, framework="pt") as f:
-            keys = list(f.keys())
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{where}: not a PEFT LoRA adapter directory with {ADAPTER_WEIGHTS_NAME} "
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except (OSError, ValueError, TypeError, SafetensorError) as err:
+        raise UserError(f"{where}: not a PEFT LoRA adapter directory with a readable {ADAPTER_WEIGHTS_NAME} "
                         f"({str(err).splitlines()[0][:200]}); give the directory PeftModel.save_pretrained wrote") from None
     for attr, default, what in _UNSUPPORTED:
         if getattr(saved, attr, default) not in (default, None, {}, False, "none"):
             raise UserError(f"{where}: the adapter uses {what}, which the runner does not train; continue it with PEFT")
+    _check_adapter_values(saved, where)
+    if not shapes:
+        raise UserError(f"{where}: {ADAPTER_WEIGHTS_NAME} holds no LoRA weights; give an adapter that PEFT saved "
+                        f"after get_peft_model")
+    for key, shape in shapes.items():  # lora_A is (r, in_features), lora_B (out_features, r)
+        part = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+        if part and (len(shape) != 2 or shape[0 if part == "lora_A" else 1] != saved.r):
+            raise UserError(f"{where}: {key} has shape {shape}, but adapter_config.json says r = {saved.r}; the "
+                            f"config and the weights come from different adapters: save the adapter again")
+    keys = list(shapes)
     targets: dict[str, set[str]] = {"decoder": set(), "vision": set()}
     for key in keys:
         decoder, vision = _DECODER_KEY.match(key), _VISION_KEY.match(key)
@@ -185,7 +210,7 @@ def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str
         raise UserError(f"{where}: the adapter adapts {sorted(targets['vision'])} in the vision tower but "
                         f"{sorted(targets['decoder'])} in the decoder; the runner adapts the same lora.target_modules "
                         f"in both: continue it with PEFT")
-    adopted = {"rank": saved.r, "alpha": saved.lora_alpha, "use_rslora": bool(saved.use_rslora),
+    adopted = {"rank": int(saved.r), "alpha": saved.lora_alpha, "use_rslora": bool(saved.use_rslora),
                "target_modules": [t for t in LORA_TARGETS if t in targets["decoder"]],
                "vision_tower": bool(targets["vision"])}
     names = {"rank": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora", "target_modules": "target_modules",
@@ -232,6 +257,9 @@ def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
                     raise UserError(f"{where}: {key} has shape {sl.get_shape()}, this model expects "
                                     f"{full_shape_of(param)}; the adapter belongs to another base model")
                 param.copy_(sl[index].to(param.dtype))
+                if not torch.isfinite(param).all():
+                    raise UserError(f"{where}: {key} holds NaN or infinite values; the adapter is damaged: start from "
+                                    f"the last good one")
 
 
 def base_identity(model_dir: str | Path, source: str) -> dict:

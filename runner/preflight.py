@@ -61,7 +61,8 @@ def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
         check_writable_dir(out_dir, "output.dir")
         if (out_dir / "checkpoints").exists():
             check_writable_dir(out_dir / "checkpoints", "output.dir's checkpoints")
-        resume_from, resume_sizes = resume_checkpoint(cfg, out_dir / "checkpoints")
+        check_output_dir(cfg, out_dir)
+        resume_from, resume_sizes = resume_checkpoint(cfg, out_dir / "checkpoints", model_dir)
         if cfg.checkpoint.every_steps or cfg.checkpoint.at_end:  # else only a SIGTERM saves (ENOSPC: one line)
             need = sum(resume_sizes.values()) if resume_from is not None else checkpoint_bytes(cfg, config)
             check_free_disk(out_dir, need)
@@ -196,7 +197,25 @@ def check_writable_dir(path: Path, key: str) -> None:
                         f"{key} at a writable directory")
 
 
-def resume_checkpoint(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict[str, int]]:
+def check_output_dir(cfg: RunConfig, out_dir: Path) -> None:
+    """No other job holds output.dir (the run takes its lock later: this is the same line, before a launch), and the
+    end-of-run export would replace nothing a user put in OUTPUT_DIR/export, the adapter to start from included."""
+    from runner.checkpoint.export import check_export_dir
+    from runner.guard import LOCK_NAME, holder_error
+
+    if (out_dir / LOCK_NAME).exists():
+        raise holder_error(out_dir / LOCK_NAME)
+    if not cfg.checkpoint.export:
+        return
+    export = out_dir / "export"
+    check_export_dir(export)
+    start = Path(cfg.lora.init_from).expanduser().absolute() if cfg.lora.init_from else None
+    if start is not None and start.is_relative_to(export.absolute()):
+        raise UserError(f"lora.init_from {cfg.lora.init_from} lies in {export}, which this run's checkpoint.export "
+                        f"replaces when it ends; copy the adapter elsewhere and point lora.init_from there")
+
+
+def resume_checkpoint(cfg: RunConfig, ckpt_root: Path, model_dir: Path) -> tuple[Path | None, dict[str, int]]:
     """The complete checkpoint the run continues from (None: a fresh start), its files whole, and their
     sizes (each file stat'ed once for the whole resume)."""
     resume_root = {"auto": ckpt_root, "none": None}.get(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
@@ -211,8 +230,11 @@ def resume_checkpoint(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dic
             raise UserError(f"checkpoint.resume={cfg.checkpoint.resume} holds no complete checkpoint; "
                             f"point it at a checkpoints directory with `latest`, or use auto / none")
         return None, {}
+    from runner.lora import check_lora_resume
+
     meta = native.read_meta(resume_from)
     native.check_layout(resume_from, meta, ParallelDims(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep))
+    check_lora_resume(meta, cfg.lora, model_dir, cfg.model.path, resume_from)
     if cfg.train.max_steps:  # train.epochs' step count needs the data's DP split: checked again in train
         check_not_past_end(resume_from, meta["step"], cfg.train.max_steps)
     return resume_from, native.check_files(resume_from, meta)

@@ -43,7 +43,7 @@ from runner.guard import (
     output_lock,
     set_collective_timeout,
 )
-from runner.lora import apply_lora, base_identity, check_lora_resume, seed_dropout
+from runner.lora import apply_lora, base_identity, seed_dropout
 from runner.metrics import MetricsLogger, mem_gib, peak_flops_per_device, train_flops_per_token
 from runner.models.gemma4.moe import is_moe, router_stats, set_balance_scale
 from runner.models.gemma4.pipeline import (
@@ -289,7 +289,6 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
     if resuming:  # the layout, before building the model (minutes on the 31B)
         zero = ds_config.get("zero_optimization", {}).get("stage", 0) >= 1
         meta = native.check_resumable(resume_from, dims, zero=zero, sizes=checked.resume_sizes)
-        check_lora_resume(meta, cfg.lora, model_dir, cfg.model.path, resume_from)
         if meta["step"] == total_steps:  # nothing left to train
             if rank == 0:
                 export = out_dir / "export"

@@ -80,18 +80,25 @@ def test_generation_on_chat_jsonl_takes_the_last_answer_as_reference(tiny_ckpt, 
     assert metrics["n"] == 3 and metrics["closed_n"] == 2
 
 
-@pytest.mark.parametrize("case", ["missing", "not_gemma4"])
+@pytest.mark.parametrize("case", ["missing", "not_gemma4", "lora_export", "adapter"])
 def test_bad_model_dir_is_one_error_line(tmp_path, case) -> None:
     model = tmp_path / "model"
     if case == "not_gemma4":
         model.mkdir()
         (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    elif case in ("lora_export", "adapter"):  # a LoRA run's OUTPUT_DIR/export: adapter/ and merged/
+        (model / "adapter").mkdir(parents=True)
+        (model / "merged").mkdir()
+        (model / "adapter" / "adapter_config.json").write_text("{}")
+        model = model / "adapter" if case == "adapter" else model
     jsonl = tmp_path / "chat.jsonl"
     chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
     jsonl.write_text(json.dumps({"messages": chat}))
     proc = run([sys.executable, "-m", "runner", "evaluate", str(model), "--data", str(jsonl), "--split", "train"],
                ok=False)
-    assert_one_error_line(proc, [str(model), "Gemma4" if case == "not_gemma4" else "no such directory"])
+    words = {"missing": ["no such directory"], "not_gemma4": ["Gemma4"],
+             "lora_export": ["a LoRA run's export", str(tmp_path / "model" / "merged")]}
+    assert_one_error_line(proc, [str(model), *words.get(case, words["lora_export"])])
 
 
 def test_bad_data_path_is_one_error_line(tiny_ckpt, tmp_path) -> None:

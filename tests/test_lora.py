@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from test_checkpoint import hf_tensors, logits, run_worker, stage_files
 from transformers import AutoModelForImageTextToText
 
@@ -294,6 +295,54 @@ def test_lora_resume_and_export_refuse_another_base_or_kind(lora_runs, tiny_ckpt
     assert_one_line(capsys.readouterr().err.removeprefix("error: ").strip(), ["adapters for the base", "--source"])
 
 
+def test_check_refuses_a_lora_resume_with_other_adapter_settings(lora_runs, tiny_ckpt, tmp_path):
+    """The preflight (`runner train --check`, run by launch.sh before any process) compares the recipe's LoRA
+    settings with the checkpoint's, as the run would."""
+    from runner.preflight import resume_checkpoint
+
+    root = lora_runs.b / "root"
+    cfg = load_config(_lora_recipe(tmp_path), [f"checkpoint.resume={root}", "parallel.tp=2", "parallel.pp=2"])
+    cfg.lora = RunLoraConfig(**{**read_meta(latest_complete(root))["lora"]["config"], "rank": 8})
+    with pytest.raises(UserError) as err:
+        resume_checkpoint(cfg, tmp_path / "checkpoints", tiny_ckpt)
+    assert_one_line(str(err.value), ["was trained with lora.rank = 4", "set it back to resume"])
+
+
+def test_export_refuses_a_place_pruning_deletes_or_a_file_and_names_source_when_the_base_moved(lora_runs, tiny_ckpt,
+                                                                                               tmp_path, capsys):
+    ckpt = latest_complete(lora_runs.b / "root")
+    (tmp_path / "file").write_text("x")
+    moved = tmp_path / "checkpoints"
+    shutil.copytree(lora_runs.b / "root", moved)
+    meta = json.loads((moved / ckpt.name / "runner_checkpoint.json").read_text())
+    meta["lora"]["base"]["path"] = str(tmp_path / "gone")
+    (moved / ckpt.name / "runner_checkpoint.json").write_text(json.dumps(meta))
+    for args, words in (([str(ckpt), str(ckpt / "adapter")], ["lies in the checkpoint directory", "export elsewhere"]),
+                        ([str(ckpt), str(ckpt.parent / "out")], ["lies in the checkpoint directory"]),
+                        ([str(ckpt), str(tmp_path / "file" / "out")], ["is a file", "export into a directory"]),
+                        ([str(ckpt), str(tmp_path / "a"), "--max-shard-size", "0"], ["shard size '0'", "above 0"]),
+                        ([str(moved), str(tmp_path / "b")], [str(tmp_path / "gone"), "pass it with --source DIR"])):
+        assert cli(["export", *args]) == 2
+        assert_one_line(capsys.readouterr().err.removeprefix("error: ").strip(), words)
+    assert not (ckpt / "adapter").exists() and not (tmp_path / "a").exists()
+    assert cli(["export", str(moved), str(tmp_path / "b"), "--source", str(tiny_ckpt)]) == 0
+
+
+def test_lora_init_from_inside_the_export_it_would_replace_is_refused_by_the_check(tmp_path, tiny_ckpt, peft_adapter,
+                                                                                  capsys):
+    from runner.data.synthetic import make_data
+
+    out = tmp_path / "out"
+    adapter = shutil.copytree(peft_adapter, out / "export" / "adapter")
+    (out / "export" / ".runner-export.json").write_text(json.dumps({"files": ["adapter"]}))
+    sets = [f"model.path={tiny_ckpt}", f"data.train={make_data(tmp_path / 'data', n=8, seed=0)}",
+            f"output.dir={out}", "checkpoint.export=true", "eval.every_steps=0"]
+    assert cli(["train", str(_lora_recipe(tmp_path, init_from=str(adapter))), "--check",
+                *[a for s in sets for a in ("--set", s)]]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert_one_line(line, ["lora.init_from", "lies in", "checkpoint.export replaces", "copy the adapter elsewhere"])
+
+
 def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
     """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism, vision tower adapters on: 2 steps,
     then a continued run to step 3 (base from model.path, adapters and Adam moments from the checkpoint);
@@ -404,6 +453,35 @@ def test_lora_init_from_refuses_an_adapter_on_the_per_layer_linears(tmp_path, ti
     assert_one_line(str(err.value), ["lora.init_from", ".per_layer_", "continue it with PEFT"])
 
 
+def _damaged_adapter(adapter: Path, out: Path, damage: str) -> Path:
+    out = Path(shutil.copytree(adapter, out))
+    weights, config = out / "adapter_model.safetensors", out / "adapter_config.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:7])
+    elif damage == "no-weights":
+        save_file({}, weights)
+    elif damage == "weights-of-another-rank":
+        save_file({k: (v[:2] if ".lora_A." in k else v[:, :2]).contiguous() for k, v in load_file(weights).items()}, weights)
+    else:  # r written as another value
+        config.write_text(json.dumps({**json.loads(config.read_text()), "r": {"r0": 0, "r-string": "4"}[damage]}))
+    return out
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("truncated", ["readable adapter_model.safetensors", "PeftModel.save_pretrained"]),
+    ("no-weights", ["holds no LoRA weights"]),
+    ("weights-of-another-rank", ["has shape [2, ", "r = 4", "different adapters"]),
+    ("r0", ["r = 0", "an integer >= 1"]),
+    ("r-string", ["r = '4'", "an integer >= 1"]),
+])
+def test_a_damaged_adapter_to_continue_is_one_line_when_the_recipe_loads(tmp_path, peft_adapter, damage, words):
+    """Caught with the recipe (so by `--check`, before any process starts), not as a traceback inside the run."""
+    adapter = _damaged_adapter(peft_adapter, tmp_path / "adapter", damage)
+    with pytest.raises(UserError) as err:
+        load_config(_lora_recipe(tmp_path, init_from=str(adapter)))
+    assert_one_line(str(err.value), ["lora.init_from", *words])
+
+
 def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
     with pytest.raises(UserError) as err:
         load_adapter([], RunLoraConfig(enabled=True, rank=8, alpha=8, init_from=str(peft_adapter)))
@@ -413,6 +491,7 @@ def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
 @pytest.mark.parametrize("override,words", [
     ("lora.target_modules=[q_proj, qkv]", ["lora.target_modules", "q_proj, k_proj"]),
     ("lora.rank=0", ["lora.rank must be >= 1"]),
+    ("lora.alpha=0", ["lora.alpha = 0.0 must be > 0"]),
     ("lora.init_from=/nonexistent/adapter", ["lora.init_from", "PEFT adapter directory"]),
 ])
 def test_lora_recipe_errors_are_one_line(override, words):

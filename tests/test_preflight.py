@@ -93,6 +93,27 @@ def test_check_refuses_what_the_run_would(capsys, tmp_path, tiny_ckpt, medpix, w
     assert_one_error_line(_check(capsys, *flags, *_sets(tiny_ckpt, medpix, out, *extra)), words)
 
 
+@pytest.mark.parametrize("inside,words", [
+    ("lock", ["is in use by another job", "use another output.dir"]),
+    ("notes", ["export holds MY_NOTES.txt", "no end-of-run export wrote", "checkpoint.export: false"]),
+])
+def test_check_refuses_an_output_dir_in_use_or_an_export_it_would_delete(capsys, tmp_path, tiny_ckpt, medpix, inside,
+                                                                         words):
+    """Another job's lock, and files a user put in OUTPUT_DIR/export (which the end-of-run export replaces whole):
+    one line before any process starts, nothing of theirs touched."""
+    import os
+    import socket
+
+    out = tmp_path / "out"
+    (out / "export").mkdir(parents=True)
+    if inside == "lock":
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))
+    else:
+        (out / "export" / "MY_NOTES.txt").write_text("mine")
+    assert_one_error_line(_check(capsys, *_sets(tiny_ckpt, medpix, out, "checkpoint.export=true")), words)
+    assert inside == "lock" or (out / "export" / "MY_NOTES.txt").read_text() == "mine"
+
+
 def test_too_little_disk_for_one_checkpoint(capsys, monkeypatch, tmp_path, tiny_ckpt, medpix):
     from runner import preflight
 

@@ -35,15 +35,17 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Top-level source files that are weights (written anew here), not config/tokenizer/processor files.
+EXPORT_RECORD = ".runner-export.json"  # in an end-of-run export: the names it wrote, which the next one may replace
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
 
 
 def parse_size(text: str | int) -> int:
     """Bytes from an int or a size such as "5GB", "500MB", "2GiB"."""
     match = _SIZE.match(str(text))
-    if not match:
-        raise UserError(f"shard size {text!r} is not a size; write it like 5GB, 500MB or 2GiB")
-    return int(float(match[1]) * _UNITS[(match[2] or "B").upper()])
+    size = int(float(match[1]) * _UNITS[(match[2] or "B").upper()]) if match else 0
+    if size < 1:
+        raise UserError(f"shard size {text!r} is not a size above 0; write it like 5GB, 500MB or 2GiB")
+    return size
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -122,8 +124,16 @@ def checkpoint_tensors(ckpt: Path, meta: dict) -> Iterator[tuple[str, torch.Tens
 
 
 def _empty_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir`, created, holding no weights, and outside any checkpoint root (whose pruning would delete it)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for parent in (out_dir.absolute(), *out_dir.absolute().parents):
+        if (parent / LATEST_NAME).is_file() or (parent / META_NAME).is_file():
+            raise UserError(f"{out_dir} lies in the checkpoint directory {parent}, where pruning old checkpoints "
+                            f"would delete it; export elsewhere, e.g. OUTPUT_DIR/export")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{out_dir}: it or a folder above it is a file; export into a directory") from None
     if any(out_dir.glob("*.safetensors")) or (out_dir / INDEX_NAME).exists():
         raise UserError(f"{out_dir} already holds safetensors weights (a model or an adapter); export into an empty "
                         f"directory")
@@ -147,7 +157,13 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
         raise UserError(f"{ckpt}: --merge merges LoRA adapters, but this checkpoint is a full fine-tune; export it "
                         f"without --merge")
     base = str(source or (lora["base"]["path"] if lora else meta["source"]))
-    src = HFCheckpoint(base)
+    try:
+        src = HFCheckpoint(base)
+    except UserError as err:
+        if source:
+            raise
+        raise UserError(f"{err}; {ckpt} records it as the model it was trained from: if that moved, pass it with "
+                        f"--source DIR") from None
     if lora and base_identity(src.path, base)["fingerprint"] != lora["base"]["fingerprint"]:
         raise UserError(f"{ckpt} holds adapters for the base model {lora['base']['path']}, but {base} has another "
                         f"config or weight index; pass that base with --source")
@@ -195,6 +211,7 @@ def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path |
     if dist.get_rank() != 0:
         return None
     out_dir = Path(out_dir)
+    check_export_dir(out_dir)  # checked before training too; a user may have put files there since
     partial, replaced = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(partial, ignore_errors=True)
     lora = read_meta(checkpoint_dir(checkpoint)).get("lora")
@@ -203,12 +220,35 @@ def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path |
         export_hf(checkpoint, partial / "merged", merge=True)
     else:
         export_hf(checkpoint, partial)
+    (partial / EXPORT_RECORD).write_text(json.dumps({"files": sorted(p.name for p in partial.iterdir())}))
     if out_dir.exists():
         shutil.rmtree(replaced, ignore_errors=True)
         out_dir.rename(replaced)
     partial.rename(out_dir)
     shutil.rmtree(replaced, ignore_errors=True)
     return out_dir / "merged" if lora else out_dir
+
+
+def foreign_files(out_dir: Path) -> list[str]:
+    """Names in an existing export directory that no end-of-run export wrote (EXPORT_RECORD lists what one did):
+    a model exported by hand, a user's notes. Replacing the directory would delete them."""
+    if not out_dir.is_dir():
+        return []
+    try:
+        written = set(json.loads((out_dir / EXPORT_RECORD).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = set()
+    return sorted(p.name for p in out_dir.iterdir() if p.name not in written and p.name != EXPORT_RECORD)
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """`checkpoint.export` replaces OUTPUT_DIR/export whole: refuse while it holds files it did not write."""
+    foreign = foreign_files(out_dir)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"{out_dir} holds {', '.join(foreign[:3])}{more}, which no end-of-run export wrote, and "
+                        f"checkpoint.export replaces that directory; move them elsewhere, or set checkpoint.export: "
+                        f"false (then export by hand: runner export CKPT OUT)", on_every_rank=True)
 
 
 def _adapters(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
