@@ -106,6 +106,23 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             release_lock(path)
 
 
+@contextlib.contextmanager
+def one_error_for_the_job() -> Iterator[None]:
+    """A setup step where a user error may strike some ranks only (a stage's adapter keys or weights): every rank
+    learns the lowest failing rank's line (a collective) and raises it, so the job prints it once and no rank waits
+    in a later collective for a peer that is gone. Call on every rank."""
+    line = None
+    try:
+        yield
+    except UserError as err:
+        line = str(err)
+    lines: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)
+    first = next((x for x in lines if x is not None), None)
+    if first is not None:
+        raise UserError(first, on_every_rank=True)
+
+
 def _device() -> str:
     """Where flags for collectives live: NCCL reduces only accelerator tensors."""
     return get_accelerator().current_device_name()

@@ -40,6 +40,7 @@ from runner.guard import (
     collective_timeout,
     is_finite,
     nonfinite_error,
+    one_error_for_the_job,
     output_lock,
     set_collective_timeout,
 )
@@ -306,11 +307,12 @@ def _train(cfg: RunConfig, ds_config_path: str | None, checked: Checked, where: 
                                stage_layers=cfg.parallel.stage_layers,
                                recompute_num_layers=cfg.train.recompute_num_layers)
     model.to(DTYPES[cfg.model.dtype])
-    if not resuming or cfg.lora.enabled:  # a resumed run takes every weight from its checkpoint, but a LoRA base
-        load_hf_weights(model, model_dir)
-    model.freeze(**vars(cfg.freeze))
-    if cfg.lora.enabled:
-        apply_lora(model, cfg.lora, cfg.train.seed, base_identity(model_dir, cfg.model.path))
+    with one_error_for_the_job():  # a stage's weights or adapter keys: one line for the job
+        if not resuming or cfg.lora.enabled:  # a resumed run takes every weight from its checkpoint, but a LoRA base
+            load_hf_weights(model, model_dir)
+        model.freeze(**vars(cfg.freeze))
+        if cfg.lora.enabled:
+            apply_lora(model, cfg.lora, cfg.train.seed, base_identity(model_dir, cfg.model.path))
     optimizer = build_optimizer(
         model, cfg.optim, ps, fp32_path=fp32_path, max_grad_norm=cfg.train.grad_clip, device=comm_device(),
         zero_optimizer=runs_zero_optimizer(ds_config, bf16=cfg.model.dtype == "bfloat16"),

@@ -25,7 +25,7 @@ from runner.lora import base_identity, check_lora_resume, init_adapter, load_ada
 from runner.models.gemma4.pipeline import PIPE_INPUT_KEYS
 from runner.parallel.tensor_parallel import ColumnParallelLinear, LoraDropout, RowParallelLinear, mark_sharded
 
-from conftest import ROOT, assert_one_line, torchrun
+from conftest import ROOT, assert_one_line, run, torchrun, torchrun_cmd
 from synthetic import global_batch
 from test_parity import _assert_matches_transformers, _reference, _run
 
@@ -480,6 +480,24 @@ def test_a_damaged_adapter_to_continue_is_one_line_when_the_recipe_loads(tmp_pat
     with pytest.raises(UserError) as err:
         load_config(_lora_recipe(tmp_path, init_from=str(adapter)))
     assert_one_line(str(err.value), ["lora.init_from", *words])
+
+
+def test_an_adapter_missing_a_stages_layer_is_one_line_for_the_job(tmp_path, tiny_ckpt, peft_adapter):
+    """Found while the adapters load, on the ranks that hold that layer only: every rank raises the same line
+    (one_error_for_the_job), printed once; no rank waits for a peer that is gone."""
+    from runner.data.synthetic import make_data
+
+    adapter = Path(shutil.copytree(peft_adapter, tmp_path / "adapter"))
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if ".layers.1." not in k}, weights)
+    sets = [f"model.path={tiny_ckpt}", f"data.train={make_data(tmp_path / 'data', n=8, seed=0)}", "data.eval=",
+            f"output.dir={tmp_path / 'out'}", "parallel.tp=2", "parallel.pp=1", "train.max_steps=1",
+            "eval.every_steps=0", "checkpoint.export=false"]
+    proc = run(torchrun_cmd(2, "-m", "runner", "train", str(_lora_recipe(tmp_path, init_from=str(adapter))),
+                            *[a for s in sets for a in ("--set", s)]), ok=False, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert_one_line(errors[0], ["lora.init_from", "layers.1.", "the adapter does not adapt"])
 
 
 def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
