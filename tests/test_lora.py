@@ -500,6 +500,21 @@ def test_an_adapter_missing_a_stages_layer_is_one_line_for_the_job(tmp_path, tin
     assert_one_line(errors[0], ["lora.init_from", "layers.1.", "the adapter does not adapt"])
 
 
+def test_an_adapter_with_nan_weights_is_one_line(tmp_path, peft_adapter):
+    """Not loaded into the run (where the guard would stop at the first step and blame the learning rate)."""
+    adapter = Path(shutil.copytree(peft_adapter, tmp_path / "adapter"))
+    weights, name = adapter / "adapter_model.safetensors", "model.language_model.layers.0.self_attn.q_proj"
+    tensors = load_file(weights)
+    tensors[f"base_model.model.{name}.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, weights)
+    rank, in_features = tensors[f"base_model.model.{name}.lora_A.weight"].shape
+    linear = ColumnParallelLinear(in_features, tensors[f"base_model.model.{name}.lora_B.weight"].shape[0], None)
+    linear.add_lora(rank, 2.0, 0.0)
+    with pytest.raises(UserError) as err:
+        load_adapter([(name, linear)], RunLoraConfig(enabled=True, rank=rank, alpha=8, init_from=str(adapter)))
+    assert_one_line(str(err.value), ["lora.init_from", "q_proj.lora_B.weight holds NaN or infinite values"])
+
+
 def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
     with pytest.raises(UserError) as err:
         load_adapter([], RunLoraConfig(enabled=True, rank=8, alpha=8, init_from=str(peft_adapter)))
