@@ -70,9 +70,11 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(args.recipe, args.set)  # recipe errors before any process group exists
     if args.check:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout
-            from runner.preflight import preflight, summary
+            from runner.preflight import check_not_locked, preflight, summary
 
             checked = preflight(cfg, world_size=args.world_size)
+            with from_the_recipe():
+                check_not_locked(Path(cfg.output.dir))
         print(f"ok: {args.recipe} ({summary(cfg, checked, args.world_size)})")
         return 0
     from runner.quiet import quiet_libraries, set_verbose

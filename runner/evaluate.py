@@ -122,9 +122,10 @@ def load_model(model: str) -> tuple[Any, Any]:
     model_dir = resolve_model_dir(model)
     fix = "pass a Gemma4 HF directory (a base model or a training run's OUTPUT_DIR/export)"
     if (model_dir / "merged").is_dir() or (model_dir / ADAPTER_CONFIG_NAME).is_file():
-        merged = model_dir / "merged" if (model_dir / "merged").is_dir() else model_dir.parent / "merged"
-        raise UserError(f"{model_dir} is a LoRA run's export (or its PEFT adapter); evaluate the model with the "
-                        f"adapters merged in: {merged} (or write one: runner export CKPT OUT --merge)")
+        merged = next((d for d in (model_dir / "merged", model_dir.parent / "merged") if d.is_dir()), None)
+        where = f"{merged}, or write one" if merged else "write one"
+        raise UserError(f"{model_dir} is a LoRA run's export or a PEFT adapter; evaluate the model with the "
+                        f"adapters merged in ({where}: runner export CKPT OUT --merge)")
     try:
         model_type = AutoConfig.from_pretrained(model_dir).model_type
     except (OSError, ValueError) as err:

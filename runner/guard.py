@@ -24,6 +24,7 @@ import math
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -111,16 +112,25 @@ def one_error_for_the_job() -> Iterator[None]:
     """A setup step where a user error may strike some ranks only (a stage's adapter keys or weights): every rank
     learns the lowest failing rank's line (a collective) and raises it, so the job prints it once and no rank waits
     in a later collective for a peer that is gone. Call on every rank."""
-    line = None
+    mine: tuple[str, str] | None = None
+    crash: BaseException | None = None
     try:
         yield
     except UserError as err:
-        line = str(err)
-    lines: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(lines, line)
-    first = next((x for x in lines if x is not None), None)
-    if first is not None:
-        raise UserError(first, on_every_rank=True)
+        mine = ("error", str(err))
+    except BaseException as err:  # not a user error: raised here once the others know, so none waits for this rank
+        crash, mine = err, ("crash", f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+    every: list[tuple[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if crash is not None:
+        raise crash
+    errors = [text for kind, text in filter(None, every) if kind == "error"]
+    if errors:
+        raise UserError(errors[0], on_every_rank=True)
+    crashed = next(((rank, got[1]) for rank, got in enumerate(every) if got), None)
+    if crashed is not None:
+        print(f"stopped: rank {crashed[0]} failed ({crashed[1]})", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 def _device() -> str:

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from runner.config import LORA_TARGETS, LoraConfig
 from runner.errors import UserError
 from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe, Gemma4VisionStage
 from runner.parallel.tensor_parallel import LoraDropout, add_lora_update, mark_sharded, shard_index
+
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
 
 PARTS = ("lora_A", "lora_B")
 # an adapter weight of a decoder / vision encoder linear in adapter_model.safetensors: (layer, linear)
@@ -155,7 +159,7 @@ _UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("rank_pattern", {}, "pe
                                                                    "trainable_token_indices"))
 
 
-def _check_adapter_values(saved, where: str) -> None:
+def _check_adapter_values(saved: PeftLoraConfig, where: str) -> None:
     """r, lora_alpha and lora_dropout of a saved adapter are values the recipe's keys could hold."""
     def number(v: object) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
@@ -196,9 +200,8 @@ def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str
         if part and (len(shape) != 2 or shape[0 if part == "lora_A" else 1] != saved.r):
             raise UserError(f"{where}: {key} has shape {shape}, but adapter_config.json says r = {saved.r}; the "
                             f"config and the weights come from different adapters: save the adapter again")
-    keys = list(shapes)
     targets: dict[str, set[str]] = {"decoder": set(), "vision": set()}
-    for key in keys:
+    for key in shapes:
         decoder, vision = _DECODER_KEY.match(key), _VISION_KEY.match(key)
         match = decoder or vision
         if not match or match[2] not in LORA_TARGETS:

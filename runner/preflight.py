@@ -61,7 +61,7 @@ def preflight(cfg: RunConfig, world_size: int | None) -> Checked:
         check_writable_dir(out_dir, "output.dir")
         if (out_dir / "checkpoints").exists():
             check_writable_dir(out_dir / "checkpoints", "output.dir's checkpoints")
-        check_output_dir(cfg, out_dir)
+        check_output_dir(cfg, out_dir, model_dir)
         resume_from, resume_sizes = resume_checkpoint(cfg, out_dir / "checkpoints", model_dir)
         if cfg.checkpoint.every_steps or cfg.checkpoint.at_end:  # else only a SIGTERM saves (ENOSPC: one line)
             need = sum(resume_sizes.values()) if resume_from is not None else checkpoint_bytes(cfg, config)
@@ -197,20 +197,26 @@ def check_writable_dir(path: Path, key: str) -> None:
                         f"{key} at a writable directory")
 
 
-def check_output_dir(cfg: RunConfig, out_dir: Path) -> None:
-    """No other job holds output.dir (the run takes its lock later: this is the same line, before a launch), and the
-    end-of-run export would replace nothing a user put in OUTPUT_DIR/export, the adapter to start from included."""
-    from runner.checkpoint.export import check_export_dir
+def check_not_locked(out_dir: Path) -> None:
+    """No other job holds output.dir: `--check` only (launch.sh runs it before any process). A run's own ranks
+    must not look, since rank 0 may have taken the job's lock while another rank still runs its preflight."""
     from runner.guard import LOCK_NAME, holder_error
 
     if (out_dir / LOCK_NAME).exists():
         raise holder_error(out_dir / LOCK_NAME)
+
+
+def check_output_dir(cfg: RunConfig, out_dir: Path, model_dir: Path) -> None:
+    """The end-of-run export would replace nothing a user put in OUTPUT_DIR/export, the adapter to start from
+    included."""
+    from runner.checkpoint.export import check_export_dir
+
     if not cfg.checkpoint.export:
         return
     export = out_dir / "export"
-    check_export_dir(export)
-    start = Path(cfg.lora.init_from).expanduser().absolute() if cfg.lora.init_from else None
-    if start is not None and start.is_relative_to(export.absolute()):
+    check_export_dir(export, model_dir, cfg.lora.enabled)
+    start = Path(cfg.lora.init_from).expanduser().resolve() if cfg.lora.init_from else None
+    if start is not None and start.is_relative_to(export.resolve()):
         raise UserError(f"lora.init_from {cfg.lora.init_from} lies in {export}, which this run's checkpoint.export "
                         f"replaces when it ends; copy the adapter elsewhere and point lora.init_from there")
 

@@ -97,7 +97,7 @@ def test_bad_model_dir_is_one_error_line(tmp_path, case) -> None:
     proc = run([sys.executable, "-m", "runner", "evaluate", str(model), "--data", str(jsonl), "--split", "train"],
                ok=False)
     words = {"missing": ["no such directory"], "not_gemma4": ["Gemma4"],
-             "lora_export": ["a LoRA run's export", str(tmp_path / "model" / "merged")]}
+             "lora_export": ["a LoRA run's export or a PEFT adapter", str(tmp_path / "model" / "merged"), "--merge"]}
     assert_one_error_line(proc, [str(model), *words.get(case, words["lora_export"])])
 
 

@@ -114,6 +114,28 @@ def test_check_refuses_an_output_dir_in_use_or_an_export_it_would_delete(capsys,
     assert inside == "lock" or (out / "export" / "MY_NOTES.txt").read_text() == "mine"
 
 
+def test_an_export_is_replaced_but_not_the_files_a_user_added(tmp_path, tiny_ckpt):
+    """What an end-of-run export wrote (its record, or for an export from before records: a LoRA run's adapter/
+    and merged/, a full run's weights and the source model's files) may be replaced; anything else is the user's."""
+    from runner.checkpoint.export import EXPORT_RECORD, foreign_files
+
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in ("config.json", "tokenizer.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        (full / name).write_text("x")
+    assert foreign_files(full, tiny_ckpt, lora=False) == []
+    (full / "MY_NOTES.txt").write_text("mine")
+    assert foreign_files(full, tiny_ckpt, lora=False) == ["MY_NOTES.txt"]
+    lora = tmp_path / "lora"
+    for name in ("adapter/adapter_config.json", "merged/config.json"):
+        (lora / name).parent.mkdir(parents=True, exist_ok=True)
+        (lora / name).write_text("{}")
+    assert foreign_files(lora, tiny_ckpt, lora=True) == []
+    assert foreign_files(lora, tiny_ckpt, lora=False) == ["adapter/adapter_config.json", "merged/config.json"]
+    (lora / EXPORT_RECORD).write_text(json.dumps({"files": ["adapter/adapter_config.json"]}))
+    assert foreign_files(lora, tiny_ckpt, lora=True) == ["merged/config.json"]
+
+
 def test_too_little_disk_for_one_checkpoint(capsys, monkeypatch, tmp_path, tiny_ckpt, medpix):
     from runner import preflight
 

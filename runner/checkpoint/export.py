@@ -22,7 +22,16 @@ from safetensors.torch import save_file
 
 from runner.checkpoint.engine import read_file
 from runner.checkpoint.hf_load import INDEX_NAME, HFCheckpoint
-from runner.checkpoint.native import LATEST_NAME, META_NAME, latest_complete, layer_files, read_meta
+from runner.checkpoint.native import (
+    LATEST_NAME,
+    META_NAME,
+    PARTIAL_SUFFIX,
+    REPLACED_SUFFIX,
+    TAG_RE,
+    latest_complete,
+    layer_files,
+    read_meta,
+)
 from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key
 from runner.config import LoraConfig
 from runner.errors import UserError
@@ -35,6 +44,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Top-level source files that are weights (written anew here), not config/tokenizer/processor files.
+_SHARD_NAME = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 EXPORT_RECORD = ".runner-export.json"  # in an end-of-run export: the names it wrote, which the next one may replace
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
 
@@ -123,13 +133,23 @@ def checkpoint_tensors(ckpt: Path, meta: dict) -> Iterator[tuple[str, torch.Tens
             yield name, _join_shards(parts, entry, tp)
 
 
+def check_export_place(out_dir: Path) -> None:
+    """Not a place a checkpoint save deletes or writes: a checkpoint (a folder with its manifest), a step_*,
+    *.partial or *.old folder of a checkpoints root (pruning removes those), or the root itself."""
+    path = out_dir.absolute()
+    if (path / LATEST_NAME).is_file():
+        raise UserError(f"{out_dir} is a checkpoints directory; export elsewhere, e.g. OUTPUT_DIR/export")
+    for folder in (path, *path.parents):
+        pruned = TAG_RE.match(folder.name) or folder.name.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX))
+        if (folder / META_NAME).is_file() or (pruned and (folder.parent / LATEST_NAME).is_file()):
+            raise UserError(f"{out_dir} lies in the checkpoint folder {folder}, which pruning old checkpoints "
+                            f"deletes; export elsewhere, e.g. OUTPUT_DIR/export")
+
+
 def _empty_out_dir(out_dir: str | Path) -> Path:
     """`out_dir`, created, holding no weights, and outside any checkpoint root (whose pruning would delete it)."""
     out_dir = Path(out_dir)
-    for parent in (out_dir.absolute(), *out_dir.absolute().parents):
-        if (parent / LATEST_NAME).is_file() or (parent / META_NAME).is_file():
-            raise UserError(f"{out_dir} lies in the checkpoint directory {parent}, where pruning old checkpoints "
-                            f"would delete it; export elsewhere, e.g. OUTPUT_DIR/export")
+    check_export_place(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -211,16 +231,18 @@ def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path |
     if dist.get_rank() != 0:
         return None
     out_dir = Path(out_dir)
-    check_export_dir(out_dir)  # checked before training too; a user may have put files there since
+    meta = read_meta(checkpoint_dir(checkpoint))
+    lora = meta.get("lora")
+    # checked before training too; a user may have put files there since
+    check_export_dir(out_dir, Path(lora["base"]["path"] if lora else meta["source"]), bool(lora))
     partial, replaced = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(partial, ignore_errors=True)
-    lora = read_meta(checkpoint_dir(checkpoint)).get("lora")
     if lora:  # the PEFT adapter and the merged model; the merged one is what serves (and eval.generate answers)
         export_hf(checkpoint, partial / "adapter")
         export_hf(checkpoint, partial / "merged", merge=True)
     else:
         export_hf(checkpoint, partial)
-    (partial / EXPORT_RECORD).write_text(json.dumps({"files": sorted(p.name for p in partial.iterdir())}))
+    (partial / EXPORT_RECORD).write_text(json.dumps({"files": _files(partial)}))
     if out_dir.exists():
         shutil.rmtree(replaced, ignore_errors=True)
         out_dir.rename(replaced)
@@ -229,26 +251,45 @@ def export_after_training(checkpoint: str | Path, out_dir: str | Path) -> Path |
     return out_dir / "merged" if lora else out_dir
 
 
-def foreign_files(out_dir: Path) -> list[str]:
-    """Names in an existing export directory that no end-of-run export wrote (EXPORT_RECORD lists what one did):
+def _files(folder: Path) -> list[str]:
+    """Every file under `folder`, as paths relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _written_before_records(names: list[str], source: Path, lora: bool) -> set[str]:
+    """Of an export with no EXPORT_RECORD (written before it existed), what an end-of-run export wrote: a LoRA
+    run's adapter/ and merged/, a full run's weights, index and the source model's other top-level files."""
+    if lora:
+        return {n for n in names if n.split("/", 1)[0] in ("adapter", "merged")}
+    copied = {f.name for f in source.iterdir() if f.is_file()} if source.is_dir() else set()
+    return {n for n in names if "/" not in n and (n in copied or n == INDEX_NAME or _SHARD_NAME.match(n))}
+
+
+def foreign_files(out_dir: Path, source: Path, lora: bool) -> list[str]:
+    """Files in an existing export directory that no end-of-run export wrote (EXPORT_RECORD lists what one did):
     a model exported by hand, a user's notes. Replacing the directory would delete them."""
     if not out_dir.is_dir():
         return []
+    names = [n for n in _files(out_dir) if n != EXPORT_RECORD]
     try:
         written = set(json.loads((out_dir / EXPORT_RECORD).read_text())["files"])
+    except FileNotFoundError:
+        written = _written_before_records(names, source, lora)
     except (OSError, ValueError, KeyError, TypeError):
         written = set()
-    return sorted(p.name for p in out_dir.iterdir() if p.name not in written and p.name != EXPORT_RECORD)
+    return [n for n in names if n not in written]
 
 
-def check_export_dir(out_dir: Path) -> None:
+def check_export_dir(out_dir: Path, source: Path, lora: bool) -> None:
     """`checkpoint.export` replaces OUTPUT_DIR/export whole: refuse while it holds files it did not write."""
-    foreign = foreign_files(out_dir)
+    check_export_place(out_dir)
+    foreign = foreign_files(out_dir, source, lora)
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UserError(f"{out_dir} holds {', '.join(foreign[:3])}{more}, which no end-of-run export wrote, and "
                         f"checkpoint.export replaces that directory; move them elsewhere, or set checkpoint.export: "
-                        f"false (then export by hand: runner export CKPT OUT)", on_every_rank=True)
+                        f"false and export by hand: runner export {out_dir.parent / 'checkpoints'} OUT",
+                        on_every_rank=True)
 
 
 def _adapters(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
