@@ -394,6 +394,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.cluster.gpu_mem_gib > 0, "cluster.gpu_mem_gib must be > 0 (one GPU's memory in GiB, e.g. 80 or 140)"),
         (cfg.checkpoint.at_end or not cfg.checkpoint.export, "checkpoint.export needs checkpoint.at_end: true"),
         (bool(cfg.output.dir.strip()), "output.dir is empty; set it to the directory for metrics and checkpoints"),
+        (bool(cfg.model.path.strip()), "model.path is empty; set it to a Gemma4 HF directory or Hub id "
+         "(e.g. google/gemma-4-31B-it)"),
         (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
         (cfg.lora.alpha > 0, f"lora.alpha = {cfg.lora.alpha} must be > 0 (the update is scaled by alpha / rank)"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),

@@ -54,6 +54,7 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
         (["train.grad_clip=-inf"], ["train.grad_clip", "not a finite number"]),
         (["data.train=.inf"], ["data.train = inf is not a finite number"]),
         (["output.dir="], ["output.dir is empty"]),
+        (["model.path="], ["model.path is empty", "Gemma4 HF directory or Hub id"]),
         (["checkpoint.resume=sometimes"], ["checkpoint.resume = 'sometimes' is neither auto, none nor an existing path"]),
         (["parallel.tp=4", "parallel.ep=3"], ["parallel.ep=3 must be >= 1 and divide parallel.tp=4", "1, 2 or 4"]),
         (["parallel.tp=2", "parallel.ep=-2"], ["parallel.ep=-2 must be >= 1", "choose ep from 1 or 2"]),
