@@ -490,17 +490,17 @@ def test_a_damaged_adapter_to_continue_is_one_line_when_the_recipe_loads(tmp_pat
 
 
 def test_an_adapter_missing_a_stages_layer_is_one_line_for_the_job(tmp_path, tiny_ckpt, peft_adapter):
-    """Found while the adapters load, on the stage that holds that layer only (pp 2): every rank raises the same
-    line (one_error_for_the_job), printed once; the other stage does not wait for a peer that is gone."""
+    """Found while the adapters load, by the two TP ranks of the stage that holds that layer only (tp 2, pp 2):
+    every rank raises the same line (one_error_for_the_job), printed once; the other stage does not wait."""
     from runner.data.synthetic import make_data
 
     adapter = Path(shutil.copytree(peft_adapter, tmp_path / "adapter"))
     weights = adapter / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(weights).items() if ".layers.1." not in k}, weights)
     sets = [f"model.path={tiny_ckpt}", f"data.train={make_data(tmp_path / 'data', n=8, seed=0)}", "data.eval=",
-            f"output.dir={tmp_path / 'out'}", "parallel.tp=1", "parallel.pp=2", "train.max_steps=1",
+            f"output.dir={tmp_path / 'out'}", "parallel.tp=2", "parallel.pp=2", "train.max_steps=1",
             "eval.every_steps=0", "checkpoint.export=false"]
-    proc = run(torchrun_cmd(2, "-m", "runner", "train", str(_lora_recipe(tmp_path, init_from=str(adapter))),
+    proc = run(torchrun_cmd(4, "-m", "runner", "train", str(_lora_recipe(tmp_path, init_from=str(adapter))),
                             *[a for s in sets for a in ("--set", s)]), ok=False, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
