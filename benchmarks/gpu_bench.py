@@ -359,6 +359,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run at most")
     ap.add_argument("--budget", type=int, default=0, help="seconds for the whole command (0: no limit): each run "
                     "gets at most an even share of what is left, so a device call's limit is never hit mid-run")
+    ap.add_argument("--baseline-attn", default="sdpa",
+                    help="the baseline's attention, ','-separated for one baseline run each (sdpa, flex_attention; "
+                         "the runner's ratio is to the first); flex_attention rows are padded to --baseline-pad-to")
+    ap.add_argument("--baseline-pad-to", type=int, default=4224,
+                    help="the flex_attention baseline's pad_to_multiple_of (one compiled length, as the runner's)")
     ap.add_argument("--experts-implementation", default="grouped_mm",
                     help="MoE baseline: transformers' experts_implementation (its default and fastest built-in)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
@@ -398,8 +403,9 @@ def main() -> int:
     layout_arg = args.layouts or member.default_layouts(gpus)
     layouts = [x for x in re.split(r",(?![^\[]*\])", layout_arg) if x != "none"]  # ',' inside [...]: a list value
     runnable = [x for x in layouts if gpus % math.prod(map(int, x.split(":")[0].split("x"))) == 0]
+    attns = args.baseline_attn.split(",")
     budget = Budget(args.budget, args.timeout, t0,
-                    len(args.workloads.split(",")) * (len(runnable) + (args.baseline == "zero3")))
+                    len(args.workloads.split(",")) * (len(runnable) + (args.baseline == "zero3") * len(attns)))
     for workload in args.workloads.split(","):
         for index, layout in enumerate(layouts):
             shape, *sets = layout.split(":")
@@ -450,19 +456,22 @@ def main() -> int:
                 entry["step1"] = {"loss": recs[0]["loss"], "grad_norm": recs[0]["grad_norm"]}  # same data, weights
             results["runs"].append(entry)
             write_records(out, results)
-        if args.baseline == "zero3":
+        for attn in attns if args.baseline == "zero3" else []:
             micro, max_length = WORKLOADS[workload]
-            print(f"{workload} ZeRO-3 baseline dp={gpus}", flush=True)
-            base_out = work / f"zero3_{workload}.json"
+            print(f"{workload} ZeRO-3 baseline dp={gpus} {attn}", flush=True)
+            key = workload if attn == attns[0] else f"{workload}:{attn}"  # the runner's records compare to the first
+            base_out = work / f"zero3_{workload}_{attn}.json"
             base_out.unlink(missing_ok=True)  # a kept BENCH_WORK must not give an earlier command's figures
+            pad = args.baseline_pad_to if attn == "flex_attention" else 8
             rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
                                  "--lora-rank", str(args.lora), "--dtype", "float32" if args.tiny else "bfloat16",
-                                 "--experts-implementation", args.experts_implementation,
-                                 "--out", str(base_out)], work / f"log_zero3_{workload}.txt", budget.next_timeout(), tails)
+                                 "--experts-implementation", args.experts_implementation, "--attn", attn,
+                                 "--pad-to-multiple-of", str(pad), "--out", str(base_out)],
+                     work / f"log_zero3_{workload}_{attn}.txt", budget.next_timeout(), tails)
             if base_out.exists():  # also a run stopped at --timeout after its timed steps
-                results["baseline"][workload] = {**json.loads(base_out.read_text()), "rc": rc}
+                results["baseline"][key] = {**json.loads(base_out.read_text()), "rc": rc, "workload": workload}
         write_records(out, results)
     print_table(write_records(out, results))
     return 0
@@ -505,11 +514,14 @@ def to_records(results: dict, command: str, commit: str) -> list[dict]:
             notes=f"runner from {e['code']}" if "code" in e else "",
             details={**{new: e.get(old) for old, new in keys.items()},
                      "mfu_basis": basis if e.get("mfu") is not None else None}))
-    for workload, b in results["baseline"].items():
+    for key, b in results["baseline"].items():
+        workload = b.get("workload", key)
         tflops, mfu = flops_ratio.get(workload), mfu_ratio.get(workload)
         experts = b.get("experts_implementation")
+        attn = {} if b.get("attn_implementation", "sdpa") == "sdpa" else {  # transformers' default: no override
+            "model.attn_implementation": b["attn_implementation"], "data.pad_to_multiple_of": b["pad_to_multiple_of"]}
         records.append(make_record(
-            **common, system=b.get("system", "zero3"), workload=workload, tp=1, pp=1, dp=b["dp"], overrides={},
+            **common, system=b.get("system", "zero3"), workload=workload, tp=1, pp=1, dp=b["dp"], overrides=attn,
             tokens_per_sec_per_gpu=b["tokens_per_sec_per_gpu"], mfu=mfu * b["tokens_per_sec_per_gpu"] if mfu else None,
             peak_gib=b.get("mem_gib"), plan_gib=None,
             notes=f"transformers experts_implementation={experts}" if experts else "",

@@ -40,6 +40,10 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=0, help="PEFT LoRA of this rank (alpha 2*rank) on every decoder "
                     "linear of the frozen model, as the runner's lora section builds it (0: full fine-tuning)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"],
+                    help="transformers' attention: its default sdpa, or flex_attention as the runner's long-text runs")
+    ap.add_argument("--pad-to-multiple-of", type=int, default=8,
+                    help="the collator's padding: one length for every batch, so flex_attention compiles once")
     ap.add_argument("--experts-implementation", default="grouped_mm",
                     help="MoE models: transformers' experts_implementation (eager, grouped_mm, batched_mm, ...)")
     ap.add_argument("--out", required=True)
@@ -64,9 +68,9 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.ckpt)
     text_config = config.get_text_config()
     moe = bool(getattr(text_config, "enable_moe_block", False))
-    # E2B / E4B carry an audio tower, which refuses sdpa at construction: eager there, sdpa for the rest
-    attn = "sdpa" if config.audio_config is None else {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa",
-                                                       "audio_config": "eager"}
+    # E2B / E4B carry an audio tower, which refuses sdpa at construction: eager there, args.attn for the rest
+    attn = args.attn if config.audio_config is None else {"": args.attn, "text_config": args.attn,
+                                                          "vision_config": args.attn, "audio_config": "eager"}
     model = AutoModelForImageTextToText.from_pretrained(
         args.ckpt, dtype=getattr(torch, args.dtype), device_map={"": acc.device_name(local)},
         attn_implementation=attn, **({"experts_implementation": args.experts_implementation} if moe else {}))
@@ -132,7 +136,8 @@ def main() -> None:
     source = load_source(args.data)
     world, rank = dist.get_world_size(), dist.get_rank()
     sampler = StepSampler(len(source), args.micro, args.gas, world, rank, seed=0)
-    loader = MicroBatchLoader(source, Gemma4Collator(processor, max_length=args.max_length), sampler, num_workers=2)
+    loader = MicroBatchLoader(source, Gemma4Collator(processor, max_length=args.max_length,
+                                                         pad_to_multiple_of=args.pad_to_multiple_of), sampler, num_workers=2)
 
     times, tokens = [], []
     model.train()
@@ -164,9 +169,11 @@ def main() -> None:
                 "step_time": statistics.median(s for s, _ in rest),
                 "mem_gib": float(peak), "steps_timed": len(rest),
                 "system": "peft" if plain else "zero3",
-                "name": ("transformers + PEFT, plain PyTorch loop" if plain else "ZeRO-3") + ", same command",
+                "name": ("transformers + PEFT, plain PyTorch loop" if plain else "ZeRO-3")
+                        + ("" if args.attn == "sdpa" else f", {args.attn}") + ", same command",
                 "dp": world, "micro_batch": args.micro, "micro_batches_per_step": args.gas,
-                "trainable_params": trainable, **({"experts_implementation": experts} if moe else {}),
+                "trainable_params": trainable, "attn_implementation": args.attn,
+                "pad_to_multiple_of": args.pad_to_multiple_of, **({"experts_implementation": experts} if moe else {}),
             }
             tmp = f"{args.out}.tmp"
             with open(tmp, "w") as f:

@@ -85,6 +85,15 @@ def test_bench_results_become_records():
     assert zero3["mfu"] == pytest.approx(0.27 * 807.4 / 1378.5) and "mfu_basis" not in run["details"]  # the runner's FLOPs per token
     moe_run, moe_zero3 = to_records({**results, "moe": True}, "python -m benchmarks.gpu_bench --model 26b-a4b", "4306942")
     assert moe_run["details"]["mfu_basis"] == moe_zero3["details"]["mfu_basis"] == "active parameters"
+    # a second baseline (`--baseline-attn sdpa,flex_attention`): its own record, its attention as overrides; the
+    # runner's ratio stays to the first
+    flex = {**results["baseline"]["text"], "tokens_per_sec_per_gpu": 1000.0, "workload": "text",
+            "attn_implementation": "flex_attention", "pad_to_multiple_of": 4224}
+    run2, sdpa2, flex2 = to_records({**results, "baseline": {**results["baseline"], "text:flex_attention": flex}},
+                                    "python -m benchmarks.gpu_bench --baseline-attn sdpa,flex_attention", "4306942")
+    assert run2["ratio"] == 1.71 and sdpa2["overrides"] == {} and problems(flex2) == []
+    assert flex2["workload"] == "text" and flex2["tokens_per_sec_per_gpu"] == 1000.0
+    assert flex2["overrides"] == {"model.attn_implementation": "flex_attention", "data.pad_to_multiple_of": "4224"}
 
 
 @pytest.mark.parametrize("procs,baseline", [(1, "peft"), (2, "zero3")])
