@@ -45,7 +45,8 @@ profiled step's reports when BENCH_PROFILE_STEP=N); everything else stays under 
 4. the baseline a user would otherwise pick: transformers' model under DeepSpeed ZeRO-3 through
    Accelerate, data parallel over the same GPUs (LoRA on one GPU: PEFT's model in a plain PyTorch
    loop, system "peft"), same data, same frozen parts (zero3_baseline.py;
-   MoE experts through transformers' `grouped_mm`, named in the record);
+   MoE experts through transformers' `grouped_mm`, named in the record; `--baseline-attn sdpa,flex_attention`
+   runs it once per attention, the runner's ratio taken to the first);
 5. `records.jsonl`: one record per run in the shape of `benchmarks/records.py` (tok/s per GPU, MFU —
    on active parameters for MoE, `details.mfu_basis` —, peak GiB, `runner plan`'s estimate, the ZeRO-3
    baseline and the ratio; date, card, commit from `git rev-parse` or BENCH_COMMIT, and the command),
