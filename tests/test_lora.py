@@ -334,6 +334,41 @@ def test_export_refuses_a_place_pruning_deletes_or_a_file_and_names_source_when_
     assert cli(["export", str(moved), str(tmp_path / "b"), "--source", str(tiny_ckpt)]) == 0
 
 
+def test_export_overwrites_no_file_of_the_users_and_a_failed_export_leaves_the_place_as_it_was(lora_runs, tmp_path,
+                                                                                                 capsys, monkeypatch):
+    from runner.checkpoint import export as export_module
+
+    ckpt = latest_complete(lora_runs.b / "root")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "adapter_config.json").write_text("mine")
+    assert cli(["export", str(ckpt), str(taken)]) == 2
+    assert_one_line(capsys.readouterr().err.removeprefix("error: ").strip(),
+                    ["already holds adapter_config.json", "would overwrite", "empty directory"])
+    assert [(f.name, f.read_text()) for f in taken.iterdir()] == [("adapter_config.json", "mine")]
+    beside = tmp_path / "beside"  # a file the export does not write stays, and the adapter goes in beside it
+    beside.mkdir()
+    (beside / "NOTES.txt").write_text("n")
+    assert cli(["export", str(ckpt), str(beside)]) == 0
+    assert {f.name for f in beside.iterdir()} == {"NOTES.txt", "adapter_config.json", "adapter_model.safetensors"}
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module.shutil, "copy", disk_full)  # after the merged weights are written
+    with pytest.raises(OSError, match="No space"):
+        export_module.export_hf(ckpt, tmp_path / "new", merge=True)
+    assert not (tmp_path / "new").exists()  # created by the export, removed with what it wrote
+    with pytest.raises(OSError, match="No space"):
+        export_module.export_hf(ckpt, beside / "merged", merge=True)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "NOTES.txt").write_text("n")
+    with pytest.raises(OSError, match="No space"):
+        export_module.export_hf(ckpt, kept, merge=True)
+    assert [f.name for f in kept.iterdir()] == ["NOTES.txt"] and not (beside / "merged").exists()
+
+
 def test_lora_init_from_inside_the_export_it_would_replace_is_refused_by_the_check(tmp_path, tiny_ckpt, peft_adapter,
                                                                                   capsys):
     from runner.data.synthetic import make_data

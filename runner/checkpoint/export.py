@@ -9,6 +9,7 @@ model. The tied head is written once, as the embedding (no `lm_head.weight`), as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -32,7 +33,7 @@ from runner.checkpoint.native import (
     layer_files,
     read_meta,
 )
-from runner.compat import ADAPTER_WEIGHTS_NAME, peft_key
+from runner.compat import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, peft_key
 from runner.config import LoraConfig
 from runner.errors import UserError
 from runner.lora import PARTS, base_identity, peft_config
@@ -146,8 +147,9 @@ def check_export_place(out_dir: Path) -> None:
                             f"deletes; export elsewhere, e.g. OUTPUT_DIR/export")
 
 
-def _empty_out_dir(out_dir: str | Path) -> Path:
-    """`out_dir`, created, holding no weights, and outside any checkpoint root (whose pruning would delete it)."""
+def _empty_out_dir(out_dir: str | Path, writes: set[str]) -> Path:
+    """`out_dir`, created, holding no weights nor any file of `writes` (the export overwrites none of a user's
+    files), and outside any checkpoint root (whose pruning would delete it)."""
     out_dir = Path(out_dir)
     check_export_place(out_dir)
     try:
@@ -157,7 +159,29 @@ def _empty_out_dir(out_dir: str | Path) -> Path:
     if any(out_dir.glob("*.safetensors")) or (out_dir / INDEX_NAME).exists():
         raise UserError(f"{out_dir} already holds safetensors weights (a model or an adapter); export into an empty "
                         f"directory")
+    taken = sorted(name for name in writes if (out_dir / name).exists())
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise UserError(f"{out_dir} already holds {taken[0]}{more}, which the export would overwrite; export into an "
+                        f"empty directory")
     return out_dir
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out_dir: Path) -> Iterator[None]:
+    """An export that fails (a full disk, a damaged checkpoint, Ctrl-C) leaves `out_dir` as it found it:
+    what it wrote is removed, and `out_dir` too where the export created it."""
+    created = not out_dir.exists()
+    before = set(out_dir.iterdir()) if out_dir.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif out_dir.is_dir():
+            for path in set(out_dir.iterdir()) - before:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
@@ -189,23 +213,26 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
                         f"config or weight index; pass that base with --source")
     if not lora:
         check_same_tensors(ckpt, meta, src, base)
-    out_dir = _empty_out_dir(out_dir)
-    if lora and not merge:
-        return export_adapter(dict(checkpoint_tensors(ckpt, meta)), lora, base, out_dir)
-    writer = ShardWriter(out_dir, max_shard_size)
-    if lora:
-        merge_adapters(dict(checkpoint_tensors(ckpt, meta)), lora, src, writer)
-    else:
-        written = set()
-        for name, tensor in checkpoint_tensors(ckpt, meta):
-            writer.add(name, tensor.to(src.dtype(name) if name in src else tensor.dtype))
-            written.add(name)
-        for name in src.weight_map:  # the audio tower (E2B/E4B): never built nor trained, copied as it is
-            if name.startswith(AUDIO_PREFIXES) and name not in written:
-                writer.add(name, src.read_full(name))
-    writer.close()
-    for f in src.path.iterdir():
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
+    copied = [f for f in src.path.iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES)]
+    adapter = lora and not merge
+    writes = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME} if adapter else {f.name for f in copied}
+    with _removed_on_failure(Path(out_dir)):
+        out_dir = _empty_out_dir(out_dir, writes)
+        if adapter:
+            return export_adapter(dict(checkpoint_tensors(ckpt, meta)), lora, base, out_dir)
+        writer = ShardWriter(out_dir, max_shard_size)
+        if lora:
+            merge_adapters(dict(checkpoint_tensors(ckpt, meta)), lora, src, writer)
+        else:
+            written = set()
+            for name, tensor in checkpoint_tensors(ckpt, meta):
+                writer.add(name, tensor.to(src.dtype(name) if name in src else tensor.dtype))
+                written.add(name)
+            for name in src.weight_map:  # the audio tower (E2B/E4B): never built nor trained, copied as it is
+                if name.startswith(AUDIO_PREFIXES) and name not in written:
+                    writer.add(name, src.read_full(name))
+        writer.close()
+        for f in copied:
             shutil.copy(f, out_dir / f.name)
     return out_dir
 
