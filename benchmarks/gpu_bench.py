@@ -404,7 +404,9 @@ def main() -> int:
     layout_arg = args.layouts or member.default_layouts(gpus)
     layouts = [x for x in re.split(r",(?![^\[]*\])", layout_arg) if x != "none"]  # ',' inside [...]: a list value
     runnable = [x for x in layouts if gpus % math.prod(map(int, x.split(":")[0].split("x"))) == 0]
-    attns = args.baseline_attn.split(",")
+    attns = list(dict.fromkeys(a.strip() for a in args.baseline_attn.split(",")))
+    if not set(attns) <= {"sdpa", "flex_attention"}:
+        raise SystemExit(f"--baseline-attn {args.baseline_attn!r}: each value must be sdpa or flex_attention")
     budget = Budget(args.budget, args.timeout, t0,
                     len(args.workloads.split(",")) * (len(runnable) + (args.baseline == "zero3") * len(attns)))
     for workload in args.workloads.split(","):

@@ -357,16 +357,17 @@ def test_export_overwrites_no_file_of_the_users_and_a_failed_export_leaves_the_p
 
     monkeypatch.setattr(export_module.shutil, "copy", disk_full)  # after the merged weights are written
     with pytest.raises(OSError, match="No space"):
-        export_module.export_hf(ckpt, tmp_path / "new", merge=True)
-    assert not (tmp_path / "new").exists()  # created by the export, removed with what it wrote
+        export_module.export_hf(ckpt, tmp_path / "new" / "merged", merge=True)
+    assert not (tmp_path / "new").exists()  # the folders the export created, removed with what it wrote
     with pytest.raises(OSError, match="No space"):
         export_module.export_hf(ckpt, beside / "merged", merge=True)
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "NOTES.txt").write_text("n")
+    (kept / "mine").mkdir()
     with pytest.raises(OSError, match="No space"):
         export_module.export_hf(ckpt, kept, merge=True)
-    assert [f.name for f in kept.iterdir()] == ["NOTES.txt"] and not (beside / "merged").exists()
+    assert sorted(f.name for f in kept.iterdir()) == ["NOTES.txt", "mine"] and not (beside / "merged").exists()
 
 
 def test_lora_init_from_inside_the_export_it_would_replace_is_refused_by_the_check(tmp_path, tiny_ckpt, peft_adapter,

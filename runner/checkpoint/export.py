@@ -46,6 +46,7 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # Top-level source files that are weights (written anew here), not config/tokenizer/processor files.
 _SHARD_NAME = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+_OWN_FILE = re.compile(r"^(.*\.safetensors|model-\d+\.partial)$")  # weights and ShardWriter's unfinished shards
 EXPORT_RECORD = ".runner-export.json"  # in an end-of-run export: the names it wrote, which the next one may replace
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
 
@@ -147,11 +148,12 @@ def check_export_place(out_dir: Path) -> None:
                             f"deletes; export elsewhere, e.g. OUTPUT_DIR/export")
 
 
-def _empty_out_dir(out_dir: str | Path, writes: set[str]) -> Path:
+def _empty_out_dir(out_dir: str | Path, writes: set[str]) -> tuple[Path, list[Path]]:
     """`out_dir`, created, holding no weights nor any file of `writes` (the export overwrites none of a user's
-    files), and outside any checkpoint root (whose pruning would delete it)."""
+    files), and outside any checkpoint root (whose pruning would delete it); with the folders this created."""
     out_dir = Path(out_dir)
     check_export_place(out_dir)
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -162,25 +164,26 @@ def _empty_out_dir(out_dir: str | Path, writes: set[str]) -> Path:
     taken = sorted(name for name in writes if (out_dir / name).exists())
     if taken:
         more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
-        raise UserError(f"{out_dir} already holds {taken[0]}{more}, which the export would overwrite; export into an "
-                        f"empty directory")
-    return out_dir
+        raise UserError(f"{out_dir} already holds {taken[0]}{more}, which the export would overwrite; move it "
+                        f"elsewhere or export into an empty directory")
+    return out_dir, created
 
 
 @contextlib.contextmanager
-def _removed_on_failure(out_dir: Path) -> Iterator[None]:
-    """An export that fails (a full disk, a damaged checkpoint, Ctrl-C) leaves `out_dir` as it found it:
-    what it wrote is removed, and `out_dir` too where the export created it."""
-    created = not out_dir.exists()
-    before = set(out_dir.iterdir()) if out_dir.is_dir() else set()
+def _removed_on_failure(out_dir: Path, writes: set[str], created: list[Path]) -> Iterator[None]:
+    """An export that fails (a full disk, a damaged checkpoint, Ctrl-C) takes back what it wrote: the files it
+    writes (`writes`, weights, index, unfinished shards), then each folder it created while that is empty.
+    Entered after `_empty_out_dir`'s checks, so none of those names was a user's file."""
     try:
         yield
     except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        elif out_dir.is_dir():
-            for path in set(out_dir.iterdir()) - before:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if out_dir.is_dir():
+            for path in out_dir.iterdir():
+                if path.name in writes or path.name == INDEX_NAME or _OWN_FILE.match(path.name):
+                    path.unlink(missing_ok=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # refused while anything is in it
         raise
 
 
@@ -216,8 +219,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: in
     copied = [f for f in src.path.iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES)]
     adapter = lora and not merge
     writes = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME} if adapter else {f.name for f in copied}
-    with _removed_on_failure(Path(out_dir)):
-        out_dir = _empty_out_dir(out_dir, writes)
+    out_dir, created = _empty_out_dir(out_dir, writes)
+    with _removed_on_failure(out_dir, writes, created):
         if adapter:
             return export_adapter(dict(checkpoint_tensors(ckpt, meta)), lora, base, out_dir)
         writer = ShardWriter(out_dir, max_shard_size)
