@@ -369,6 +369,9 @@ def main() -> int:
                     help="MoE baseline: transformers' experts_implementation (its default and fastest built-in)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
     args = ap.parse_args()
+    attns = list(dict.fromkeys(a.strip() for a in args.baseline_attn.split(",")))
+    if not set(attns) <= {"sdpa", "flex_attention"}:
+        raise SystemExit(f"--baseline-attn {args.baseline_attn!r}: each value must be sdpa or flex_attention")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/`kill`: unwind, so run() stops its job
 
     out = Path(args.out)
@@ -404,9 +407,6 @@ def main() -> int:
     layout_arg = args.layouts or member.default_layouts(gpus)
     layouts = [x for x in re.split(r",(?![^\[]*\])", layout_arg) if x != "none"]  # ',' inside [...]: a list value
     runnable = [x for x in layouts if gpus % math.prod(map(int, x.split(":")[0].split("x"))) == 0]
-    attns = list(dict.fromkeys(a.strip() for a in args.baseline_attn.split(",")))
-    if not set(attns) <= {"sdpa", "flex_attention"}:
-        raise SystemExit(f"--baseline-attn {args.baseline_attn!r}: each value must be sdpa or flex_attention")
     budget = Budget(args.budget, args.timeout, t0,
                     len(args.workloads.split(",")) * (len(runnable) + (args.baseline == "zero3") * len(attns)))
     for workload in args.workloads.split(","):
