@@ -6,7 +6,8 @@ width, from the same weights, on the same data in the same order, for `--steps` 
 
 - the runner at each `--layouts` tp x pp (dp 1) with `--config` (default: bf16, ZeRO-1, gradients
   accumulated in bf16), and at `--fp32-grads-layouts` with `--fp32-grads-config` (fp32 accumulation);
-- the reference: transformers' Gemma4ForConditionalGeneration in one plain-torch process, bf16
+- the reference: transformers' Gemma4ForConditionalGeneration (with `--lora`, PEFT's LoRA on it, starting
+  from the runner's initial adapters) in one plain-torch process, bf16
   weights with an fp32 master copy, fp32 AdamW states, gradients accumulated in fp32 over the same
   micro-batches, the runner's loss (summed token CE over the global batch / its label tokens), AdamW
   groups, LR schedule and clipping, fed by the runner's own loader (`runner.train.build_loader`).
@@ -123,6 +124,25 @@ def _master_adamw(model, optim) -> tuple[list[torch.nn.Parameter], list[torch.Te
     return params, masters, optimizer
 
 
+def _peft_model(model, cfg):
+    """PEFT's LoRA on transformers' model as the recipe's `lora` section says (`get_peft_model`, PEFT's own
+    layers and dtype rules), its A drawn as the runner draws it (`runner.lora.init_adapter`, one value per
+    module name at every layout), B zeros: both sides start from the same adapters."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+
+    from runner.lora import init_adapter, peft_config
+
+    model = get_peft_model(model, peft_config(cfg.lora, str(cfg.model.path)))
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and "default" in lora_a:
+            init_adapter(name.removeprefix("base_model.model."), SimpleNamespace(lora_A=lora_a["default"]), cfg.lora,
+                         cfg.train.seed)
+    return model
+
+
 def reference(recipe_path: str) -> int:
     """Train transformers' Gemma4ForConditionalGeneration as the recipe says, in one process, and write
     `metrics.jsonl` in the runner's format to the recipe's output.dir."""
@@ -164,6 +184,8 @@ def reference(recipe_path: str) -> int:
         if getattr(cfg.freeze, key):
             for module in modules:
                 module.requires_grad_(False)
+    if cfg.lora.enabled:
+        model = _peft_model(model, cfg)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -172,7 +194,8 @@ def reference(recipe_path: str) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
 
     logger = MetricsLogger(Path(cfg.output.dir), total_steps, True, tensorboard=False, progress_bar=False)
-    print(f"reference: transformers {type(model).__name__} from {model_dir}, {cfg.model.dtype} weights, fp32 master "
+    print(f"reference: transformers {type(model).__name__} from {model_dir}, {cfg.model.dtype} weights"
+          f"{f', PEFT LoRA r{cfg.lora.rank}' if cfg.lora.enabled else ''}, fp32 master "
           f"and gradient accumulation, {gas} micro-batches of {cfg.train.micro_batch_size} per step", flush=True)
     step = 0
     while step < total_steps:
@@ -443,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--lora", type=int, default=0, metavar="RANK",
+                    help="LoRA of this rank (alpha 2*rank, dropout 0, every decoder linear) in every run; the reference "
+                         "is then PEFT's get_peft_model on transformers' model, from the runner's initial adapters")
     ap.add_argument("--smooth", type=int, default=20, help="moving-mean window of the loss comparison")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
@@ -505,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         "data.train_split": f"train[:{n_train}]", "data.eval": str(data), "data.eval_split": f"train[{n_train}:]",
         "eval.every_steps": args.eval_every, "optim.lr": args.lr, "optim.warmup_steps": args.warmup,
         **({"model.dtype": "float32", "data.num_workers": 0} if cpu else {}),
+        **({"lora.enabled": "true", "lora.rank": args.lora, "lora.alpha": 2 * args.lora, "lora.dropout": 0}
+           if args.lora else {}),  # dropout's masks are random draws no two implementations share
         **dict(kv.split("=", 1) for kv in args.set),
     }
     runs = plan_runs(args, slots)
