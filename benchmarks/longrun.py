@@ -586,8 +586,10 @@ def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Nam
         "steps": args.steps, "eval_every": args.eval_every, "micro_batch": args.micro,
         "global_batch": args.global_batch, "text_tokens": args.text_tokens, "lr": args.lr, "warmup": args.warmup,
         "smoothing_window": args.smooth, "recipe_overrides": overrides,
-        "reference": "transformers Gemma4ForConditionalGeneration in one process: model.dtype weights, fp32 master "
-                     "copy, AdamW states and gradient accumulation over the runner's micro-batches",
+        "reference": "transformers Gemma4ForConditionalGeneration in one process"
+                     + (" with PEFT's LoRA (get_peft_model) from the runner's initial adapters" if args.lora else "")
+                     + ": model.dtype weights, fp32 master copy, AdamW states and gradient accumulation over the "
+                       "runner's micro-batches",
         "acceptance": {"max_smoothed_rel_deviation": ACCEPT_SMOOTHED, "final_eval_rel_deviation": ACCEPT_EVAL,
                        "min_steps": ACCEPT_MIN_STEPS},
     }
@@ -613,7 +615,8 @@ def report(runs: list[Run], base: Path, out: Path, stem: str, args: argparse.Nam
     runner_runs = [e for e in entries if e["kind"] == "runner"]
     record["passed"] = bool(runner_runs) and all(e["passed"] for e in runner_runs)
     record["curves"], record["plot"] = f"{stem}-curves.json", f"{stem}.png"
-    title = f"{record['model']}, {record['card']}: {args.steps} steps of {args.global_batch} samples"
+    title = (f"{record['model']}, {record['card']}: {args.steps} steps of {args.global_batch} samples"
+             + (f", LoRA r{args.lora} (reference: PEFT)" if args.lora else ""))
     curve_file = {"title": title, "smoothing_window": args.smooth, "runs": curves}
     (out / record["curves"]).write_text(json.dumps(curve_file, separators=(",", ":")))
     try:
