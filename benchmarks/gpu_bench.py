@@ -76,6 +76,7 @@ import torch
 import yaml
 
 from benchmarks.records import dumps, make_record
+from benchmarks.zero3_baseline import ATTENTIONS
 from runner.config import apply_overrides
 from runner.metrics import peak_flops_per_device
 from runner.train import free_port, use_expandable_segments
@@ -370,8 +371,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
     args = ap.parse_args()
     attns = list(dict.fromkeys(a.strip() for a in args.baseline_attn.split(",")))
-    if not set(attns) <= {"sdpa", "flex_attention"}:
-        raise SystemExit(f"--baseline-attn {args.baseline_attn!r}: each value must be sdpa or flex_attention")
+    if not set(attns) <= set(ATTENTIONS):
+        raise SystemExit(f"--baseline-attn {args.baseline_attn!r}: each value must be one of {', '.join(ATTENTIONS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/`kill`: unwind, so run() stops its job
 
     out = Path(args.out)
@@ -465,13 +466,13 @@ def main() -> int:
             key = workload if attn == attns[0] else f"{workload}:{attn}"  # the runner's records compare to the first
             base_out = work / f"zero3_{workload}_{attn}.json"
             base_out.unlink(missing_ok=True)  # a kept BENCH_WORK must not give an earlier command's figures
-            pad = args.baseline_pad_to if attn == "flex_attention" else 8
             rc = run(torchrun + [str(ROOT / "benchmarks" / "zero3_baseline.py"), "--ckpt", str(ckpt),
                                  "--data", str(data[workload]), "--micro", str(micro), "--max-length", str(max_length),
                                  "--gas", str(args.gas), "--steps", str(args.steps), "--warmup", str(args.warmup),
                                  "--lora-rank", str(args.lora), "--dtype", "float32" if args.tiny else "bfloat16",
                                  "--experts-implementation", args.experts_implementation, "--attn", attn,
-                                 "--pad-to-multiple-of", str(pad), "--out", str(base_out)],
+                                 *(["--pad-to-multiple-of", str(args.baseline_pad_to)] if attn == "flex_attention"
+                                   else []), "--out", str(base_out)],
                      work / f"log_zero3_{workload}_{attn}.txt", budget.next_timeout(), tails)
             if base_out.exists():  # also a run stopped at --timeout after its timed steps
                 results["baseline"][key] = {**json.loads(base_out.read_text()), "rc": rc, "workload": workload}

@@ -27,6 +27,8 @@ import time
 import torch
 import torch.distributed as dist
 
+ATTENTIONS = ("sdpa", "flex_attention")  # transformers' default, and the runner's for long text
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=0, help="PEFT LoRA of this rank (alpha 2*rank) on every decoder "
                     "linear of the frozen model, as the runner's lora section builds it (0: full fine-tuning)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"],
+    ap.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
                     help="transformers' attention: its default sdpa, or flex_attention as the runner's long-text runs")
     ap.add_argument("--pad-to-multiple-of", type=int, default=8,
                     help="the collator's padding: one length for every batch, so flex_attention compiles once")
