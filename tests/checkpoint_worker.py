@@ -109,9 +109,11 @@ def main() -> None:
         seed = random.randrange(10**6) ^ int(np.random.randint(10**6)) ^ int(torch.randint(10**6, (1,)))
         micro = global_batch(config, ("text", "image")[step % 2], seed=seed)
         losses[step] = train_step(engine, model, ps, micro, gas, step=step)
-        if dist.get_rank() == 0:
-            with open(os.path.join(args.out, "losses.json"), "w") as f:
+        if dist.get_rank() == 0:  # whole or absent: a test polls this file while the job runs
+            tmp = os.path.join(args.out, "losses.json.tmp")
+            with open(tmp, "w") as f:
                 json.dump(losses, f)
+            os.replace(tmp, os.path.join(args.out, "losses.json"))
         if step in save_at:
             checkpoint(step)
         if step == args.kill_after and dist.get_rank() == 0:

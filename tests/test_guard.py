@@ -25,8 +25,8 @@ ONE = ("parallel.tp=1", "parallel.pp=1", "parallel.dp=1")
 
 
 def _records(out: Path, split: str = "train") -> list[int]:
-    """The steps of metrics.jsonl's `split` records, in file order."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The steps of metrics.jsonl's `split` records, in file order (complete lines only: the run may be writing)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split("\n")[:-1]]
     return [r["step"] for r in rows if r.get("split", "train") == split]
 
 
