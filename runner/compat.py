@@ -19,6 +19,7 @@ from typing import Any
 import peft
 import torch
 from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers import AttentionInterface, Gemma4Config, Gemma4ForConditionalGeneration, PretrainedConfig
 from transformers.integrations.flex_attention import flex_attention_forward
@@ -41,7 +42,8 @@ from transformers.models.gemma4.modeling_gemma4 import (
 )
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "peft_key", "peft_lora_config", "read_peft_lora_config",
+    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "peft_key", "peft_lora_config", "peft_pattern_value",
+    "read_peft_lora_config",
     "Gemma4MultimodalEmbedder", "Gemma4RMSNorm", "Gemma4TextAttention", "Gemma4TextDecoderLayer",
     "Gemma4TextRotaryEmbedding", "Gemma4TextRouter", "Gemma4VisionModel", "attn_implementation", "build_masks", "build_packed_masks",
     "decoder_layer_forward", "deepspeed_prints_dropped", "flex_attention_forward", "is_kv_shared_layer",
@@ -157,6 +159,13 @@ def peft_key(module_name: str, part: str) -> str:
 def peft_lora_config(**kwargs: Any) -> peft.LoraConfig:
     """PEFT's LoraConfig (written as adapter_config.json by its `save_pretrained`)."""
     return peft.LoraConfig(**kwargs)
+
+
+def peft_pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The value `rank_pattern` / `alpha_pattern` gives transformers module `module_name`, as PEFT's
+    LoraModel picks it when it adds the adapter: the first key that, as a regex, matches the name's end after
+    a dot (or the whole name), else `default`."""
+    return pattern.get(get_pattern_key(list(pattern), module_name), default)
 
 
 def read_peft_lora_config(path: str | Path) -> peft.LoraConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,11 +107,29 @@ class LoraConfig:
     vision_tower: bool = False  # adapters on the same target_modules of the vision encoder's layers too
     init: Literal["peft_default", "gaussian"] = "peft_default"  # A Kaiming-uniform (gaussian: N(0, 1/r)), B zeros
     use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
-    init_from: str = ""  # a PEFT adapter directory to continue; its r, alpha, rslora, dropout, targets are taken
+    # PEFT's per-module settings: module-name regex -> rank / alpha, matched at the name's end
+    # ({"mlp.down_proj": 32, "layers.0.self_attn.q_proj": 4}); other adapted linears take rank / alpha
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_from: str = ""  # a PEFT adapter directory to continue; its r, alpha, patterns, rslora, dropout, targets are taken
 
     @property
     def scaling(self) -> float:
+        """The scaling of an adapter no pattern names."""
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def rank_of(self, module: str) -> int:
+        """The rank of the adapter on transformers module `module` (rank_pattern, matched as PEFT matches it)."""
+        from runner.compat import peft_pattern_value
+
+        return peft_pattern_value(self.rank_pattern, module, self.rank)
+
+    def scaling_of(self, module: str) -> float:
+        """The scaling of the adapter on `module`: its alpha / rank (or / sqrt(rank) with use_rslora)."""
+        from runner.compat import peft_pattern_value
+
+        rank, alpha = self.rank_of(module), peft_pattern_value(self.alpha_pattern, module, self.alpha)
+        return alpha / (rank**0.5 if self.use_rslora else rank)
 
 
 @dataclass
@@ -239,6 +258,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{source}: {key} = {value!r} must be a list of {_type_name(item)}")
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        keys, values = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key} = {value!r} must be a mapping of {_type_name(keys)} to "
+                            f"{_type_name(values)}")
+        return {_coerce(k, keys, f"{key} key {k!r}", source): _coerce(v, values, f"{key}[{k!r}]", source)
+                for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
@@ -263,6 +289,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping of {} to {}".format(*map(_type_name, typing.get_args(tp)))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -329,11 +357,31 @@ def divisors(n: int) -> str:
     return found[0] if len(found) == 1 else f"{', '.join(found[:-1])} or {found[-1]}"
 
 
+def lora_pattern_problem(rank_pattern: dict, alpha_pattern: dict, prefix: str) -> str:
+    """What is wrong with these rank / alpha patterns (empty when nothing): each key a regex, each rank an
+    integer >= 1, each alpha a number > 0. `prefix` names where they come from in the message."""
+    for name, pattern, ok, want in (
+            ("rank_pattern", rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             "an integer >= 1"),
+            ("alpha_pattern", alpha_pattern, lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+             and math.isfinite(v) and v > 0, "a number > 0")):
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except (re.error, TypeError) as err:
+                return (f"{prefix}{name} key {key!r} is not a regular expression ({err}); give the end of a module "
+                        f"name such as mlp.down_proj")
+            if not ok(value):
+                return f"{prefix}{name}[{key!r}] = {value!r} must be {want}"
+    return ""
+
+
 def validate(cfg: RunConfig, source: str) -> None:
     """Value checks that need no model and no processes."""
     slices = max(cfg.parallel.seq_slices, 1)  # (tp < 1 is refused below)
     split = f"parallel.sequence_parallel splits every sequence into tp={cfg.parallel.tp} slices"
     unknown_targets = [name for name in cfg.lora.target_modules if name not in LORA_TARGETS]
+    pattern_problem = lora_pattern_problem(cfg.lora.rank_pattern, cfg.lora.alpha_pattern, "lora.")
     checks = [
         (cfg.parallel.tp >= 1, "parallel.tp must be >= 1"),
         (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),
@@ -399,6 +447,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
         (cfg.lora.alpha > 0, f"lora.alpha = {cfg.lora.alpha} must be > 0 (the update is scaled by alpha / rank)"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (not pattern_problem, pattern_problem),
         (bool(cfg.lora.target_modules), f"lora.target_modules is empty; list some of {', '.join(LORA_TARGETS)}"),
         (not unknown_targets, f"lora.target_modules: LoRA does not adapt {', '.join(unknown_targets)} (only "
          f"{', '.join(LORA_TARGETS)}; the E models' per-layer gate and projection and the 26B-A4B's experts and "

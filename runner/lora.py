@@ -30,14 +30,22 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runner.checkpoint.hf_load import INDEX_NAME, SINGLE_NAME, full_shape_of
-from runner.compat import ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, peft_key, peft_lora_config, read_peft_lora_config
-from runner.config import LORA_TARGETS, LoraConfig
+from runner.compat import (
+    ADAPTER_WEIGHTS_NAME,
+    PEFT_KEY_PREFIX,
+    peft_key,
+    peft_lora_config,
+    peft_pattern_value,
+    read_peft_lora_config,
+)
+from runner.config import LORA_TARGETS, LoraConfig, lora_pattern_problem
 from runner.errors import UserError
-from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe, Gemma4VisionStage
+from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe, Gemma4VisionStage, decoder_prefix
 from runner.parallel.tensor_parallel import LoraDropout, add_lora_update, mark_sharded, shard_index
 
 if TYPE_CHECKING:
     from peft import LoraConfig as PeftLoraConfig
+    from transformers import Gemma4Config
 
 PARTS = ("lora_A", "lora_B")
 # an adapter weight of a decoder / vision encoder linear in adapter_model.safetensors: (layer, linear)
@@ -62,6 +70,7 @@ def peft_target_modules(targets: list[str], vision_tower: bool = False) -> str:
 def peft_config(cfg: LoraConfig, base: str):
     """The PEFT LoraConfig equivalent to the recipe's `lora` section (what the adapter export writes)."""
     return peft_lora_config(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                            rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
                             target_modules=peft_target_modules(cfg.target_modules, cfg.vision_tower),
                             base_model_name_or_path=base,
                             init_lora_weights=True if cfg.init == "peft_default" else "gaussian")
@@ -114,7 +123,7 @@ def init_adapter(name: str, linear: nn.Module, cfg: LoraConfig, seed: int) -> No
     full = torch.empty(full_shape_of(a), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode()))
     if cfg.init == "gaussian":
-        full.normal_(0.0, 1.0 / cfg.rank, generator=gen)
+        full.normal_(0.0, 1.0 / cfg.rank_of(name), generator=gen)
     else:
         nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
     with torch.no_grad():
@@ -131,15 +140,35 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, base: dict) -> int:
         p.requires_grad_(False)
     adapted = list(adapted_linears(model, cfg.target_modules, cfg.vision_tower))
     for name, linear in adapted:
+        rank, scaling = cfg.rank_of(name), cfg.scaling_of(name)
         if isinstance(linear, nn.Linear):  # the vision tower's
-            add_replicated_lora(linear, cfg.rank, cfg.scaling, cfg.dropout)
+            add_replicated_lora(linear, rank, scaling, cfg.dropout)
         else:
-            linear.add_lora(cfg.rank, cfg.scaling, cfg.dropout)
+            linear.add_lora(rank, scaling, cfg.dropout)
         if not cfg.init_from:
             init_adapter(name, linear, cfg, seed)
     if cfg.init_from:
         load_adapter(adapted, cfg)
     return len(adapted)
+
+
+def check_patterns(cfg: LoraConfig, config: Gemma4Config) -> None:
+    """Every lora.rank_pattern / alpha_pattern key of the recipe names a linear the run adapts: PEFT skips a key
+    that matches nothing, so a misspelt one would train the default rank without a word. (An adapter's own
+    patterns, at lora.init_from, are taken as PEFT takes them.)"""
+    if cfg.init_from:
+        return
+    decoder = [f"{decoder_prefix(i)}{path}" for i in range(config.text_config.num_hidden_layers)
+               for path in DECODER_TP_PLAN if path.split(".")[1] in cfg.target_modules]
+    vision = [f"model.vision_tower.encoder.layers.{i}.{path}.linear"
+              for i in range(config.vision_config.num_hidden_layers) for path in DECODER_TP_PLAN
+              if cfg.vision_tower and path.split(".")[1] in cfg.target_modules]
+    for name, pattern in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+        for key in pattern:
+            if not any(peft_pattern_value({key: True}, module, False) for module in decoder + vision):
+                raise UserError(f"lora.{name} key {key!r} matches none of the linears this run adapts (such as "
+                                f"{decoder[-1]}; a key matches a module name's end after a dot, e.g. mlp.down_proj "
+                                f"or layers.0.self_attn.q_proj); fix the key or remove it")
 
 
 def seed_dropout(model: nn.Module, seed: int, step: int, dp_rank: int, pp_rank: int) -> None:
@@ -152,8 +181,7 @@ def seed_dropout(model: nn.Module, seed: int, step: int, dp_rank: int, pp_rank: 
 
 
 # PEFT settings whose non-default values change what the adapter computes in ways the runner does not train
-_UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("rank_pattern", {}, "per-module ranks (rank_pattern)"),
-                ("alpha_pattern", {}, "per-module alphas (alpha_pattern)"), ("modules_to_save", None, "modules_to_save"),
+_UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("modules_to_save", None, "modules_to_save"),
                 ("bias", "none", "trained biases (bias)"), ("lora_bias", False, "lora_bias"),
                 ("target_parameters", None, "target_parameters"), ("trainable_token_indices", None,
                                                                    "trainable_token_indices"))
@@ -172,11 +200,14 @@ def _check_adapter_values(saved: PeftLoraConfig, where: str) -> None:
         if not ok:
             raise UserError(f"{where}: adapter_config.json has {key} = {value!r}, which must be {want}; fix the file "
                             f"or save the adapter again")
+    problem = lora_pattern_problem(saved.rank_pattern or {}, saved.alpha_pattern or {}, "")
+    if problem:
+        raise UserError(f"{where}: adapter_config.json's {problem}; fix the file or save the adapter again")
 
 
 def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str) -> LoraConfig:
     """The `lora` section continuing the PEFT adapter `cfg.init_from`, as PeftModel.from_pretrained would: its
-    r, lora_alpha, use_rslora and lora_dropout, and as targets the decoder linears its weights adapt. A value the
+    r, lora_alpha, rank_pattern, alpha_pattern, use_rslora and lora_dropout, and as targets the decoder linears its weights adapt. A value the
     recipe states (`explicit`: the keys under `lora:`) must agree with the adapter's, else one line names both;
     only lora.dropout may differ (it changes training, not the adapter), the recipe's then wins."""
     path = Path(cfg.init_from).expanduser()
@@ -197,8 +228,11 @@ def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str
                         f"after get_peft_model")
     for key, shape in shapes.items():  # lora_A is (r, in_features), lora_B (out_features, r)
         part = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
-        if part and (len(shape) != 2 or shape[0 if part == "lora_A" else 1] != saved.r):
-            raise UserError(f"{where}: {key} has shape {shape}, but adapter_config.json says r = {saved.r}; the "
+        module = key.removeprefix(PEFT_KEY_PREFIX).rsplit(".", 2)[0]
+        r = peft_pattern_value(saved.rank_pattern or {}, module, saved.r)
+        if part and (len(shape) != 2 or shape[0 if part == "lora_A" else 1] != r):
+            said = f"r = {r}" + (" for it (rank_pattern)" if r != saved.r else "")
+            raise UserError(f"{where}: {key} has shape {shape}, but adapter_config.json says {said}; the "
                             f"config and the weights come from different adapters: save the adapter again")
     targets: dict[str, set[str]] = {"decoder": set(), "vision": set()}
     for key in shapes:
@@ -214,9 +248,11 @@ def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str
                         f"{sorted(targets['decoder'])} in the decoder; the runner adapts the same lora.target_modules "
                         f"in both: continue it with PEFT")
     adopted = {"rank": int(saved.r), "alpha": saved.lora_alpha, "use_rslora": bool(saved.use_rslora),
+               "rank_pattern": dict(saved.rank_pattern or {}), "alpha_pattern": dict(saved.alpha_pattern or {}),
                "target_modules": [t for t in LORA_TARGETS if t in targets["decoder"]],
                "vision_tower": bool(targets["vision"])}
-    names = {"rank": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora", "target_modules": "target_modules",
+    names = {"rank": "r", "alpha": "lora_alpha", "use_rslora": "use_rslora", "rank_pattern": "rank_pattern",
+             "alpha_pattern": "alpha_pattern", "target_modules": "target_modules",
              "vision_tower": "vision tower adapters"}
     for key, theirs in adopted.items():
         mine = getattr(cfg, key)
@@ -230,7 +266,7 @@ def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str
 
 def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
     """Fill this rank's adapter shards from the PEFT adapter directory `cfg.init_from`, whose r, lora_alpha,
-    use_rslora and targets must be the recipe's."""
+    patterns, use_rslora and targets must be the recipe's."""
     path = Path(cfg.init_from).expanduser()
     where = f"lora.init_from {path}"
     try:
@@ -239,7 +275,9 @@ def load_adapter(adapted: list[tuple[str, nn.Module]], cfg: LoraConfig) -> None:
         raise UserError(f"{where}: not a PEFT LoRA adapter directory ({str(err).splitlines()[0][:200]}); give "
                         f"the directory PeftModel.save_pretrained wrote") from None
     for key, mine, theirs in (("rank", cfg.rank, saved.r), ("alpha", cfg.alpha, saved.lora_alpha),
-                              ("use_rslora", cfg.use_rslora, saved.use_rslora)):
+                              ("use_rslora", cfg.use_rslora, saved.use_rslora),
+                              ("rank_pattern", cfg.rank_pattern, saved.rank_pattern or {}),
+                              ("alpha_pattern", cfg.alpha_pattern, saved.alpha_pattern or {})):
         if mine != theirs:
             raise UserError(f"{where}: the adapter was trained with lora.{key} = {theirs}, the recipe sets {mine}; "
                             f"set lora.{key}: {theirs}")
@@ -290,10 +328,11 @@ def check_lora_resume(meta: dict, cfg: LoraConfig, model_dir: str | Path, source
                         f"set it back, or start afresh in a new output.dir", on_every_rank=True)
     if not saved:
         return
-    for key in ("rank", "target_modules", "use_rslora", "alpha", "vision_tower"):
-        if saved["config"].get(key, False) != getattr(cfg, key):
-            raise UserError(f"{ckpt} was trained with lora.{key} = {saved['config'].get(key, False)}, this recipe sets "
-                            f"{getattr(cfg, key)}; set it back to resume", on_every_rank=True)
+    for key, default in (("rank", None), ("target_modules", None), ("use_rslora", False), ("alpha", None),
+                         ("vision_tower", False), ("rank_pattern", {}), ("alpha_pattern", {})):
+        if saved["config"].get(key, default) != getattr(cfg, key):
+            raise UserError(f"{ckpt} was trained with lora.{key} = {saved['config'].get(key, default)}, this recipe "
+                            f"sets {getattr(cfg, key)}; set it back to resume", on_every_rank=True)
     if base_identity(model_dir, source)["fingerprint"] != saved["base"]["fingerprint"]:
         raise UserError(f"{ckpt} holds adapters for the base model {saved['base']['path']}, but model.path = {source} "
                         f"has another config or weight index; point model.path at that base", on_every_rank=True)

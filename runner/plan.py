@@ -57,6 +57,7 @@ from runner.models.gemma4.stages import (
     Gemma4LMHead,
     Gemma4TokenEmbedding,
     Gemma4VisionStage,
+    decoder_prefix,
 )
 from runner.optim import FREEZE_FIX, matrix_group_count
 from runner.parallel.topology import ParallelDims
@@ -164,7 +165,8 @@ class LayerParams:
     full: int
     local: int
     replicated: int
-    adapter: int = 0  # LoRA adapter parameters on one TP rank
+    # LoRA: (module path in the layer, adapter parameters per unit of rank on one TP rank) of each adapted linear
+    adapter_widths: tuple[tuple[str, int], ...] = ()
 
 
 def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int,
@@ -179,14 +181,14 @@ def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int,
     attn = layer.self_attn
     kv_heads = text_config.num_attention_heads // attn.num_key_value_groups  # also on KV-shared layers (no k/v)
     replicas = tp // kv_heads if kv_heads < tp else 1
-    adapter = 0
+    adapter = []
     for path, style in DECODER_TP_PLAN.items() if lora else ():
         parent, attr = path.split(".")
         linear = getattr(getattr(layer, parent), attr, None)
         if linear is not None and attr in lora.target_modules:
             rows = linear.out_features * (replicas if attr in ("k_proj", "v_proj") else 1) // tp
-            adapter += lora.rank * (linear.in_features // tp + linear.out_features if style == "rowwise"
-                                    else linear.in_features + rows)
+            adapter.append((path, linear.in_features // tp + linear.out_features if style == "rowwise"
+                            else linear.in_features + rows))
     full = local = replicated = 0
     for name, p in layer.named_parameters():
         module, _, _ = name.rpartition(".")
@@ -200,7 +202,7 @@ def decoder_layer_params(text_config: Gemma4TextConfig, layer_idx: int, tp: int,
             local += p.numel() * replicas // tp
         else:
             local += p.numel() // tp
-    return LayerParams(full, local, replicated, adapter)
+    return LayerParams(full, local, replicated, tuple(adapter))
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ class ParamCounter:
     text_config: Gemma4TextConfig
     counts: ModelParams
     freeze: FreezeConfig
-    lora: bool = False  # the whole base frozen, embed_vision too; only the adapters (in `counts`) train
+    lora: LoraConfig | None = None  # the whole base frozen, embed_vision too; only the adapters train
 
     def count(self, specs: list) -> list[SpecParams]:
         """One stage's specs; a tied module listed twice on one stage (pp = 1) is built, and counted, once."""
@@ -284,8 +286,9 @@ class ParamCounter:
         if issubclass(kind, Gemma4DecoderLayerPipe):
             idx = spec.module_args[1]
             lp = c.per_type[layer_kind(tc, idx)]
-            trainable = lp.adapter + (0 if frozen.language_model else lp.local)
-            return SpecParams("", lp.local + lp.adapter, lp.replicated, trainable, layer=idx)
+            adapter = sum(self.lora.rank_of(decoder_prefix(idx) + path) * width for path, width in lp.adapter_widths)
+            trainable = adapter + (0 if frozen.language_model else lp.local)
+            return SpecParams("", lp.local + adapter, lp.replicated, trainable, layer=idx)
         if kind is Gemma4VisionStage:
             n = c.vision_tower + c.embed_vision
             trainable = 0 if self.lora else c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
@@ -816,7 +819,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim, dims)
     # LoRA freezes the whole base (bf16 weights only: no gradient, master copy or Adam state); adapters train
     freeze = FreezeConfig(embeddings=True, vision_tower=True, language_model=True) if cfg.lora.enabled else cfg.freeze
-    counter = ParamCounter(tc, counts, freeze, cfg.lora.enabled)
+    counter = ParamCounter(tc, counts, freeze, cfg.lora if cfg.lora.enabled else None)
     dtype_bytes = DTYPE_BYTES[cfg.model.dtype]
     # ZeRO keeps an fp32 copy of its partition even of fp32 weights; without ZeRO only bf16 needs one
     master = MASTER_BYTES if zero_stage >= 1 or cfg.model.dtype == "bfloat16" else 0

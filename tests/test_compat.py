@@ -107,6 +107,29 @@ def test_installed_peft_is_in_the_declared_range_and_names_adapters_as_the_runne
     assert read_peft_lora_config(tmp_path / "adapter").r == 2
 
 
+def test_peft_gives_each_module_the_rank_and_scaling_the_runner_reads_from_its_patterns():
+    """PEFT's LoraModel, given rank_pattern / alpha_pattern (and rsLoRA), builds every adapter at the rank and
+    scaling `LoraConfig.rank_of` / `scaling_of` compute through `peft_pattern_value`."""
+    from peft import get_peft_model
+
+    from runner.config import LORA_TARGETS, LoraConfig
+    from runner.lora import peft_config
+
+    with torch.device("meta"):
+        model = transformers.Gemma4ForConditionalGeneration(tiny_config())
+    for rslora in (False, True):
+        cfg = LoraConfig(enabled=True, rank=2, alpha=4, use_rslora=rslora, target_modules=list(LORA_TARGETS),
+                         rank_pattern={"mlp.down_proj": 3, "layers.1.self_attn.q_proj": 5}, alpha_pattern={"o_proj": 7})
+        peft_model = get_peft_model(model, peft_config(cfg, "base"))
+        ranks = {}
+        for name, module in peft_model.base_model.model.named_modules():
+            if "default" in getattr(module, "r", {}):
+                ranks[name] = module.r["default"]
+                assert module.scaling["default"] == pytest.approx(cfg.scaling_of(name), rel=1e-12), name
+        assert all(r == cfg.rank_of(name) for name, r in ranks.items()) and set(ranks.values()) == {2, 3, 5}
+        peft_model.unload()
+
+
 def test_deepspeed_shm_comm_op_is_not_built_on_cpu():
     """On CPU the runner marks DeepSpeed's shared-memory comm op incompatible before DeepSpeed's comm
     backend starts: the backend then builds nothing (no C++ compile on a fresh TORCH_EXTENSIONS_DIR)

@@ -59,6 +59,19 @@ def vision_adapter(tiny_ckpt, tmp_path_factory) -> Path:
                              use_rslora=True, target_modules=peft_target_modules(TARGETS, vision_tower=True))
 
 
+# PEFT's per-module settings: every down_proj at rank 6 and one layer's q_proj at 2, the vision tower's v projections
+# at 3; o_proj's alpha 3 and one up_proj's 20 (the rest r 4, alpha 8)
+PATTERNS = dict(rank_pattern={"mlp.down_proj": 6, "layers.1.self_attn.q_proj": 2, r"vision_tower\..*v_proj\.linear": 3},
+                alpha_pattern={"o_proj": 3, "layers.0.mlp.up_proj": 20})
+
+
+@pytest.fixture(scope="session")
+def pattern_adapter(tiny_ckpt, tmp_path_factory) -> Path:
+    """As `vision_adapter`, with `PATTERNS` (no rsLoRA)."""
+    return make_peft_adapter(tiny_ckpt, tmp_path_factory.mktemp("pattern_adapter") / "peft", seed=13,
+                             target_modules=peft_target_modules(TARGETS, vision_tower=True), **PATTERNS)
+
+
 @pytest.fixture(scope="session")
 def model_with_adapter(request, tmp_path_factory) -> Callable[[str], tuple[Path, Path]]:
     """`like` (a `runner make-tiny --like` name) -> (its tiny checkpoint, a PEFT adapter on every decoder linear it
@@ -104,6 +117,22 @@ def test_vision_tower_lora_matches_peft(tmp_path, tiny_ckpt, vision_adapter, lay
     cfg = adopt_adapter_config(RunLoraConfig(enabled=True, init_from=str(vision_adapter)), set(), "test")
     assert cfg.vision_tower and cfg.use_rslora and cfg.target_modules == TARGETS
     _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(vision_adapter), vision=True)
+
+
+@pytest.mark.parametrize("layout,extra", [((2, 1, 2), ()), ((2, 2, 1), SP)], ids=str)
+def test_per_module_ranks_and_alphas_match_peft(tmp_path, tiny_ckpt, pattern_adapter, layout, extra):
+    """PEFT's rank_pattern / alpha_pattern, as lora.init_from takes them from the adapter: each adapter at its own
+    rank and scaling inside the TP linears (and the vision tower's); loss and every adapter gradient equal PEFT's."""
+    from runner.lora import adopt_adapter_config
+
+    cfg = adopt_adapter_config(RunLoraConfig(enabled=True, init_from=str(pattern_adapter)), set(), "test")
+    assert (cfg.rank_pattern, cfg.alpha_pattern) == (PATTERNS["rank_pattern"], PATTERNS["alpha_pattern"])
+    layer = "model.language_model.layers.{}."
+    assert [cfg.rank_of(layer.format(i) + "self_attn.q_proj") for i in (0, 1)] == [4, 2]
+    assert cfg.rank_of("model.vision_tower.encoder.layers.0.self_attn.v_proj.linear") == 3
+    assert cfg.scaling_of(layer.format(0) + "mlp.up_proj") == 20 / 4
+    assert cfg.scaling_of(layer.format(1) + "mlp.down_proj") == 8 / 6
+    _assert_matches_transformers(tmp_path, tiny_ckpt, layout, extra, adapter=str(pattern_adapter), vision=True)
 
 
 def test_lora_on_packed_rows_matches_peft_on_the_samples_one_by_one(tmp_path, tiny_ckpt, vision_adapter):
@@ -242,20 +271,26 @@ def lora_run(request, like: str) -> tuple[Path, Path]:
     (1,2,1), producers of the shared keys/values on stage 0, the KV-shared layers on stage 1: 2 steps, saved at 2."""
     if like == "31b":
         return request.getfixturevalue("tiny_ckpt"), request.getfixturevalue("lora_runs").b
-    ckpt, adapter = request.getfixturevalue("model_with_adapter")(like)
+    if like == "patterns":  # the 31B-like model with `pattern_adapter`: every adapter at its own rank and scaling
+        ckpt, adapter = request.getfixturevalue("tiny_ckpt"), request.getfixturevalue("pattern_adapter")
+    else:
+        ckpt, adapter = request.getfixturevalue("model_with_adapter")(like)
     base = request.getfixturevalue("tmp_path_factory").mktemp(f"lora_{like}")
     return ckpt, run_worker(ckpt, (1, 2, 1), base, "--steps", "2", "--save-at", "2", "--lora", str(adapter))
 
 
-@pytest.mark.parametrize("like", [pytest.param("31b", marks=pytest.mark.compat), "e2b"])
+@pytest.mark.parametrize("like", [pytest.param("31b", marks=pytest.mark.compat), "e2b", "patterns"])
 def test_lora_export_is_a_peft_adapter_and_merge_equals_peft(request, like, tmp_path):
     """`runner export` writes what PeftModel loads unchanged (every trained adapter value, TP shards
-    joined, PEFT's key names; on E2B none on the KV-shared layers' missing k/v projections); `--merge` equals
-    PEFT's merge_and_unload and gives the adapter model's logits."""
+    joined, PEFT's key names; on E2B none on the KV-shared layers' missing k/v projections; PEFT's rank_pattern and
+    alpha_pattern); `--merge` equals PEFT's merge_and_unload and gives the adapter model's logits."""
     tiny_ckpt, run = lora_run(request, like)
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     assert cli(["export", str(run / "root"), str(adapter)]) == 0
     assert cli(["export", str(run / "root"), str(merged), "--merge"]) == 0
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert (saved["rank_pattern"], saved["alpha_pattern"]) == ((PATTERNS["rank_pattern"], PATTERNS["alpha_pattern"])
+                                                              if like == "patterns" else ({}, {}))
     final = {k: v for stage in stage_files(run / "out", "final") for k, v in stage.items()}
     model = _peft_model(tiny_ckpt, adapter)
     loaded = {n.removeprefix("base_model.model.").replace(".default.", "."): p for n, p in model.named_parameters()
@@ -295,17 +330,20 @@ def test_lora_resume_and_export_refuse_another_base_or_kind(lora_runs, tiny_ckpt
     assert_one_line(capsys.readouterr().err.removeprefix("error: ").strip(), ["adapters for the base", "--source"])
 
 
-def test_check_refuses_a_lora_resume_with_other_adapter_settings(lora_runs, tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("change,words", [({"rank": 8}, ["was trained with lora.rank = 4"]),
+                                          ({"rank_pattern": {"q_proj": 2}}, ["was trained with lora.rank_pattern = {}",
+                                                                             "sets {'q_proj': 2}"])], ids=str)
+def test_check_refuses_a_lora_resume_with_other_adapter_settings(lora_runs, tiny_ckpt, tmp_path, change, words):
     """The preflight (`runner train --check`, run by launch.sh before any process) compares the recipe's LoRA
     settings with the checkpoint's, as the run would."""
     from runner.preflight import resume_checkpoint
 
     root = lora_runs.b / "root"
     cfg = load_config(_lora_recipe(tmp_path), [f"checkpoint.resume={root}", "parallel.tp=2", "parallel.pp=2"])
-    cfg.lora = RunLoraConfig(**{**read_meta(latest_complete(root))["lora"]["config"], "rank": 8})
+    cfg.lora = RunLoraConfig(**{**read_meta(latest_complete(root))["lora"]["config"], **change})
     with pytest.raises(UserError) as err:
         resume_checkpoint(cfg, tmp_path / "checkpoints", tiny_ckpt)
-    assert_one_line(str(err.value), ["was trained with lora.rank = 4", "set it back to resume"])
+    assert_one_line(str(err.value), [*words, "set it back to resume"])
 
 
 def test_export_refuses_a_place_pruning_deletes_or_a_file_and_names_source_when_the_base_moved(lora_runs, tiny_ckpt,
@@ -387,15 +425,17 @@ def test_lora_init_from_inside_the_export_it_would_replace_is_refused_by_the_che
 
 
 def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
-    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism, vision tower adapters on: 2 steps,
-    then a continued run to step 3 (base from model.path, adapters and Adam moments from the checkpoint);
-    export/adapter loads in PEFT (vision tower adapters trained), export/merged in transformers, and they agree."""
+    """`runner train` on the tiny LoRA recipe at tp 2 with sequence parallelism, vision tower adapters on, the down
+    projections at rank 12 and the o projections at alpha 4: 2 steps, then a continued run to step 3 (base from
+    model.path, adapters and Adam moments from the checkpoint); export/adapter loads in PEFT (vision tower adapters
+    trained, the patterns' ranks), export/merged in transformers, and they agree."""
     from runner.data.synthetic import make_data
 
     data = make_data(tmp_path / "data", n=16, seed=0)
     sets = [f"model.path={tiny_ckpt}", f"data.train={data}", f"data.eval={data}", f"output.dir={tmp_path / 'out'}",
             "parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "eval.every_steps=0",
-            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0", "lora.vision_tower=true"]
+            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0", "lora.vision_tower=true",
+            "lora.rank_pattern={mlp.down_proj: 12}", "lora.alpha_pattern={o_proj: 4}"]
     for steps in (2, 3):
         proc = torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
                         *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
@@ -410,6 +450,9 @@ def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
     assert torch.allclose(logits(export / "merged"), want, rtol=1e-4, atol=1e-4)
     trained = {n for n, p in with_adapter.named_parameters() if "lora_B" in n and p.any()}
     assert any(".vision_tower." in n for n in trained) and any(".language_model." in n for n in trained), trained
+    ranks = {n: p.shape[0] for n, p in with_adapter.named_parameters() if "lora_A" in n}
+    # PEFT matches a key at the module name's end: the vision tower's `….mlp.down_proj.linear` keeps rank 8
+    assert all(r == (12 if n.endswith("mlp.down_proj.lora_A.default.weight") else 8) for n, r in ranks.items()), ranks
 
 
 def test_lora_init_is_peft_default_and_the_same_at_every_layout():
@@ -427,6 +470,11 @@ def test_lora_init_is_peft_default_and_the_same_at_every_layout():
         holder = SimpleNamespace(lora_A=SimpleNamespace(weight=shard))
         init_adapter("model.language_model.layers.0.mlp.down_proj", holder, cfg, seed=42)
         assert torch.equal(shard, a[:, rank * 8:(rank + 1) * 8])
+    gaussian = RunLoraConfig(enabled=True, rank=4, init="gaussian", rank_pattern={"down_proj": 64})  # PEFT: N(0, 1/r)
+    wide = RowParallelLinear(4096, 8, None)
+    wide.add_lora(64, gaussian.scaling_of("x.down_proj"), 0.0)
+    init_adapter("model.language_model.layers.0.mlp.down_proj", wide, gaussian, seed=42)
+    assert abs(float(wide.lora_A.weight.std()) * 64 - 1) < 0.02
 
 
 def _lora_recipe(tmp_path: Path, **lora) -> Path:
@@ -477,7 +525,7 @@ def test_lora_init_from_refuses_a_recipe_that_sets_other_values(tmp_path, peft_a
     (dict(target_modules=r".*vision_tower\.patch_embedder\.input_proj"), ["vision_tower.patch_embedder.input_proj",
                                                                           "continue it with PEFT"]),
     (dict(target_modules=peft_target_modules(["q_proj"]), use_dora=True), ["DoRA", "continue it with PEFT"]),
-    (dict(target_modules=peft_target_modules(["q_proj"]), rank_pattern={"k_proj": 2}), ["rank_pattern"]),
+    (dict(target_modules=peft_target_modules(["q_proj"]), modules_to_save=["lm_head"]), ["modules_to_save"]),
 ])
 def test_lora_init_from_refuses_adapters_it_cannot_continue(tmp_path, tiny_ckpt, config, words):
     adapter = make_peft_adapter(tiny_ckpt, tmp_path / "adapter", random_a=False, seed=11, r=4, **config)
@@ -505,8 +553,10 @@ def _damaged_adapter(adapter: Path, out: Path, damage: str) -> Path:
         save_file({}, weights)
     elif damage == "weights-of-another-rank":
         save_file({k: (v[:2] if ".lora_A." in k else v[:, :2]).contiguous() for k, v in load_file(weights).items()}, weights)
-    else:  # r written as another value
-        config.write_text(json.dumps({**json.loads(config.read_text()), "r": {"r0": 0, "r-string": "4"}[damage]}))
+    else:  # r or a pattern's value written as another value
+        key, value = {"r0": ("r", 0), "r-string": ("r", "4"), "pattern-rank0": ("rank_pattern", {"q_proj": 0}),
+                      "pattern-regex": ("alpha_pattern", {"q_proj[": 2})}[damage]
+        config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
     return out
 
 
@@ -516,6 +566,8 @@ def _damaged_adapter(adapter: Path, out: Path, damage: str) -> Path:
     ("weights-of-another-rank", ["has shape [2, ", "r = 4", "different adapters"]),
     ("r0", ["r = 0", "an integer >= 1"]),
     ("r-string", ["r = '4'", "an integer >= 1"]),
+    ("pattern-rank0", ["adapter_config.json's rank_pattern['q_proj'] = 0 must be an integer >= 1"]),
+    ("pattern-regex", ["adapter_config.json's alpha_pattern key 'q_proj['", "not a regular expression"]),
 ])
 def test_a_damaged_adapter_to_continue_is_one_line_when_the_recipe_loads(tmp_path, peft_adapter, damage, words):
     """Caught with the recipe (so by `--check`, before any process starts), not as a traceback inside the run."""
@@ -569,8 +621,31 @@ def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
     ("lora.rank=0", ["lora.rank must be >= 1"]),
     ("lora.alpha=0", ["lora.alpha = 0.0 must be > 0"]),
     ("lora.init_from=/nonexistent/adapter", ["lora.init_from", "PEFT adapter directory"]),
+    ("lora.rank_pattern={mlp.down_proj: 0}", ["lora.rank_pattern['mlp.down_proj'] = 0 must be an integer >= 1"]),
+    ("lora.rank_pattern={mlp.down_proj: 2.5}", ["lora.rank_pattern['mlp.down_proj'] = 2.5", "expected int"]),
+    ("lora.alpha_pattern={'(o_proj': 4}", ["lora.alpha_pattern key '(o_proj'", "not a regular expression"]),
+    ("lora.rank_pattern=[mlp.down_proj]", ["lora.rank_pattern", "must be a mapping of str to int"]),
 ])
 def test_lora_recipe_errors_are_one_line(override, words):
     with pytest.raises(UserError) as err:
         load_config(ROOT / "recipes" / "tiny_lora_demo.yaml", ["data.train=x", override])
+    assert_one_line(str(err.value), words)
+
+
+@pytest.mark.parametrize("lora,words", [
+    (["lora.rank_pattern={down_prj: 8}"], ["lora.rank_pattern key 'down_prj' matches none", "mlp.down_proj"]),
+    (["lora.target_modules=[q_proj]", "lora.alpha_pattern={mlp.down_proj: 4}"],
+     ["lora.alpha_pattern key 'mlp.down_proj' matches none"]),
+    (["lora.rank_pattern={layers.99.mlp.down_proj: 8}"], ["'layers.99.mlp.down_proj' matches none"]),
+])
+def test_a_pattern_key_that_matches_no_adapted_linear_is_one_line(tiny_ckpt, lora, words):
+    """PEFT skips a rank_pattern / alpha_pattern key that names no adapted module; the recipe check does not (a typo
+    would train the default rank silently). Keys that match are accepted."""
+    from runner.preflight import model_checks
+
+    recipe, base = ROOT / "recipes" / "tiny_lora_demo.yaml", ["data.train=x", f"model.path={tiny_ckpt}"]
+    model_checks(load_config(recipe, [*base, "lora.rank_pattern={mlp.down_proj: 8, layers.1.self_attn.q_proj: 2}",
+                                      "lora.alpha_pattern={o_proj: 4}"]), tiny_ckpt)
+    with pytest.raises(UserError) as err:
+        model_checks(load_config(recipe, [*base, *lora]), tiny_ckpt)
     assert_one_line(str(err.value), words)

@@ -454,24 +454,26 @@ def test_a_packed_row_brings_the_images_it_can_hold_to_the_vision_tower():
     assert padded[1] > 1 and packed[1] == pytest.approx(14 * padded[1], rel=1e-3), (padded, packed)
 
 
-def test_plan_of_a_lora_recipe_trains_exactly_peft_adapters():
-    """The 31B LoRA recipe at tp 1: the plan's trainable parameters are what PEFT's get_peft_model makes
-    trainable on transformers' 31B (built on the meta device) with the same LoraConfig; at tp 2 each GPU
-    holds about half (A of column-parallel and B of row-parallel linears are whole on each)."""
+@pytest.mark.parametrize("patterns", [[], ["lora.rank_pattern={mlp.down_proj: 32, layers.7.self_attn.q_proj: 4}",
+                                        "lora.alpha_pattern={o_proj: 8}"]], ids=["uniform", "patterns"])
+def test_plan_of_a_lora_recipe_trains_exactly_peft_adapters(patterns):
+    """The 31B LoRA recipe at tp 1 (and with PEFT's per-module ranks): the plan's trainable parameters are what
+    PEFT's get_peft_model makes trainable on transformers' 31B (built on the meta device) with the same LoraConfig;
+    at tp 2 each GPU holds about half (A of column-parallel and B of row-parallel linears are whole on each)."""
     from peft import get_peft_model
 
     from runner.config import LORA_TARGETS
     from runner.lora import peft_config
 
     recipe = ROOT / "recipes" / "gemma4_31b_lora_1x1.yaml"
-    plan = make_plan(load_config(recipe), world_size=1)
+    plan = make_plan(load_config(recipe, patterns), world_size=1)
     with torch.device("meta"):
         model = Gemma4ForConditionalGeneration(gemma4_31b_config(60))
-    cfg = load_config(recipe).lora
+    cfg = load_config(recipe, patterns).lora
     assert cfg.target_modules == list(LORA_TARGETS)
     peft = get_peft_model(model, peft_config(cfg, "base"))
     assert plan.stages[0].trainable_params == sum(p.numel() for p in peft.parameters() if p.requires_grad)
-    tp2 = make_plan(load_config(ROOT / "recipes" / "gemma4_31b_lora_tp2.yaml"), world_size=2).stages[0]
+    tp2 = make_plan(load_config(ROOT / "recipes" / "gemma4_31b_lora_tp2.yaml", patterns), world_size=2).stages[0]
     assert 0.5 < tp2.trainable_params / plan.stages[0].trainable_params < 0.75
     assert plan.stages[0].memory_gib["optimizer"] < 2 and plan.stages[0].memory_gib["grads"] < 0.5
 

@@ -346,12 +346,13 @@ def export_adapter(tensors: dict[str, torch.Tensor], lora: dict, base: str, out_
 def merge_adapters(tensors: dict[str, torch.Tensor], lora: dict, src: HFCheckpoint, writer: ShardWriter) -> None:
     """Every weight of the base `src`, with W + scaling · B A on the adapted linears (PEFT's `merge_and_unload`),
     in the base's dtypes; one tensor in memory at a time besides the adapters."""
-    scaling = LoraConfig(**lora["config"]).scaling
+    cfg = LoraConfig(**lora["config"])
     adapters = _adapters(tensors)
     for name in src.weight_map:
         tensor = src.read_full(name)
-        parts = adapters.get(name.removesuffix(".weight"))
+        module = name.removesuffix(".weight")
+        parts = adapters.get(module)
         if parts:
-            delta = parts["lora_B"].float() @ parts["lora_A"].float() * scaling
+            delta = parts["lora_B"].float() @ parts["lora_A"].float() * cfg.scaling_of(module)
             tensor = (tensor.float() + delta).to(tensor.dtype)
         writer.add(name, tensor)

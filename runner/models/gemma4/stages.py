@@ -62,6 +62,12 @@ DECODER_TP_PLAN = {
     "mlp.down_proj": "rowwise",
 }
 
+
+def decoder_prefix(layer_idx: int) -> str:
+    """transformers' module name of decoder layer `layer_idx`, with its trailing dot (PEFT's names build on it)."""
+    return f"model.language_model.layers.{layer_idx}."
+
+
 # The norms whose outputs feed only column-parallel linears (transformers' decoder layer forward), or
 # the experts of an MoE layer (`moe.py`).
 BLOCK_INPUT_NORMS = ("input_layernorm", "pre_feedforward_layernorm", "pre_feedforward_layernorm_2")
@@ -225,7 +231,7 @@ class Gemma4DecoderLayerPipe(Gemma4TextDecoderLayer):
         _shard_decoder_layer(self, config, ps, fused_rms_norm)
         self.masks = masks
         self.layer_type = config.text_config.layer_types[layer_idx]
-        self.hf_prefix = f"model.language_model.layers.{layer_idx}."
+        self.hf_prefix = decoder_prefix(layer_idx)
         self.rotary_emb = Gemma4TextRotaryEmbedding(config.text_config)
         self.attn_kwargs = flex_kernel_options(config.text_config, self.self_attn.head_dim)
         self.flex = attn_implementation(config.text_config) == "flex_attention"
