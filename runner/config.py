@@ -111,12 +111,7 @@ class LoraConfig:
     # ({"mlp.down_proj": 32, "layers.0.self_attn.q_proj": 4}); other adapted linears take rank / alpha
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    init_from: str = ""  # a PEFT adapter directory to continue; its r, alpha, patterns, rslora, dropout, targets are taken
-
-    @property
-    def scaling(self) -> float:
-        """The scaling of an adapter no pattern names."""
-        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+    init_from: str = ""  # a PEFT adapter directory to continue; its settings (r, alpha, patterns, …) are taken
 
     def rank_of(self, module: str) -> int:
         """The rank of the adapter on transformers module `module` (rank_pattern, matched as PEFT matches it)."""
@@ -263,6 +258,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{source}: {key} = {value!r} must be a mapping of {_type_name(keys)} to "
                             f"{_type_name(values)}")
+        for k, v in value.items():
+            if isinstance(v, dict):  # --set lora.rank_pattern.mlp.down_proj=4 splits the key at its dots
+                raise UserError(f"{source}: {key}[{k!r}] = {v!r} must be {_type_name(values)}; a key with dots goes "
+                                f"in braces: --set '{key}={{{k}.{next(iter(v), '')}: …}}'")
         return {_coerce(k, keys, f"{key} key {k!r}", source): _coerce(v, values, f"{key}[{k!r}]", source)
                 for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -365,6 +364,8 @@ def lora_pattern_problem(rank_pattern: dict, alpha_pattern: dict, prefix: str) -
              "an integer >= 1"),
             ("alpha_pattern", alpha_pattern, lambda v: isinstance(v, int | float) and not isinstance(v, bool)
              and math.isfinite(v) and v > 0, "a number > 0")):
+        if not isinstance(pattern, dict):
+            return f"{prefix}{name} = {pattern!r} must be a mapping of module-name regex to {want}"
         for key, value in pattern.items():
             try:
                 re.compile(rf"(.*\.)?({key})$")

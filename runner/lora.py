@@ -40,7 +40,7 @@ from runner.compat import (
 )
 from runner.config import LORA_TARGETS, LoraConfig, lora_pattern_problem
 from runner.errors import UserError
-from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe, Gemma4VisionStage, decoder_prefix
+from runner.models.gemma4.stages import DECODER_TP_PLAN, VISION_LINEAR, Gemma4DecoderLayerPipe, Gemma4VisionStage
 from runner.parallel.tensor_parallel import LoraDropout, add_lora_update, mark_sharded, shard_index
 
 if TYPE_CHECKING:
@@ -53,8 +53,6 @@ _DECODER_KEY = re.compile(rf"^{re.escape(PEFT_KEY_PREFIX)}model\.language_model\
                           rf"(\w+)\.lora_[AB]\.weight$")
 _VISION_KEY = re.compile(rf"^{re.escape(PEFT_KEY_PREFIX)}model\.vision_tower\.encoder\.layers\.(\d+)\."
                          rf"(?:self_attn|mlp)\.(\w+)\.linear\.lora_[AB]\.weight$")
-# a vision encoder linear inside Gemma4VisionModel: (linear's name)
-_VISION_LINEAR = re.compile(r"^encoder\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.linear$")
 
 
 def peft_target_modules(targets: list[str], vision_tower: bool = False) -> str:
@@ -85,7 +83,7 @@ def adapted_linears(model: nn.Module, targets: list[str], vision_tower: bool = F
     for layer in model.modules():
         if isinstance(layer, Gemma4VisionStage) and vision_tower:
             for name, linear in layer.vision_tower.named_modules():
-                match = _VISION_LINEAR.match(name)
+                match = VISION_LINEAR.match(name)
                 if match and match[1] in targets and isinstance(linear, nn.Linear):
                     yield f"{layer.hf_prefix}vision_tower.{name}", linear
         if isinstance(layer, Gemma4DecoderLayerPipe):
@@ -153,22 +151,34 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int, base: dict) -> int:
 
 
 def check_patterns(cfg: LoraConfig, config: Gemma4Config) -> None:
-    """Every lora.rank_pattern / alpha_pattern key of the recipe names a linear the run adapts: PEFT skips a key
-    that matches nothing, so a misspelt one would train the default rank without a word. (An adapter's own
-    patterns, at lora.init_from, are taken as PEFT takes them.)"""
-    if cfg.init_from:
+    """The recipe's lora.rank_pattern / alpha_pattern: each key names some linear the run adapts (PEFT skips a key
+    that matches nothing, so a misspelt one would train the default rank without a word), and no linear is named
+    by two keys with different values (PEFT saves adapter_config.json with sorted keys and takes the first that
+    matches, so the saved adapter would hold another value than the run trained). An adapter's own patterns, at
+    lora.init_from, are used as PEFT saved them."""
+    if cfg.init_from or not (cfg.rank_pattern or cfg.alpha_pattern):
         return
-    decoder = [f"{decoder_prefix(i)}{path}" for i in range(config.text_config.num_hidden_layers)
-               for path in DECODER_TP_PLAN if path.split(".")[1] in cfg.target_modules]
-    vision = [f"model.vision_tower.encoder.layers.{i}.{path}.linear"
-              for i in range(config.vision_config.num_hidden_layers) for path in DECODER_TP_PLAN
-              if cfg.vision_tower and path.split(".")[1] in cfg.target_modules]
+    from runner.plan import adapted_modules
+
+    modules = adapted_modules(config, cfg)
     for name, pattern in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
-        for key in pattern:
-            if not any(peft_pattern_value({key: True}, module, False) for module in decoder + vision):
-                raise UserError(f"lora.{name} key {key!r} matches none of the linears this run adapts (such as "
-                                f"{decoder[-1]}; a key matches a module name's end after a dot, e.g. mlp.down_proj "
-                                f"or layers.0.self_attn.q_proj); fix the key or remove it")
+        matched = {key: {m for m in modules if peft_pattern_value({key: True}, m, False)} for key in pattern}
+        for key, found in matched.items():
+            if not found:
+                vision = not cfg.vision_tower and any(peft_pattern_value({key: True}, m, False) for m in
+                                                      adapted_modules(config, replace(cfg, vision_tower=True)))
+                fix = "set lora.vision_tower: true or remove it" if vision else "fix the key or remove it"
+                raise UserError(f"lora.{name} key {key!r} matches none of the linears this run adapts (a key "
+                                f"matches a module name's end after a dot, e.g. mlp.down_proj or "
+                                f"layers.0.self_attn.q_proj{'; it matches vision tower linears' if vision else ''}); "
+                                f"{fix}")
+        for module in modules:
+            keys = [key for key in pattern if module in matched[key]]
+            if len({pattern[key] for key in keys}) > 1:
+                raise UserError(f"lora.{name} keys {' and '.join(map(repr, keys))} both match {module} with "
+                                f"different values; PEFT saves them sorted and takes the first that matches, so "
+                                f"the saved adapter would differ from the trained one: make the keys match "
+                                f"disjoint linears (e.g. 'layers\\.([1-9]|[1-9]\\d)\\.mlp\\.down_proj')")
 
 
 def seed_dropout(model: nn.Module, seed: int, step: int, dp_rank: int, pp_rank: int) -> None:
@@ -188,7 +198,7 @@ _UNSUPPORTED = (("use_dora", False, "DoRA (use_dora)"), ("modules_to_save", None
 
 
 def _check_adapter_values(saved: PeftLoraConfig, where: str) -> None:
-    """r, lora_alpha and lora_dropout of a saved adapter are values the recipe's keys could hold."""
+    """r, lora_alpha, lora_dropout and the patterns of a saved adapter are values the recipe's keys could hold."""
     def number(v: object) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -207,9 +217,10 @@ def _check_adapter_values(saved: PeftLoraConfig, where: str) -> None:
 
 def adopt_adapter_config(cfg: LoraConfig, explicit: Collection[str], source: str) -> LoraConfig:
     """The `lora` section continuing the PEFT adapter `cfg.init_from`, as PeftModel.from_pretrained would: its
-    r, lora_alpha, rank_pattern, alpha_pattern, use_rslora and lora_dropout, and as targets the decoder linears its weights adapt. A value the
-    recipe states (`explicit`: the keys under `lora:`) must agree with the adapter's, else one line names both;
-    only lora.dropout may differ (it changes training, not the adapter), the recipe's then wins."""
+    r, lora_alpha, rank_pattern, alpha_pattern, use_rslora and lora_dropout, and as targets the decoder linears its
+    weights adapt. A value the recipe states (`explicit`: the keys under `lora:`) must agree with the adapter's,
+    else one line names both; only lora.dropout may differ (it changes training, not the adapter), the recipe's
+    then wins."""
     path = Path(cfg.init_from).expanduser()
     where = f"{source}: lora.init_from {path}"
     try:

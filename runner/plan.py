@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from runner.models.gemma4.pipeline import (
 from runner.models.gemma4.presets import GEMMA4_31B_ID, GEMMA4_31B_IMAGE_SOFT_TOKENS, PRESETS, gemma4_31b_config
 from runner.models.gemma4.stages import (
     DECODER_TP_PLAN,
+    VISION_LINEAR,
     Gemma4DecoderLayerPipe,
     Gemma4FinalNorm,
     Gemma4LMHead,
@@ -229,6 +230,8 @@ class ModelParams:
     per_layer_embed_local: int = 0  # E2B/E4B: vocab_size_per_layer_input / tp rows of the per-layer table
     per_layer_projection: int = 0  # E2B/E4B: its projection and norm, replicated
     audio: int = 0  # E2B/E4B: the audio tower and its embedder (not built, passed through to exports)
+    # LoRA with lora.vision_tower: (module name, adapter parameters per unit of rank) of each adapted vision linear
+    vision_adapters: tuple[tuple[str, int], ...] = ()
 
 
 def layer_kind(text_config: Gemma4TextConfig, layer_idx: int) -> str:
@@ -243,7 +246,8 @@ def model_params(config: Gemma4Config, tp: int, lora: LoraConfig | None = None) 
     kinds = [layer_kind(tc, i) for i in range(tc.num_hidden_layers)]
     per_type = {k: decoder_layer_params(tc, kinds.index(k), tp, lora) for k in set(kinds)}
     with torch.device("meta"):
-        vision_tower = _numel(Gemma4VisionModel(vc))
+        vision_model = Gemma4VisionModel(vc)
+        vision_tower = _numel(vision_model)
         embed_vision = _numel(Gemma4MultimodalEmbedder(vc, tc))
         audio = 0
         if getattr(config, "audio_config", None) is not None:
@@ -258,8 +262,19 @@ def model_params(config: Gemma4Config, tp: int, lora: LoraConfig | None = None) 
     projection = tc.hidden_size * width + (tc.hidden_size_per_layer_input or 0)
     ple_table = tc.vocab_size_per_layer_input * width
     total = vision_tower + embed_vision + embed * heads + layers + tc.hidden_size + ple_table + projection + audio
+    vision_adapters = tuple(
+        (f"{Gemma4VisionStage.hf_prefix}vision_tower.{name}", linear.in_features + linear.out_features)
+        for name, linear in vision_model.named_modules() if lora and lora.vision_tower and isinstance(linear, nn.Linear)
+        and (match := VISION_LINEAR.match(name)) and match[1] in lora.target_modules)
     return ModelParams(per_type, vision_tower, embed_vision, tc.vocab_size // tp * tc.hidden_size, total,
-                       ple_table // tp, projection, audio)
+                       ple_table // tp, projection, audio, vision_adapters)
+
+
+def adapted_modules(config: Gemma4Config, lora: LoraConfig) -> list[str]:
+    """The transformers names of every linear `lora` adapts in this model, over all stages (`apply_lora`'s)."""
+    counts, tc = model_params(config, 1, lora), config.text_config
+    return [decoder_prefix(i) + path for i in range(tc.num_hidden_layers)
+            for path, _ in counts.per_type[layer_kind(tc, i)].adapter_widths] + [n for n, _ in counts.vision_adapters]
 
 
 @dataclass(frozen=True)
@@ -281,18 +296,23 @@ class ParamCounter:
             out.append(self._one(spec, duplicate))
         return out
 
+    def _adapters(self, widths: Iterable[tuple[str, int]]) -> int:
+        """LoRA adapter parameters of these (module name, parameters per unit of rank), each at its rank."""
+        return sum(self.lora.rank_of(name) * width for name, width in widths)
+
     def _one(self, spec, duplicate: bool) -> SpecParams:
         kind, tc, c, frozen = spec.typename, self.text_config, self.counts, self.freeze
         if issubclass(kind, Gemma4DecoderLayerPipe):
             idx = spec.module_args[1]
             lp = c.per_type[layer_kind(tc, idx)]
-            adapter = sum(self.lora.rank_of(decoder_prefix(idx) + path) * width for path, width in lp.adapter_widths)
+            adapter = self._adapters((decoder_prefix(idx) + path, width) for path, width in lp.adapter_widths)
             trainable = adapter + (0 if frozen.language_model else lp.local)
             return SpecParams("", lp.local + adapter, lp.replicated, trainable, layer=idx)
         if kind is Gemma4VisionStage:
-            n = c.vision_tower + c.embed_vision
-            trainable = 0 if self.lora else c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
-            return SpecParams("vision", n, n, trainable, vision="frozen" if frozen.vision_tower else "trainable")
+            n, adapter = c.vision_tower + c.embed_vision, self._adapters(c.vision_adapters)  # adapters replicated
+            trainable = adapter if self.lora else c.embed_vision + (0 if frozen.vision_tower else c.vision_tower)
+            return SpecParams("vision", n + adapter, n + adapter, trainable,
+                              vision="frozen" if frozen.vision_tower else "trainable")
         if kind is Gemma4PerLayerEmbedding:
             n = c.per_layer_embed_local
             return SpecParams("per-layer embedding", n, 0, 0 if frozen.embeddings or self.lora else n)
@@ -815,6 +835,10 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     bucket = ds.bucket if ds.zero_optimizer else 0
     comm_copy = fp32_accum and not ds.fp32_communication
     tc = config.text_config
+    if cfg.lora.enabled:
+        from runner.lora import check_patterns
+
+        check_patterns(cfg.lora, config)
     counts = model_params(config, dims.tp, cfg.lora if cfg.lora.enabled else None)
     memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim, dims)
     # LoRA freezes the whole base (bf16 weights only: no gradient, master copy or Adam state); adapters train

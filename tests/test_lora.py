@@ -434,8 +434,8 @@ def test_lora_recipe_trains_resumes_and_exports_both_forms(tmp_path, tiny_ckpt):
     data = make_data(tmp_path / "data", n=16, seed=0)
     sets = [f"model.path={tiny_ckpt}", f"data.train={data}", f"data.eval={data}", f"output.dir={tmp_path / 'out'}",
             "parallel.tp=2", "parallel.pp=1", "parallel.sequence_parallel=true", "eval.every_steps=0",
-            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0", "lora.vision_tower=true",
-            "lora.rank_pattern={mlp.down_proj: 12}", "lora.alpha_pattern={o_proj: 4}"]
+            "logging.tensorboard=false", "train.global_batch_size=4", "checkpoint.every_steps=0",
+            "lora.vision_tower=true", "lora.rank_pattern={mlp.down_proj: 12}", "lora.alpha_pattern={o_proj: 4}"]
     for steps in (2, 3):
         proc = torchrun(ROOT / "runner" / "__main__.py", 2, "train", str(ROOT / "recipes" / "tiny_lora_demo.yaml"),
                         *[a for s in [*sets, f"train.max_steps={steps}"] for a in ("--set", s)])
@@ -460,7 +460,7 @@ def test_lora_init_is_peft_default_and_the_same_at_every_layout():
     a TP shard is exactly its slice of the tp-1 adapter."""
     cfg = RunLoraConfig(enabled=True, rank=4)
     whole = RowParallelLinear(16, 8, None)
-    whole.add_lora(cfg.rank, cfg.scaling, 0.0)
+    whole.add_lora(cfg.rank, cfg.scaling_of("model.language_model.layers.0.mlp.down_proj"), 0.0)
     init_adapter("model.language_model.layers.0.mlp.down_proj", whole, cfg, seed=42)
     a = whole.lora_A.weight
     assert not whole.lora_B.weight.any() and a.std() > 0 and a.abs().max() <= 1 / 16**0.5
@@ -490,7 +490,7 @@ def test_lora_init_from_takes_the_adapters_settings(tmp_path, tiny_ckpt, peft_ad
                               use_rslora=True, lora_dropout=0.1, target_modules=peft_target_modules(["q_proj", "v_proj"]))
     cfg = load_config(_lora_recipe(tmp_path, init_from=str(small))).lora
     assert (cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, cfg.target_modules) == (2, 3, True, 0.1, ["q_proj", "v_proj"])
-    assert cfg.scaling == 3 / 2**0.5
+    assert cfg.scaling_of("model.language_model.layers.0.self_attn.q_proj") == 3 / 2**0.5
     cfg = load_config(_lora_recipe(tmp_path, init_from=str(small), rank=2, dropout=0.3,
                                    target_modules=["v_proj", "q_proj"])).lora
     assert (cfg.rank, cfg.dropout, cfg.use_rslora) == (2, 0.3, True)
@@ -555,7 +555,8 @@ def _damaged_adapter(adapter: Path, out: Path, damage: str) -> Path:
         save_file({k: (v[:2] if ".lora_A." in k else v[:, :2]).contiguous() for k, v in load_file(weights).items()}, weights)
     else:  # r or a pattern's value written as another value
         key, value = {"r0": ("r", 0), "r-string": ("r", "4"), "pattern-rank0": ("rank_pattern", {"q_proj": 0}),
-                      "pattern-regex": ("alpha_pattern", {"q_proj[": 2})}[damage]
+                      "pattern-regex": ("alpha_pattern", {"q_proj[": 2}), "pattern-list": ("rank_pattern", ["q_proj"])
+                      }[damage]
         config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
     return out
 
@@ -568,6 +569,7 @@ def _damaged_adapter(adapter: Path, out: Path, damage: str) -> Path:
     ("r-string", ["r = '4'", "an integer >= 1"]),
     ("pattern-rank0", ["adapter_config.json's rank_pattern['q_proj'] = 0 must be an integer >= 1"]),
     ("pattern-regex", ["adapter_config.json's alpha_pattern key 'q_proj['", "not a regular expression"]),
+    ("pattern-list", ["adapter_config.json's rank_pattern = ['q_proj'] must be a mapping"]),
 ])
 def test_a_damaged_adapter_to_continue_is_one_line_when_the_recipe_loads(tmp_path, peft_adapter, damage, words):
     """Caught with the recipe (so by `--check`, before any process starts), not as a traceback inside the run."""
@@ -625,6 +627,8 @@ def test_lora_init_from_an_adapter_of_another_rank_is_one_line(peft_adapter):
     ("lora.rank_pattern={mlp.down_proj: 2.5}", ["lora.rank_pattern['mlp.down_proj'] = 2.5", "expected int"]),
     ("lora.alpha_pattern={'(o_proj': 4}", ["lora.alpha_pattern key '(o_proj'", "not a regular expression"]),
     ("lora.rank_pattern=[mlp.down_proj]", ["lora.rank_pattern", "must be a mapping of str to int"]),
+    ("lora.rank_pattern.mlp.down_proj=4", ["lora.rank_pattern['mlp']",
+                                           "--set 'lora.rank_pattern={mlp.down_proj: …}'"]),
 ])
 def test_lora_recipe_errors_are_one_line(override, words):
     with pytest.raises(UserError) as err:
@@ -633,19 +637,29 @@ def test_lora_recipe_errors_are_one_line(override, words):
 
 
 @pytest.mark.parametrize("lora,words", [
-    (["lora.rank_pattern={down_prj: 8}"], ["lora.rank_pattern key 'down_prj' matches none", "mlp.down_proj"]),
+    (["lora.rank_pattern={down_prj: 8}"], ["lora.rank_pattern key 'down_prj' matches none", "fix the key"]),
     (["lora.target_modules=[q_proj]", "lora.alpha_pattern={mlp.down_proj: 4}"],
      ["lora.alpha_pattern key 'mlp.down_proj' matches none"]),
     (["lora.rank_pattern={layers.99.mlp.down_proj: 8}"], ["'layers.99.mlp.down_proj' matches none"]),
+    # layer 5 is a full-attention layer with attention_k_eq_v: it has no v_proj to adapt
+    (["lora.rank_pattern={layers.5.self_attn.v_proj: 8}"], ["'layers.5.self_attn.v_proj' matches none"]),
+    (["lora.rank_pattern={linear: 8}"], ["'linear' matches none", "vision tower", "set lora.vision_tower: true"]),
+    (["lora.alpha_pattern={o_proj: 32, layers.0.self_attn.o_proj: 2}"],
+     ["keys 'o_proj' and 'layers.0.self_attn.o_proj' both match model.language_model.layers.0.self_attn.o_proj",
+      "sorted", "disjoint"]),
 ])
-def test_a_pattern_key_that_matches_no_adapted_linear_is_one_line(tiny_ckpt, lora, words):
-    """PEFT skips a rank_pattern / alpha_pattern key that names no adapted module; the recipe check does not (a typo
-    would train the default rank silently). Keys that match are accepted."""
+def test_pattern_keys_that_match_no_linear_or_overlap_are_one_line(tiny_ckpt, lora, words):
+    """PEFT skips a rank_pattern / alpha_pattern key that names no adapted module (a typo would train the default
+    rank silently), and saves overlapping keys sorted (the saved adapter would not be the trained one): `--check` and
+    `runner plan` refuse both. Keys that match disjoint linears, or overlap with one value, are accepted."""
+    from runner.plan import make_plan
     from runner.preflight import model_checks
 
     recipe, base = ROOT / "recipes" / "tiny_lora_demo.yaml", ["data.train=x", f"model.path={tiny_ckpt}"]
-    model_checks(load_config(recipe, [*base, "lora.rank_pattern={mlp.down_proj: 8, layers.1.self_attn.q_proj: 2}",
-                                      "lora.alpha_pattern={o_proj: 4}"]), tiny_ckpt)
-    with pytest.raises(UserError) as err:
-        model_checks(load_config(recipe, [*base, *lora]), tiny_ckpt)
-    assert_one_line(str(err.value), words)
+    good = [*base, "lora.rank_pattern={mlp.down_proj: 8, layers.1.self_attn.q_proj: 2, layers.1.mlp.down_proj: 8}",
+            "lora.alpha_pattern={o_proj: 4}"]
+    model_checks(load_config(recipe, good), tiny_ckpt)
+    for check in (lambda cfg: model_checks(cfg, tiny_ckpt), lambda cfg: make_plan(cfg, world_size=4)):
+        with pytest.raises(UserError) as err:
+            check(load_config(recipe, [*base, *lora]))
+        assert_one_line(str(err.value), words)

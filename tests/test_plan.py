@@ -454,12 +454,14 @@ def test_a_packed_row_brings_the_images_it_can_hold_to_the_vision_tower():
     assert padded[1] > 1 and packed[1] == pytest.approx(14 * padded[1], rel=1e-3), (padded, packed)
 
 
-@pytest.mark.parametrize("patterns", [[], ["lora.rank_pattern={mlp.down_proj: 32, layers.7.self_attn.q_proj: 4}",
-                                        "lora.alpha_pattern={o_proj: 8}"]], ids=["uniform", "patterns"])
+@pytest.mark.parametrize("patterns", [[], ["lora.rank_pattern={mlp.down_proj: 32, layers.7.self_attn.q_proj: 4, "
+                                        "'vision_tower\\..*q_proj\\.linear': 2}", "lora.alpha_pattern={o_proj: 8}",
+                                        "lora.vision_tower=true"]], ids=["uniform", "patterns-and-vision"])
 def test_plan_of_a_lora_recipe_trains_exactly_peft_adapters(patterns):
-    """The 31B LoRA recipe at tp 1 (and with PEFT's per-module ranks): the plan's trainable parameters are what
-    PEFT's get_peft_model makes trainable on transformers' 31B (built on the meta device) with the same LoraConfig;
-    at tp 2 each GPU holds about half (A of column-parallel and B of row-parallel linears are whole on each)."""
+    """The 31B LoRA recipe at tp 1 (and with PEFT's per-module ranks, vision tower adapters on): the plan's
+    trainable parameters are what PEFT's get_peft_model makes trainable on transformers' 31B (built on the meta
+    device) with the same LoraConfig; at tp 2 each GPU holds about half (A of column-parallel and B of row-parallel
+    linears are whole on each)."""
     from peft import get_peft_model
 
     from runner.config import LORA_TARGETS

@@ -14,6 +14,7 @@ layer's linears are swapped for column/row-parallel ones.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,10 @@ DECODER_TP_PLAN = {
     "mlp.up_proj": "colwise",
     "mlp.down_proj": "rowwise",
 }
+
+# a vision encoder linear inside Gemma4VisionModel, whose clippable linears hold the nn.Linear as `.linear`: (its
+# name among q_proj … down_proj)
+VISION_LINEAR = re.compile(r"^encoder\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.linear$")
 
 
 def decoder_prefix(layer_idx: int) -> str:
