@@ -1,13 +1,16 @@
 """Shared fixtures and helpers: one tiny Gemma4 checkpoint per test session, subprocesses on CPU (gloo,
-one thread per process) under torchrun, and the checks for a one-line user error."""
+one thread per process) under torchrun or, for the test workers, forked by tests/fork_launcher.py, and the
+checks for a one-line user error."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,11 +84,51 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: int = 600) -> subpro
     return run(torchrun_cmd(nproc, str(script), *args), timeout=timeout)
 
 
-def torchrun_worker(script: str, ckpt: Path, layout: tuple[int, int, int], *args: str) -> subprocess.CompletedProcess:
-    """Run the test worker tests/`script` (its arguments: synthetic.worker_parser) on tp*pp*dp processes."""
+class ForkLauncher:
+    """The session's tests/fork_launcher.py server (started on first use, ended with the session)."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def run(cls, script: Path, nproc: int, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+        """`script` with `args` on `nproc` ranks, as torchrun would run it; its output and exit code."""
+        if cls.proc is None or cls.proc.poll() is not None:
+            cls.proc = subprocess.Popen([sys.executable, str(TESTS / "fork_launcher.py")], cwd=ROOT,
+                                        env=subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        with tempfile.TemporaryDirectory() as logs:
+            out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+            job = dict(script=str(script), args=args, nproc=nproc, port=free_port(), cwd=str(ROOT), timeout=timeout,
+                       stdout=str(out), stderr=str(err))
+            cls.proc.stdin.write(json.dumps(job) + "\n")
+            cls.proc.stdin.flush()
+            line = ""
+            while not line.startswith("RESULT "):
+                line = cls.proc.stdout.readline()
+                assert line, "tests/fork_launcher.py ended without a result (its stderr is in the test's output)"
+            read = lambda path: path.read_text() if path.exists() else ""  # noqa: E731
+            return subprocess.CompletedProcess([str(script), *args], json.loads(line[7:])["returncode"], read(out),
+                                               read(err))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _end_fork_launcher() -> Iterator[None]:
+    yield
+    if ForkLauncher.proc is not None:
+        ForkLauncher.proc.stdin.close()
+        ForkLauncher.proc.wait(timeout=60)
+
+
+def torchrun_worker(script: str, ckpt: Path, layout: tuple[int, int, int], *args: str,
+                    timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the test worker tests/`script` (its arguments: synthetic.worker_parser) on tp*pp*dp processes forked
+    by tests/fork_launcher.py; fail the test with the tail of its log on error."""
     tp, pp, dp = layout
-    return torchrun(TESTS / script, tp * pp * dp, "--ckpt", str(ckpt), "--tp", str(tp), "--pp", str(pp),
-                    "--dp", str(dp), *args)
+    args = ["--ckpt", str(ckpt), "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), *args]
+    proc = ForkLauncher.run(TESTS / script, tp * pp * dp, args, timeout)
+    if proc.returncode:
+        pytest.fail(f"{script} {' '.join(args)} on {tp * pp * dp} processes failed (exit {proc.returncode}):\n"
+                    f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
 
 
 def assert_one_line(message: str, words: Iterable[str]) -> str:
