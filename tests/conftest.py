@@ -88,6 +88,7 @@ class ForkLauncher:
     """The session's tests/fork_launcher.py server (started on first use, ended with the session)."""
 
     proc: subprocess.Popen | None = None
+    jobs = 0
 
     @classmethod
     def run(cls, script: Path, nproc: int, args: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -97,17 +98,18 @@ class ForkLauncher:
                                         env=subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         with tempfile.TemporaryDirectory() as logs:
             out, err = Path(logs) / "stdout", Path(logs) / "stderr"
-            job = dict(script=str(script), args=args, nproc=nproc, port=free_port(), cwd=str(ROOT), timeout=timeout,
-                       stdout=str(out), stderr=str(err))
+            cls.jobs += 1  # a result of a job whose test was interrupted is skipped
+            job = dict(id=cls.jobs, script=str(script), args=args, nproc=nproc, port=free_port(), cwd=str(ROOT),
+                       timeout=timeout, stdout=str(out), stderr=str(err))
             cls.proc.stdin.write(json.dumps(job) + "\n")
             cls.proc.stdin.flush()
-            line = ""
-            while not line.startswith("RESULT "):
+            result: dict = {}
+            while result.get("id") != job["id"]:
                 line = cls.proc.stdout.readline()
                 assert line, "tests/fork_launcher.py ended without a result (its stderr is in the test's output)"
+                result = json.loads(line[7:]) if line.startswith("RESULT ") else {}
             read = lambda path: path.read_text() if path.exists() else ""  # noqa: E731
-            return subprocess.CompletedProcess([str(script), *args], json.loads(line[7:])["returncode"], read(out),
-                                               read(err))
+            return subprocess.CompletedProcess([str(script), *args], result["returncode"], read(out), read(err))
 
 
 @pytest.fixture(scope="session", autouse=True)

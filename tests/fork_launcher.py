@@ -6,7 +6,7 @@ step. This server imports them once, then forks each job's ranks from that state
 torchrun gives them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so every job still runs in
 fresh processes that share nothing with earlier jobs. When a rank fails, the others are killed and the
 job's exit code is the first failure's, as under torchrun. conftest's `torchrun_worker` sends a job as one
-JSON line on stdin and reads one `RESULT {...}` line back. The runner's own launches (`runner train`
+JSON line on stdin and reads its `RESULT {...}` line back. The runner's own launches (`runner train`
 under torchrun, accelerate and deepspeed) are tested with the real launchers.
 """
 
@@ -89,7 +89,7 @@ def run_job(job: dict) -> int:
 def main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
-        print("RESULT " + json.dumps({"returncode": run_job(job)}), flush=True)
+        print("RESULT " + json.dumps({"id": job["id"], "returncode": run_job(job)}), flush=True)
 
 
 if __name__ == "__main__":
