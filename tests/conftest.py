@@ -100,7 +100,7 @@ class ForkLauncher:
             out, err = Path(logs) / "stdout", Path(logs) / "stderr"
             cls.jobs += 1  # a result of a job whose test was interrupted is skipped
             job = dict(id=cls.jobs, script=str(script), args=args, nproc=nproc, port=free_port(), cwd=str(ROOT),
-                       timeout=timeout, stdout=str(out), stderr=str(err))
+                       env=subprocess_env(), timeout=timeout, stdout=str(out), stderr=str(err))
             cls.proc.stdin.write(json.dumps(job) + "\n")
             cls.proc.stdin.flush()
             result: dict = {}
@@ -117,7 +117,11 @@ def _end_fork_launcher() -> Iterator[None]:
     yield
     if ForkLauncher.proc is not None:
         ForkLauncher.proc.stdin.close()
-        ForkLauncher.proc.wait(timeout=60)
+        try:
+            ForkLauncher.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # still running an interrupted test's job: its ranks die with it
+            ForkLauncher.proc.kill()
+            ForkLauncher.proc.wait()
 
 
 def torchrun_worker(script: str, ckpt: Path, layout: tuple[int, int, int], *args: str,

@@ -3,23 +3,29 @@
 A fresh Python process spends ~5 s of CPU importing torch, DeepSpeed, transformers' Gemma4 and PEFT; a
 worker job of 4 ranks on a 2-core machine pays that 4 times, plus torchrun's own start, before its first
 step. This server imports them once, then forks each job's ranks from that state with the environment
-torchrun gives them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so every job still runs in
-fresh processes that share nothing with earlier jobs. When a rank fails, the others are killed and the
-job's exit code is the first failure's, as under torchrun. conftest's `torchrun_worker` sends a job as one
+torchrun gives them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the job's environment,
+so every job still runs in fresh processes that share nothing with earlier jobs; each rank reseeds
+torch's, numpy's and Python's generators from the OS as a new interpreter would (else every rank would draw
+alike and the tests that ranks were seeded alike on purpose could not fail). Python's string-hash seed is the
+server's on every rank. When a rank fails, the others are killed and the job's exit code is the first
+failure's, as under torchrun; ranks die with the server. conftest's `torchrun_worker` sends a job as one
 JSON line on stdin and reads its `RESULT {...}` line back. The runner's own launches (`runner train`
 under torchrun, accelerate and deepspeed) are tested with the real launchers.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import random
 import runpy
 import signal
 import sys
 import time
 import traceback
 
+import numpy as np
 import torch
 
 torch.set_num_threads(1)
@@ -35,8 +41,13 @@ def run_rank(job: dict, rank: int) -> None:
     """In a forked child: become rank `rank` of `job` and run its script as `__main__`; never returns."""
     code = 1
     try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["nproc"]),
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: end with the server
+        os.environ.clear()
+        os.environ.update(job["env"], RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["nproc"]),
                           LOCAL_WORLD_SIZE=str(job["nproc"]), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))
+        torch.seed()
+        np.random.seed()
+        random.seed()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
@@ -49,8 +60,10 @@ def run_rank(job: dict, rank: int) -> None:
             code = 0
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        except BaseException:  # noqa: BLE001 — a rank's failure is its exit code, its traceback on stderr
-            traceback.print_exc()
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 — a rank's failure is its exit code, its traceback on stderr
+        traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -72,7 +85,8 @@ def run_job(job: dict) -> int:
         if pid == 0:
             if time.monotonic() > deadline and not code:
                 code = -signal.SIGKILL
-                print(f"fork_launcher: the job ran past {job['timeout']} s; killed", file=sys.stderr, flush=True)
+                with open(job["stderr"], "a") as log:
+                    print(f"fork_launcher: the job ran past {job['timeout']} s; its ranks were killed", file=log)
                 for other in live:
                     os.kill(other, signal.SIGKILL)
             time.sleep(0.02)
