@@ -40,7 +40,7 @@ from runner.compat import (
 )
 from runner.config import LORA_TARGETS, LoraConfig, lora_pattern_problem
 from runner.errors import UserError
-from runner.models.gemma4.stages import DECODER_TP_PLAN, VISION_LINEAR, Gemma4DecoderLayerPipe, Gemma4VisionStage
+from runner.models.gemma4.stages import DECODER_TP_PLAN, Gemma4DecoderLayerPipe, Gemma4VisionStage, vision_linears
 from runner.parallel.tensor_parallel import LoraDropout, add_lora_update, mark_sharded, shard_index
 
 if TYPE_CHECKING:
@@ -82,10 +82,7 @@ def adapted_linears(model: nn.Module, targets: list[str], vision_tower: bool = F
     `vision_tower` the vision encoder layers' nn.Linear (replicated on every TP rank of the first stage)."""
     for layer in model.modules():
         if isinstance(layer, Gemma4VisionStage) and vision_tower:
-            for name, linear in layer.vision_tower.named_modules():
-                match = VISION_LINEAR.match(name)
-                if match and match[1] in targets and isinstance(linear, nn.Linear):
-                    yield f"{layer.hf_prefix}vision_tower.{name}", linear
+            yield from vision_linears(layer.vision_tower, targets)
         if isinstance(layer, Gemma4DecoderLayerPipe):
             for path in DECODER_TP_PLAN:
                 parent, attr = path.split(".")
@@ -155,8 +152,8 @@ def check_patterns(cfg: LoraConfig, config: Gemma4Config) -> None:
     that matches nothing, so a misspelt one would train the default rank without a word), and no linear is named
     by two keys with different values (PEFT saves adapter_config.json with sorted keys and takes the first that
     matches, so the saved adapter would hold another value than the run trained). An adapter's own patterns, at
-    lora.init_from, are used as PEFT saved them."""
-    if cfg.init_from or not (cfg.rank_pattern or cfg.alpha_pattern):
+    lora.init_from, are used as PEFT saved them. Nothing to check without LoRA."""
+    if not cfg.enabled or cfg.init_from or not (cfg.rank_pattern or cfg.alpha_pattern):
         return
     from runner.plan import adapted_modules
 

@@ -52,13 +52,13 @@ from runner.models.gemma4.pipeline import (
 from runner.models.gemma4.presets import GEMMA4_31B_ID, GEMMA4_31B_IMAGE_SOFT_TOKENS, PRESETS, gemma4_31b_config
 from runner.models.gemma4.stages import (
     DECODER_TP_PLAN,
-    VISION_LINEAR,
     Gemma4DecoderLayerPipe,
     Gemma4FinalNorm,
     Gemma4LMHead,
     Gemma4TokenEmbedding,
     Gemma4VisionStage,
     decoder_prefix,
+    vision_linears,
 )
 from runner.optim import FREEZE_FIX, matrix_group_count
 from runner.parallel.topology import ParallelDims
@@ -262,10 +262,8 @@ def model_params(config: Gemma4Config, tp: int, lora: LoraConfig | None = None) 
     projection = tc.hidden_size * width + (tc.hidden_size_per_layer_input or 0)
     ple_table = tc.vocab_size_per_layer_input * width
     total = vision_tower + embed_vision + embed * heads + layers + tc.hidden_size + ple_table + projection + audio
-    vision_adapters = tuple(
-        (f"{Gemma4VisionStage.hf_prefix}vision_tower.{name}", linear.in_features + linear.out_features)
-        for name, linear in vision_model.named_modules() if lora and lora.vision_tower and isinstance(linear, nn.Linear)
-        and (match := VISION_LINEAR.match(name)) and match[1] in lora.target_modules)
+    vision_adapters = tuple((name, linear.in_features + linear.out_features) for name, linear in
+                            vision_linears(vision_model, lora.target_modules if lora and lora.vision_tower else ()))
     return ModelParams(per_type, vision_tower, embed_vision, tc.vocab_size // tp * tc.hidden_size, total,
                        ple_table // tp, projection, audio, vision_adapters)
 
@@ -835,10 +833,9 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, ds_config: str |
     bucket = ds.bucket if ds.zero_optimizer else 0
     comm_copy = fp32_accum and not ds.fp32_communication
     tc = config.text_config
-    if cfg.lora.enabled:
-        from runner.lora import check_patterns
+    from runner.lora import check_patterns  # (runner.lora imports this module)
 
-        check_patterns(cfg.lora, config)
+    check_patterns(cfg.lora, config)
     counts = model_params(config, dims.tp, cfg.lora if cfg.lora.enabled else None)
     memory = memory_model(cfg, config, dims.tp, fused_attn_max_head_dim, dims)
     # LoRA freezes the whole base (bf16 weights only: no gradient, master copy or Adam state); adapters train

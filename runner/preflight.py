@@ -113,10 +113,9 @@ def model_checks(cfg: RunConfig, model_dir: Path) -> Any:
     check_supported(config)
     validate_layout(config, ParallelDims(cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep))  # the model's limits first
     stage_boundaries(gemma4_layer_specs(config, None), cfg.parallel.pp, cfg.parallel.stage_layers)  # a bad split
-    if cfg.lora.enabled:
-        from runner.lora import check_patterns
+    from runner.lora import check_patterns
 
-        check_patterns(cfg.lora, config)
+    check_patterns(cfg.lora, config)
     if cfg.moe.aux_loss_coef and not getattr(config.get_text_config(), "enable_moe_block", False):
         raise UserError(f"moe.aux_loss_coef={cfg.moe.aux_loss_coef} needs a mixture-of-experts model "
                         f"(text_config.enable_moe_block); this model is dense: remove moe.aux_loss_coef")

@@ -68,9 +68,15 @@ def subprocess_env() -> dict[str, str]:
 def run(cmd: list[str], ok: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `cmd` in the repo root; unless `ok` is false, fail the test with the tail of the log on error."""
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    if ok and proc.returncode:
-        pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    if ok:
+        fail_on_error(proc, " ".join(cmd))
     return proc
+
+
+def fail_on_error(proc: subprocess.CompletedProcess, what: str) -> None:
+    """Fail the test with the tail of `proc`'s output when it exited non-zero."""
+    if proc.returncode:
+        pytest.fail(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
 def torchrun_cmd(nproc: int, *target: str) -> list[str]:
@@ -106,7 +112,8 @@ class ForkLauncher:
             result: dict = {}
             while result.get("id") != job["id"]:
                 line = cls.proc.stdout.readline()
-                assert line, "tests/fork_launcher.py ended without a result (its stderr is in the test's output)"
+                assert line, ("tests/fork_launcher.py ended without a result (its own errors go to the output of "
+                              "the test that started it)")
                 result = json.loads(line[7:]) if line.startswith("RESULT ") else {}
             read = lambda path: path.read_text() if path.exists() else ""  # noqa: E731
             return subprocess.CompletedProcess([str(script), *args], result["returncode"], read(out), read(err))
@@ -131,9 +138,7 @@ def torchrun_worker(script: str, ckpt: Path, layout: tuple[int, int, int], *args
     tp, pp, dp = layout
     args = ["--ckpt", str(ckpt), "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), *args]
     proc = ForkLauncher.run(TESTS / script, tp * pp * dp, args, timeout)
-    if proc.returncode:
-        pytest.fail(f"{script} {' '.join(args)} on {tp * pp * dp} processes failed (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    fail_on_error(proc, f"{script} {' '.join(args)} on {tp * pp * dp} processes")
     return proc
 
 

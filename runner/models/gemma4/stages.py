@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -65,7 +66,7 @@ DECODER_TP_PLAN = {
 
 # a vision encoder linear inside Gemma4VisionModel, whose clippable linears hold the nn.Linear as `.linear`: (its
 # name among q_proj … down_proj)
-VISION_LINEAR = re.compile(r"^encoder\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.linear$")
+_VISION_LINEAR = re.compile(r"^encoder\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.linear$")
 
 
 def decoder_prefix(layer_idx: int) -> str:
@@ -82,6 +83,15 @@ def _mark_replicated(module: nn.Module, ps: ParallelState) -> None:
     for p in module.parameters():
         if not hasattr(p, "tp_dim"):
             mark_sharded(p, None, ps.dims.tp, ps.tp_rank)
+
+
+def vision_linears(vision_tower: nn.Module, names: Collection[str]) -> Iterator[tuple[str, nn.Linear]]:
+    """(transformers module name, nn.Linear) of the vision encoder layers' linears called one of `names`
+    (q_proj … down_proj) in this Gemma4VisionModel — what lora.vision_tower adapts."""
+    for name, linear in vision_tower.named_modules():
+        match = _VISION_LINEAR.match(name)
+        if match and match[1] in names and isinstance(linear, nn.Linear):
+            yield f"{Gemma4VisionStage.hf_prefix}vision_tower.{name}", linear
 
 
 class Gemma4VisionStage(nn.Module):
